@@ -1,0 +1,313 @@
+"""The Qwen-2.5 decoder (HF `Qwen2ForCausalLM`), one class for training and sampling.
+
+Parameter names are exactly Hugging Face's (`model.layers.N.self_attn.q_proj.weight`, ...), so
+published checkpoints load strictly with no mapping table (see checkpoint.py).
+
+Two ways to call the backbone:
+- training: padded `input_ids [B, T]` with an `attention_mask [B, T]` (1 = token, 0 = padding,
+  left or right) and optional `position_ids`; attention is causal SDPA with padded keys masked;
+- sampling: packed `input_ids [N]` of several sequences with `position_ids [N]`, the paged KV
+  cache (`kv_caches`, one (k, v) pair per layer) and an `AttnMeta` describing where each token
+  sits; the cache belongs to the sampler and is passed in explicitly, never held here.
+
+Simplified against HF: no sliding-window attention, no rope scaling, no dropout; such configs are
+refused rather than silently run wrong.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .kernels import attention as attn_kernels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    @classmethod
+    def from_json(cls, source: str | Path | dict) -> "ModelConfig":
+        """Build from a HF `config.json` (path or dict), refusing what this model does not implement."""
+        if isinstance(source, dict):
+            raw = source
+        else:
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"no config.json at {path}")
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        model_type = raw.get("model_type", "qwen2")
+        if model_type != "qwen2":
+            raise ValueError(f"unsupported model_type {model_type!r}: only 'qwen2' (Qwen-2.5) is implemented")
+        if raw.get("use_sliding_window", False):
+            raise ValueError("unsupported config: use_sliding_window=true (sliding-window attention is not implemented)")
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = raw.get(key) or {}
+            kind = rope.get("rope_type", rope.get("type"))
+            if kind not in (None, "default"):
+                raise ValueError(f"unsupported config: {key}={rope!r} (only plain RoPE is implemented)")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported config: hidden_act={raw['hidden_act']!r} (Qwen2 uses silu)")
+        names = {f.name for f in fields(cls)}
+        missing = [n for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if n not in raw]
+        if missing:
+            raise ValueError(f"config is missing required fields: {missing}")
+        kwargs = {k: v for k, v in raw.items() if k in names}
+        kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
+        if raw.get("rope_theta") is None and isinstance(raw.get("rope_parameters"), dict):
+            kwargs["rope_theta"] = raw["rope_parameters"].get("rope_theta", 1_000_000.0)
+        if kwargs.get("rope_theta") is None:
+            kwargs.pop("rope_theta", None)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict:
+        """The HF `config.json` contents for this configuration."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
+                 use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers,
+                 attention_dropout=0.0, rope_scaling=None, use_cache=True)
+        return {k: v for k, v in d.items() if v is not None or k in ("sliding_window", "rope_scaling")}
+
+
+@dataclass
+class AttnMeta:
+    """Where the packed tokens of one sampler step sit in the paged KV cache (see DEVELOPERS.md)."""
+    is_prefill: bool
+    slot_mapping: Tensor            # [N] int64, cache slot (block * page_size + offset) of each new token
+    block_table: Tensor             # [B, P] int32, the pages of each sequence
+    context_lens: Tensor            # [B] int32, keys per sequence after this step (cached + new)
+    cu_seqlens_q: Tensor | None = None  # [B+1] int32, prefill only
+    cu_seqlens_k: Tensor | None = None  # [B+1] int32, prefill only
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions, computed in fp32 (as HF does) then cast to the activation dtype."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = position_ids.float()[..., None] * self.inv_freq.float()  # (..., D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                          # (..., D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                kv_cache: tuple[Tensor, Tensor] | None, meta: AttnMeta | None) -> Tensor:
+        if kv_cache is not None:
+            return self._forward_paged(x, cos, sin, kv_cache, meta)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]                                        # (B, 1, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor,
+                       kv_cache: tuple[Tensor, Tensor], meta: AttnMeta) -> Tensor:
+        N = x.shape[0]                                                   # packed tokens
+        q = self.q_proj(x).view(N, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(N, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(N, self.n_kv, self.head_dim)
+        cos, sin = cos[:, None], sin[:, None]                            # (N, 1, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_cache, v_cache = kv_cache
+        attn_kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_prefill:
+            y = attn_kernels.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                               meta.max_seqlen_q, meta.max_seqlen_k, self.scale,
+                                               block_table=meta.block_table)
+        else:
+            y = attn_kernels.decode_attention(q, k_cache, v_cache, meta.block_table, meta.context_lens,
+                                              self.scale)
+        return self.o_proj(y.reshape(N, -1))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen2Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen2MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, meta=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """The backbone: embeddings, decoder layers, final norm. Returns hidden states."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                kv_caches: list[tuple[Tensor, Tensor]] | None = None, attn_meta: AttnMeta | None = None) -> Tensor:
+        x = self.embed_tokens(input_ids)
+        mask = None
+        if kv_caches is None:
+            if position_ids is None:
+                if attention_mask is None:
+                    position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+                else:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            if attention_mask is not None and not bool(attention_mask.all()):
+                mask = padded_causal_mask(attention_mask)
+        elif position_ids is None or attn_meta is None:
+            raise ValueError("sampling with a KV cache needs position_ids and attn_meta")
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        for i, layer in enumerate(self.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, attn_meta, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, attn_meta)
+        return self.norm(x)
+
+
+def padded_causal_mask(attention_mask: Tensor) -> Tensor:
+    """Boolean SDPA mask (B, 1, T, T): causal, padded keys hidden.
+
+    A padding query would see no key at all (a NaN row in softmax), so each query may always
+    see itself; padding positions' outputs are garbage but finite and are never used.
+    """
+    T = attention_mask.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    keys = attention_mask.bool()[:, None, None, :]                               # (B, 1, 1, T)
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return (causal & keys) | eye
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.model.gradient_checkpointing = on
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                kv_caches=None, attn_meta: AttnMeta | None = None) -> Tensor:
+        """Logits [B, T, V] (training) or [N, V] (packed sampling)."""
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids, kv_caches, attn_meta))
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random init as HF does (normal(0, initializer_range), zero biases, unit norms)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight") or "layernorm" in name:
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

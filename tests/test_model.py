@@ -1,0 +1,106 @@
+"""The model against HF transformers' Qwen2ForCausalLM on the same random weights (fp32)."""
+import pytest
+import torch
+
+from minir1ci.model import ModelConfig, Qwen2ForCausalLM
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rope_theta=10000.0, rms_norm_eps=1e-6)
+
+
+def make_pair(tied: bool, seed: int = 0):
+    """An HF model with random weights and ours loaded from its state dict, strictly."""
+    torch.manual_seed(seed)
+    hf_cfg = transformers.Qwen2Config(**BASE, tie_word_embeddings=tied, use_sliding_window=False)
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # HF zero-inits biases; random ones make the test see them
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = Qwen2ForCausalLM(ModelConfig(**BASE, tie_word_embeddings=tied)).eval()
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=True)
+    assert not missing and not unexpected
+    if tied:
+        assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    return hf, ours
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_match_hf_unpadded(tied):
+    hf, ours = make_pair(tied)
+    ids = torch.randint(0, BASE["vocab_size"], (3, 17))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        out = ours(ids)
+    assert out.shape == (3, 17, BASE["vocab_size"])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_match_hf_padded(tied, side):
+    hf, ours = make_pair(tied, seed=1)
+    lens = [11, 5, 8]
+    T = max(lens)
+    ids = torch.zeros(len(lens), T, dtype=torch.long)
+    mask = torch.zeros(len(lens), T, dtype=torch.long)
+    for i, n in enumerate(lens):
+        sl = slice(T - n, T) if side == "left" else slice(0, n)
+        ids[i, sl] = torch.randint(1, BASE["vocab_size"], (n,))
+        mask[i, sl] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        out = ours(ids, attention_mask=mask)  # positions derived from the mask by default
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+    # Each sequence alone, unpadded, gives the same logits as inside the padded batch.
+    for i, n in enumerate(lens):
+        with torch.no_grad():
+            alone = ours(ids[i][real[i]][None])[0]
+        torch.testing.assert_close(out[i][real[i]], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_keeps_gradients():
+    _, ours = make_pair(tied=False, seed=2)
+    ours.train()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 9))
+
+    def grads():
+        ours.zero_grad()
+        ours(ids).logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    plain = grads()
+    ours.gradient_checkpointing = True
+    ckpt = grads()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"model_type": "llama"}, "model_type"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_unsupported_configs_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_json({**BASE, "model_type": "qwen2", **override})
+
+
+def test_config_reads_hf_saved_config(tmp_path):
+    hf_cfg = transformers.Qwen2Config(**BASE, tie_word_embeddings=True)
+    hf_cfg.save_pretrained(tmp_path)
+    cfg = ModelConfig.from_json(tmp_path)
+    assert cfg.rope_theta == BASE["rope_theta"] and cfg.tie_word_embeddings
+    assert cfg.head_dim == 16 and cfg.num_key_value_heads == 2
+
+
+def test_missing_config_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        ModelConfig.from_json(tmp_path)
