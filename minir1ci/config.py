@@ -1,0 +1,202 @@
+"""Training configuration: one frozen dataclass, presets as plain functions, `--key=value` overrides.
+
+Every field can be set from the command line as `--field=value` (or `--field value`); values are
+coerced by the field's type and unknown keys are refused with the list of close matches. The
+resolved config is saved as `config.json` in each run directory.
+
+Defaults follow the paper where it states them (REFERENCE.md, section 1): GRPO lr 1e-6, 5 samples
+per prompt, KL 0.001 with k3, clip 0.2, grad clip 1.0, temperature 1.0; PPO critic lr 1e-5, value
+clip 0.5, gamma = lambda = 1. The `tiny_*` presets change what a 3M-parameter model trained from
+scratch on a CPU needs (larger learning rates, short budgets).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import get_type_hints
+
+STAGES = ("sft", "grpo", "ppo")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "sft"
+    # what to train, where to write
+    model: str = ""            # initial checkpoint dir; "" = tiny preset from scratch (sft) or latest SFT run (rl)
+    out: str = ""              # run directory; "" = runs/<stage>
+    tasks: str = "builtin:all"
+    data: str = ""             # root holding symbench/ and bbh/ ("" = $MINIR1CI_DATA or ../shared/data)
+    sft_data: str = ""         # SFT JSONL (chat messages or rollout.py trajectories); "" = built-in oracle trajectories
+    use_code: bool = True      # False: text-only SFT/RL (the paper's baseline)
+    resume: bool = False       # continue from <out>/last if present
+    seed: int = 0
+    # budget and batching
+    steps: int = 300
+    batch_size: int = 32       # sequences per optimizer step (RL: prompts_per_step * n_samples)
+    micro_batch_size: int = 8
+    max_seq_len: int = 1024
+    num_train_examples: int = 2000
+    # optimizer
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # precision and memory
+    device: str = "auto"       # auto: cuda if available, else cpu
+    dtype: str = "auto"        # auto: bf16 autocast on cuda, fp32 on cpu
+    grad_checkpointing: bool = False
+    loss_chunk_size: int = 1024  # tokens per vocabulary chunk in the loss
+    # logging and checkpoints
+    log_every: int = 1
+    save_every: int = 50
+    eval_every: int = 0        # 0 = only at the end
+    eval_limit: int = 64
+    # RL: rollouts
+    prompts_per_step: int = 8
+    n_samples: int = 5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    max_code_calls: int = 8
+    exec_timeout: float = 10.0
+    reward_plain: bool = False
+    curriculum: bool = False
+    curriculum_samples: int = 20
+    # RL: policy loss
+    ppo_epochs: int = 1
+    mini_batch_size: int = 0   # 0 = whole step is one mini-batch (on-policy)
+    clip_low: float = 0.2
+    clip_high: float = 0.2     # 0.28 = DAPO clip-higher
+    dual_clip: float = 3.0
+    loss_agg: str = "token-mean"
+    norm_adv_std: bool = True  # False = Dr. GRPO advantages
+    kl_coef: float = 0.001
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    # PPO
+    critic_lr: float = 1e-5
+    value_clip: float = 0.5
+    gamma: float = 1.0
+    lam: float = 1.0
+    critic_warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose one of {STAGES}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        for name in ("steps", "batch_size", "micro_batch_size", "max_seq_len", "n_samples", "prompts_per_step"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.stage}")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- presets
+
+def paper(stage: str) -> TrainConfig:
+    """The paper's settings for real Qwen-2.5 checkpoints (pass --model)."""
+    if stage == "sft":
+        return TrainConfig(stage="sft", lr=1e-5, batch_size=32, micro_batch_size=4, steps=600,
+                           max_seq_len=4096, grad_checkpointing=True, tasks="symbench:all,bbh:all")
+    common = dict(lr=1e-6, n_samples=5, prompts_per_step=26, batch_size=130, micro_batch_size=2,
+                  temperature=1.0, top_p=1.0, kl_coef=0.001, kl_estimator="k3", clip_low=0.2,
+                  clip_high=0.2, grad_clip=1.0, max_new_tokens=4096, max_seq_len=8192,
+                  grad_checkpointing=True, steps=600, exec_timeout=60.0, tasks="symbench:all,bbh:all")
+    if stage == "grpo":
+        return TrainConfig(stage="grpo", **common)
+    return TrainConfig(stage="ppo", critic_lr=1e-5, value_clip=0.5, gamma=1.0, lam=1.0,
+                       **{**common, "n_samples": 1, "prompts_per_step": 128, "batch_size": 128})
+
+
+def tiny(stage: str) -> TrainConfig:
+    """The embedded CPU default: the tiny preset on the built-in tasks, minutes on 2 cores."""
+    if stage == "sft":
+        return TrainConfig(stage="sft", lr=3e-3, warmup_steps=20, steps=400, batch_size=32, micro_batch_size=32,
+                           max_seq_len=256, num_train_examples=4000, weight_decay=0.0, save_every=100)
+    common = dict(lr=2e-5, warmup_steps=0, steps=40, prompts_per_step=16, n_samples=4, batch_size=64,
+                  micro_batch_size=32, max_new_tokens=96, max_seq_len=256, max_code_calls=2,
+                  exec_timeout=5.0, save_every=10, kl_coef=0.001, min_lr_ratio=1.0)
+    if stage == "grpo":
+        return TrainConfig(stage="grpo", **common)
+    return TrainConfig(stage="ppo", critic_lr=1e-4, critic_warmup_steps=5, **common)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def _coerce(name: str, typ, text: str):
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects a boolean, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """`--key=value`, `--key value` and bare `--flag` (a boolean set to true) into a dict of strings."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: use --key=value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("--"):
+                value, i = nxt, i + 1
+            else:
+                value = "true"
+        out[key] = value
+        i += 1
+    return out
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
+    """Coerce each override by its field's type; unknown keys are refused."""
+    hints = get_type_hints(TrainConfig)
+    names = [f.name for f in fields(TrainConfig)]
+    changes = {}
+    for key, text in overrides.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+            raise ValueError(f"unknown option --{key}{hint}")
+        changes[key] = _coerce(key, hints[key], text)
+    return dataclasses.replace(cfg, **changes)
+
+
+def resolve(argv: list[str]) -> TrainConfig:
+    """The config for a `train.py` command line: `--stage` picks the preset, the rest override it.
+
+    `--preset tiny|paper` chooses the preset family; the default is `tiny` without --model and
+    `paper` with one.
+    """
+    overrides = parse_overrides(argv)
+    stage = overrides.get("stage", "sft")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    family = overrides.pop("preset", "paper" if overrides.get("model") else "tiny")
+    if family not in ("tiny", "paper"):
+        raise ValueError(f"unknown preset {family!r}; choose tiny or paper")
+    base = tiny(stage) if family == "tiny" else paper(stage)
+    return apply_overrides(base, overrides)

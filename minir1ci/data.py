@@ -1,0 +1,105 @@
+"""SFT data: multi-turn conversations to (token ids, loss mask), and padded batches.
+
+Sources, all ending as `Sample(ids, mask)` with mask 1 exactly on the tokens the model must
+learn to produce (assistant content and its closing `<|im_end|>`), 0 on prompts and on inserted
+interpreter output:
+- the built-in tasks' oracle trajectories (`oracle_samples`);
+- a JSONL file (`load_jsonl`) whose lines are either chat records `{"messages": [...]}` (an
+  assistant `content` may be a list of `{"type": "text"|"output", "text"}` segments) or token-level
+  trajectories written by rollout.py (`prompt_ids`, `response_ids`, `loss_mask`).
+
+Simplified: no sequence packing; samples longer than `max_len` are dropped (and counted), not
+truncated, since a truncated trajectory would teach the model to stop mid-answer.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    mask: list[int]   # 1 = trained on
+
+
+def chat_sample(tokenizer, messages: list[dict]) -> Sample:
+    ids, mask = tokenizer.apply_chat_template(messages, return_assistant_mask=True)
+    return Sample(list(ids), list(mask))
+
+
+def oracle_samples(examples, tokenizer, use_code: bool = True) -> list[Sample]:
+    """One SFT sample per built-in example: its prompt, then its oracle answer as the assistant turn."""
+    out = []
+    for ex in examples:
+        messages = ex.messages(use_code) + [{"role": "assistant", "content": ex.oracle_segments(use_code)}]
+        out.append(chat_sample(tokenizer, messages))
+    return out
+
+
+def _record_to_sample(rec: dict, tokenizer, where: str) -> Sample:
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        return chat_sample(tokenizer, msgs)
+    if "prompt_ids" in rec and "response_ids" in rec:
+        prompt, response = rec["prompt_ids"], rec["response_ids"]
+        loss_mask = rec.get("loss_mask", [1] * len(response))
+        if len(loss_mask) != len(response):
+            raise ValueError(f"{where}: loss_mask has {len(loss_mask)} entries for {len(response)} response ids")
+        ids = list(prompt) + list(response)
+        if any(not isinstance(t, int) or t < 0 for t in ids):
+            raise ValueError(f"{where}: token ids must be non-negative integers")
+        return Sample(ids, [0] * len(prompt) + [int(bool(m)) for m in loss_mask])
+    raise ValueError(f"{where}: a line needs 'messages' or 'prompt_ids'+'response_ids'")
+
+
+def load_jsonl(path: str | Path, tokenizer, min_reward: float | None = None) -> list[Sample]:
+    """Read SFT samples; a malformed line raises an error naming the file and line number.
+
+    `min_reward` keeps only trajectories whose `reward` is at least that (rejection sampling).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data file not found: {path}")
+    samples = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: each line must be a JSON object")
+            if min_reward is not None and rec.get("reward", 0.0) < min_reward:
+                continue
+            samples.append(_record_to_sample(rec, tokenizer, where))
+    if not samples:
+        raise ValueError(f"{path}: no training samples")
+    return samples
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None):
+    """Right-pad to the longest: ids [B, T], attention [B, T] and, if given, masks [B, T]."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(seqs), T, dtype=torch.long)
+    loss = torch.zeros(len(seqs), T, dtype=torch.long) if masks is not None else None
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, :len(s)] = 1
+        if loss is not None:
+            loss[i, :len(s)] = torch.tensor(masks[i], dtype=torch.long)
+    return ids, attn, loss
+
+
+def filter_by_length(samples: list[Sample], max_len: int) -> tuple[list[Sample], int]:
+    kept = [s for s in samples if len(s.ids) <= max_len and any(s.mask)]
+    return kept, len(samples) - len(kept)

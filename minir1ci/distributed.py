@@ -1,0 +1,142 @@
+"""Multi-process training under `torchrun`, applied from outside the model.
+
+- `init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) once, at the edge, and
+  starts NCCL on GPUs or gloo on CPU. Without torchrun everything here is a no-op (world size 1).
+- `parallelize(model, device)`: on CUDA, FSDP2 — `fully_shard` on every decoder layer, then on the
+  root — with a bf16 compute / fp32 reduce mixed-precision policy; on CPU (gloo), plain data
+  parallelism: every rank holds the whole model and `sync_grads` sums gradients.
+- Losses are normalised by a denominator counted over the whole optimizer step on all ranks
+  (losses.py), so summing gradients across ranks gives exactly the single-process gradient.
+- `full_state_dict(model)` gathers a sharded model into an ordinary state dict on rank 0, so
+  checkpoints are the plain HF layout and load on one machine.
+
+Simplified: no tensor or pipeline parallelism; rollouts are split across ranks by prompt and the
+sampler runs an unsharded copy of the weights on each rank (see grpo.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as tdist
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        tdist.init_process_group("nccl")
+    else:
+        tdist.init_process_group("gloo")
+
+
+def shutdown() -> None:
+    if is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place on a copy); identity in a single process."""
+    if not is_initialized():
+        return x
+    x = x.clone()
+    tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+    return x
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def shard(items: list, r: int | None = None, n: int | None = None) -> list:
+    """This rank's strided share of `items`."""
+    r = rank() if r is None else r
+    n = world_size() if n is None else n
+    return items[r::n]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return getattr(model, "_minir1ci_fsdp", False)
+
+
+def parallelize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Shard with FSDP2 on CUDA; on CPU keep a full replica (gradients summed by `sync_grads`)."""
+    if not is_initialized() or device.type != "cuda":
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model._minir1ci_fsdp = True
+    return model
+
+
+def sync_grads(model: torch.nn.Module) -> None:
+    """Sum gradients over ranks for replicated (CPU) training. FSDP2 reduces its own."""
+    if not is_initialized() or is_sharded(model):
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on CPU (on rank 0; None elsewhere when sharded)."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if is_main() else None
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip by the global norm (FSDP2's DTensor grads reduce across shards inside clip_grad_norm_)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)

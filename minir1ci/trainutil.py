@@ -1,0 +1,164 @@
+"""What the three trainers share: device and dtype, optimizer and schedule, run checkpoints, metrics.
+
+Run directory layout (`cfg.run_dir()`):
+    config.json            the resolved TrainConfig
+    metrics.jsonl          one JSON object per logged step
+    step-000100/           an HF checkpoint (loadable by transformers / vLLM) + trainer_state.pt
+    latest                 a text file naming the newest complete step directory
+
+A step directory is complete once `latest` names it: weights are written atomically by
+`checkpoint.save_pretrained`, then the trainer state, then `latest` is replaced atomically. A crash
+at any point leaves `latest` naming the previous complete checkpoint. Resuming is exact because
+every random choice in the trainers (data order, sampling seeds) is derived from (seed, step),
+and the optimizer state is restored.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, distributed as dist
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA (weights stay fp32 for the optimizer); fp32 on CPU."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def lr_factor(step: int, cfg) -> float:
+    """Linear warmup then cosine decay to `min_lr_ratio` over `cfg.steps` (step counts from 0)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A deterministic seed for everything random at one optimizer step."""
+    return (seed * 1_000_003 + step * 7919 + salt * 104_729) % (2**31 - 1)
+
+
+def check_finite(value: float, step: int, run_dir: Path) -> None:
+    if not math.isfinite(value):
+        last = latest_checkpoint(run_dir)
+        raise FloatingPointError(
+            f"non-finite loss ({value}) at step {step}; stopping. The last good checkpoint is "
+            f"{last if last else '(none saved yet)'}; lower the learning rate or resume from it.")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(run_dir) / pointer.read_text().strip()
+    return path if (path / "trainer_state.pt").is_file() else None
+
+
+def save_run_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizers: dict, extra: dict | None = None,
+                        keep: int = 2) -> Path:
+    """HF weights + trainer state for `step`, then point `latest` at it. Rank 0 writes."""
+    name = f"step-{step:06d}"
+    target = run_dir / name
+    checkpoint.save_pretrained(model, tokenizer, target)
+    state = {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+             "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, "extra": extra or {}}
+    tmp = target / "trainer_state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, target / "trainer_state.pt")
+    pointer_tmp = run_dir / "latest.tmp"
+    pointer_tmp.write_text(name + "\n")
+    os.replace(pointer_tmp, run_dir / "latest")
+    old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name != name)
+    for p in old[:-(keep - 1)] if keep > 1 else old:
+        shutil.rmtree(p, ignore_errors=True)
+    return target
+
+
+def load_trainer_state(ckpt_dir: Path) -> dict:
+    return torch.load(ckpt_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def restore_optimizers(state: dict, optimizers: dict) -> None:
+    for k, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][k])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+
+
+def find_latest_run_checkpoint(stage: str = "sft", root: str | Path = "runs") -> Path:
+    """The newest complete checkpoint of `runs/<stage>` (how RL stages find their SFT start)."""
+    found = latest_checkpoint(Path(root) / stage)
+    if found is None:
+        raise FileNotFoundError(f"no {stage} checkpoint under {Path(root) / stage}; run "
+                                f"`python train.py --stage {stage}` first or pass --model PATH")
+    return found
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class MetricsLog:
+    """Append metrics to `metrics.jsonl` and print a one-line progress report (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, total_steps: int, resume: bool):
+        self.enabled = dist.is_main()
+        self.path = run_dir / "metrics.jsonl"
+        self.total = total_steps
+        self.t0 = time.time()
+        if self.enabled and not resume and self.path.exists():
+            self.path.unlink()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (they belong to the interrupted part of a resumed run)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        self.path.write_text("".join(l + "\n" for l in lines))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        elapsed = time.time() - self.t0
+        bar_len = 20
+        done = int(bar_len * (step + 1) / self.total)
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                         if k in ("loss", "lr", "reward", "accuracy", "kl", "value_loss", "grad_norm", "tok_s"))
+        print(f"[{'#' * done}{'.' * (bar_len - done)}] step {step + 1}/{self.total} {shown} ({elapsed:.0f}s)",
+              file=sys.stderr, flush=True)

@@ -1,0 +1,47 @@
+"""The command-line config: presets, typed overrides, refusal of unknown keys."""
+import json
+
+import pytest
+
+from minir1ci.config import TrainConfig, apply_overrides, parse_overrides, resolve
+
+
+def test_overrides_are_coerced_by_field_type():
+    cfg = resolve(["--stage", "grpo", "--lr=3e-4", "--steps", "7", "--curriculum", "--use_code=false"])
+    assert cfg.stage == "grpo" and cfg.lr == 3e-4 and cfg.steps == 7
+    assert cfg.curriculum is True and cfg.use_code is False
+
+
+def test_unknown_key_is_refused_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"unknown option --lrr .*--lr"):
+        resolve(["--lrr=1"])
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(ValueError, match="--steps expects int"):
+        resolve(["--steps=ten"])
+    with pytest.raises(ValueError, match="--curriculum expects a boolean"):
+        resolve(["--curriculum=maybe"])
+    with pytest.raises(ValueError, match="unknown stage"):
+        resolve(["--stage=dpo"])
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        resolve(["--batch_size=10", "--micro_batch_size=4"])
+
+
+def test_preset_follows_the_model_argument():
+    assert resolve(["--stage=grpo"]).lr == 2e-5                         # tiny preset: CPU default
+    paper = resolve(["--stage=grpo", "--model=/ckpt"])                  # a real checkpoint: paper settings
+    assert (paper.lr, paper.n_samples, paper.kl_coef, paper.kl_estimator) == (1e-6, 5, 0.001, "k3")
+    assert resolve(["--stage=grpo", "--model=/ckpt", "--preset=tiny"]).lr == 2e-5
+
+
+def test_resolved_config_round_trips_through_json(tmp_path):
+    cfg = resolve(["--stage=ppo", "--gamma=0.99"])
+    cfg.save(tmp_path / "config.json")
+    back = apply_overrides(TrainConfig(stage="ppo"), {k: str(v) for k, v in json.loads((tmp_path / "config.json").read_text()).items()})
+    assert back == cfg
+
+
+def test_parse_rejects_positional_arguments():
+    with pytest.raises(ValueError, match="unexpected argument"):
+        parse_overrides(["sft"])
