@@ -91,26 +91,40 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def save_run_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizers: dict, extra: dict | None = None,
                         keep: int = 2) -> Path:
-    """HF weights + trainer state for `step`, then point `latest` at it. Rank 0 writes."""
+    """HF weights + trainer state for `step`, then point `latest` at it.
+
+    Every rank calls this: a sharded model is gathered first; rank 0 writes the weights; each rank
+    of a sharded run writes its own optimizer shard (replicated runs have one).
+    """
     name = f"step-{step:06d}"
     target = run_dir / name
-    checkpoint.save_pretrained(model, tokenizer, target)
-    state = {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-             "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, "extra": extra or {}}
-    tmp = target / "trainer_state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, target / "trainer_state.pt")
-    pointer_tmp = run_dir / "latest.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, run_dir / "latest")
-    old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name != name)
-    for p in old[:-(keep - 1)] if keep > 1 else old:
-        shutil.rmtree(p, ignore_errors=True)
+    state_dict = dist.full_state_dict(model)
+    if dist.is_main():
+        checkpoint.save_pretrained(model, tokenizer, target, state_dict=state_dict)
+    if dist.is_initialized():
+        torch.distributed.barrier()
+    if dist.is_main() or dist.is_sharded(model):
+        state = {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, "extra": extra or {}}
+        fname = "trainer_state.pt" if dist.is_main() else f"trainer_state.rank{dist.rank()}.pt"
+        tmp = target / (fname + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, target / fname)
+    if dist.is_initialized():
+        torch.distributed.barrier()
+    if dist.is_main():
+        pointer_tmp = run_dir / "latest.tmp"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, run_dir / "latest")
+        old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name != name)
+        for p in (old[:-(keep - 1)] if keep > 1 else old):
+            shutil.rmtree(p, ignore_errors=True)
     return target
 
 
-def load_trainer_state(ckpt_dir: Path) -> dict:
-    return torch.load(ckpt_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
+def load_trainer_state(ckpt_dir: Path, sharded: bool = False) -> dict:
+    fname = "trainer_state.pt" if (dist.is_main() or not sharded) else f"trainer_state.rank{dist.rank()}.pt"
+    return torch.load(Path(ckpt_dir) / fname, map_location="cpu", weights_only=False)
 
 
 def restore_optimizers(state: dict, optimizers: dict) -> None:
@@ -162,3 +176,38 @@ class MetricsLog:
                          if k in ("loss", "lr", "reward", "accuracy", "kl", "value_loss", "grad_norm", "tok_s"))
         print(f"[{'#' * done}{'.' * (bar_len - done)}] step {step + 1}/{self.total} {shown} ({elapsed:.0f}s)",
               file=sys.stderr, flush=True)
+
+
+def load_start_model(cfg, device: torch.device):
+    """(model, tokenizer, source, resume_dir) to train from: a resumed run, --model, or the default.
+
+    Defaults: SFT starts the tiny preset from scratch; GRPO and PPO start from the newest SFT
+    checkpoint under runs/sft. `resume_dir` is the checkpoint whose trainer state to restore.
+    """
+    from . import presets
+    from .tokenizer import Tokenizer
+
+    resumed = latest_checkpoint(cfg.run_dir()) if cfg.resume else None
+    if resumed is not None:
+        source = resumed
+    elif cfg.model:
+        source = Path(cfg.model)
+    elif cfg.stage == "sft":
+        model = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed).to(device)
+        return model, Tokenizer.from_pretrained(presets.tiny_dir()), "tiny preset (from scratch)", None
+    else:
+        source = find_latest_run_checkpoint("sft")
+    model, tokenizer = checkpoint.load_pretrained(source, dtype=torch.float32, device=device)
+    return model, tokenizer, str(source), resumed
+
+
+def frozen_reference(model, cfg, resume_dir, device):
+    """The KL reference: the run's starting weights, frozen (reloaded from disk when resuming)."""
+    import copy
+
+    if resume_dir is None:
+        ref = copy.deepcopy(model)
+    else:
+        source = Path(cfg.model) if cfg.model else find_latest_run_checkpoint("sft")
+        ref = checkpoint.load_model(source, dtype=torch.float32, device=device)
+    return ref.eval().requires_grad_(False)
