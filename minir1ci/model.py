@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .kernels import attention as attn_kernels
+from .logprobs import token_logprobs
 
 
 @dataclass(frozen=True)
@@ -292,9 +293,21 @@ class Qwen2ForCausalLM(nn.Module):
         self.model.gradient_checkpointing = on
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                kv_caches=None, attn_meta: AttnMeta | None = None) -> Tensor:
-        """Logits [B, T, V] (training) or [N, V] (packed sampling)."""
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, kv_caches, attn_meta))
+                kv_caches=None, attn_meta: AttnMeta | None = None, *, targets: Tensor | None = None,
+                target_mask: Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False,
+                chunk_size: int = 1024):
+        """Logits [B, T, V] (training) or [N, V] (packed sampling).
+
+        With `targets [B, T]` (the token each position predicts), returns instead
+        `(logp [B, T], entropy [B, T] | None)` computed through the LM head a chunk of tokens at a
+        time (logprobs.py), never holding [B, T, V] logits; only `target_mask` positions are
+        projected. Doing this inside forward keeps it one call for FSDP2, which gathers the
+        LM head's weight only around the root module's forward.
+        """
+        hidden = self.model(input_ids, attention_mask, position_ids, kv_caches, attn_meta)
+        if targets is None:
+            return self.lm_head(hidden)
+        return token_logprobs(hidden, self.lm_head.weight, targets, temperature, chunk_size, with_entropy, target_mask)
 
     def init_weights(self, seed: int | None = None) -> None:
         """Random init as HF does (normal(0, initializer_range), zero biases, unit norms)."""
