@@ -1,0 +1,203 @@
+"""Attention kernels against their PyTorch twins, and the twins against plain SDPA.
+
+Without CUDA the Triton kernels run in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so sizes stay tiny; the interpreter tiles are 16 rows x 16 keys, and the
+lengths below cross those tiles and the page borders. bf16 is left to tests/test_kernels_gpu.py:
+the interpreter stores bf16 as raw uint16 and computes garbage with it.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minir1ci.kernels import attention as A
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+@pytest.fixture
+def triton_backend():
+    A.set_backend("triton")
+    yield
+    A.set_backend("auto")
+
+
+def naive_attention(q, k, v, scale, causal):
+    """Dense SDPA on one sequence, q [Lq, Hq, D], k/v [Lk, Hkv, D]; causal is bottom-right."""
+    group = q.shape[1] // k.shape[1]
+    qh = q.float().transpose(0, 1)                                           # [Hq, Lq, D]
+    kh = k.float().repeat_interleave(group, 1).transpose(0, 1)
+    vh = v.float().repeat_interleave(group, 1).transpose(0, 1)
+    Lq, Lk = q.shape[0], k.shape[0]
+    mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq) if causal else None
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale).transpose(0, 1)
+
+
+def rand(shape, dtype, gen):
+    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+
+def to_paged(keys, values, page_size, gen, spare_pages=3, spare_width=2):
+    """Scatter per-sequence keys/values [L, H, D] into shuffled pages of fresh caches.
+    Unused slots and table entries hold / point at NaN pages, so reading them shows."""
+    H, D = keys[0].shape[1:]
+    n_pages = [math.ceil(len(k) / page_size) for k in keys]
+    total = sum(n_pages) + spare_pages
+    order = torch.randperm(total, generator=gen).tolist()                   # shuffled page ids
+    k_cache = torch.full((total, page_size, H, D), float("nan"), dtype=keys[0].dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    table = torch.full((len(keys), max(n_pages) + spare_width), order[-1], dtype=torch.int32)
+    for i, (k, v) in enumerate(zip(keys, values)):
+        for j in range(n_pages[i]):
+            page = order.pop(0)
+            table[i, j] = page
+            k_cache[page, :len(k[j * page_size:(j + 1) * page_size])] = k[j * page_size:(j + 1) * page_size]
+            v_cache[page, :len(v[j * page_size:(j + 1) * page_size])] = v[j * page_size:(j + 1) * page_size]
+    return k_cache, v_cache, table.to(DEVICE)
+
+
+def cu(lengths):
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+
+
+def make_prefill(lens_q, lens_k, hq, hkv, d, dtype, paged, page_size, seed=0):
+    """Inputs for prefill_attention plus the naive reference output."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = d ** -0.5
+    qs = [rand((lq, hq, d), dtype, gen) for lq in lens_q]
+    ks = [rand((lk, hkv, d), dtype, gen) for lk in lens_k]
+    vs = [rand((lk, hkv, d), dtype, gen) for lk in lens_k]
+    expected = torch.cat([naive_attention(q, k, v, scale, causal=True) for q, k, v in zip(qs, ks, vs)])
+    if paged:
+        k, v, table = to_paged(ks, vs, page_size, gen)
+    else:
+        k, v, table = torch.cat(ks), torch.cat(vs), None
+    args = (torch.cat(qs), k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k), scale)
+    return args, table, expected
+
+
+def make_decode(lens_k, hq, hkv, d, dtype, page_size, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scale = d ** -0.5
+    q = rand((len(lens_k), hq, d), dtype, gen)
+    ks = [rand((lk, hkv, d), dtype, gen) for lk in lens_k]
+    vs = [rand((lk, hkv, d), dtype, gen) for lk in lens_k]
+    expected = torch.cat([naive_attention(q[i:i + 1], k, v, scale, causal=False) for i, (k, v) in enumerate(zip(ks, vs))])
+    k_cache, v_cache, table = to_paged(ks, vs, page_size, gen)
+    context_lens = torch.tensor(lens_k, dtype=torch.int32, device=DEVICE)
+    return (q, k_cache, v_cache, table, context_lens, scale), expected
+
+
+# (lens_q, lens_k, Hq, Hkv, D, dtype, paged, page_size); lens_k > lens_q is a cached prefix.
+PREFILL_CASES = {
+    "mha_packed_d64": ([5, 17, 33], [5, 17, 33], 2, 2, 64, torch.float32, False, 0),
+    "gqa2_packed_d128": ([1, 16, 20], [1, 16, 20], 4, 2, 128, torch.float32, False, 0),
+    "gqa7_packed": ([3, 9], [3, 9], 7, 1, 64, torch.float32, False, 0),
+    "gqa2_paged_prefix": ([4, 17], [13, 40], 4, 2, 64, torch.float32, True, 8),
+    "gqa7_paged_prefix_d128": ([6], [37], 7, 1, 128, torch.float32, True, 32),
+    "gqa2_paged_fp16": ([7, 18], [7, 30], 4, 2, 64, torch.float16, True, 4),
+}
+# (lens_k, Hq, Hkv, D, dtype, page_size, num_splits)
+DECODE_CASES = {
+    "mha_d64_auto_splits": ([1, 17, 40], 2, 2, 64, torch.float32, 16, None),
+    "gqa2_d128_three_splits": ([5, 33], 4, 2, 128, torch.float32, 4, 3),
+    "gqa7_many_empty_splits": ([20, 3], 7, 1, 64, torch.float32, 8, 4),
+    "gqa2_fp16_pages_of_32": ([50, 9], 4, 2, 64, torch.float16, 32, 2),
+}
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES.values(), ids=PREFILL_CASES.keys())
+def test_prefill_twin_matches_naive_sdpa(case):
+    lens_q, lens_k, hq, hkv, d, dtype, paged, page_size = case
+    args, table, expected = make_prefill(lens_q, lens_k, hq, hkv, d, dtype, paged, page_size)
+    out = A.prefill_attention_torch(*args, block_table=table)
+    torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES.values(), ids=PREFILL_CASES.keys())
+def test_prefill_triton_matches_twin(case, triton_backend):
+    lens_q, lens_k, hq, hkv, d, dtype, paged, page_size = case
+    args, table, _ = make_prefill(lens_q, lens_k, hq, hkv, d, dtype, paged, page_size)
+    out = A.prefill_attention(*args, block_table=table)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    torch.testing.assert_close(out, A.prefill_attention_torch(*args, block_table=table), **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
+def test_decode_twin_matches_naive_sdpa(case):
+    lens_k, hq, hkv, d, dtype, page_size, _ = case
+    args, expected = make_decode(lens_k, hq, hkv, d, dtype, page_size)
+    torch.testing.assert_close(A.decode_attention_torch(*args).float(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
+def test_decode_triton_matches_twin(case, triton_backend):
+    lens_k, hq, hkv, d, dtype, page_size, num_splits = case
+    args, _ = make_decode(lens_k, hq, hkv, d, dtype, page_size)
+    out = A.decode_attention(*args, num_splits=num_splits)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    torch.testing.assert_close(out, A.decode_attention_torch(*args), **TOL[dtype])
+
+
+def test_decode_matches_last_row_of_prefill(triton_backend):
+    # Decoding the last token over the cache = the last query row of a full causal prefill.
+    (q, k, v, cu_q, cu_k, max_q, max_k, scale), table, _ = make_prefill([21], [21], 4, 2, 64, torch.float32, True, 8)
+    full = A.prefill_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, block_table=table)
+    last = A.decode_attention(q[-1:], k, v, table[:1], cu_k[1:], scale, num_splits=2)
+    torch.testing.assert_close(last, full[-1:], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_store_kvcache_writes_slots_and_skips_negative(backend):
+    gen = torch.Generator().manual_seed(1)
+    k, v = rand((6, 2, 64), torch.float32, gen), rand((6, 2, 64), torch.float32, gen)
+    slots = torch.tensor([9, -1, 0, 22, -1, 5], dtype=torch.int64, device=DEVICE)   # page size 4
+    k_cache = torch.zeros(6, 4, 2, 64, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    A.set_backend(backend)
+    try:
+        A.store_kvcache(k, v, k_cache, v_cache, slots)
+    finally:
+        A.set_backend("auto")
+    expected_k, expected_v = torch.zeros(24, 2, 64, device=DEVICE), torch.zeros(24, 2, 64, device=DEVICE)
+    for i, s in enumerate(slots.tolist()):                                 # hand-written scatter
+        if s >= 0:
+            expected_k[s], expected_v[s] = k[i], v[i]
+    assert torch.equal(k_cache.flatten(0, 1), expected_k) and torch.equal(v_cache.flatten(0, 1), expected_v)
+
+
+def test_prefill_reads_prefix_written_by_store_kvcache(triton_backend):
+    # The model's flow: store the chunk's K/V after a cached prefix, then prefill over the cache.
+    gen = torch.Generator().manual_seed(2)
+    prefix, new, page_size = 11, 6, 4
+    k_all, v_all = rand((prefix + new, 2, 64), torch.float32, gen), rand((prefix + new, 2, 64), torch.float32, gen)
+    q = rand((new, 4, 64), torch.float32, gen)
+    pages = torch.tensor([[3, 0, 4, 1, 2]], dtype=torch.int32, device=DEVICE)   # 5 pages of 4 >= 17 keys
+    slots = torch.tensor([pages[0, i // page_size].item() * page_size + i % page_size
+                          for i in range(prefix + new)], dtype=torch.int64, device=DEVICE)
+    k_cache = torch.zeros(5, page_size, 2, 64, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    A.store_kvcache(k_all[:prefix], v_all[:prefix], k_cache, v_cache, slots[:prefix])
+    A.store_kvcache(k_all[prefix:], v_all[prefix:], k_cache, v_cache, slots[prefix:])
+    out = A.prefill_attention(q, k_cache, v_cache, cu([new]), cu([prefix + new]), new, prefix + new, 0.125,
+                              block_table=pages)
+    expected = naive_attention(q, k_all, v_all, 0.125, causal=True)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+def test_auto_backend_uses_twin_for_cpu_tensors():
+    args, table, _ = make_prefill([3], [3], 2, 1, 16, torch.float32, False, 0)
+    if DEVICE == "cpu":
+        assert torch.equal(A.prefill_attention(*args), A.prefill_attention_torch(*args))
+    with pytest.raises(ValueError):
+        A.set_backend("cuda")
+
+
+def test_decode_sequence_without_keys_gives_zeros(triton_backend):
+    # Batches padded for CUDA graphs carry sequences with context length 0: zeros, not NaN.
+    args, _ = make_decode([9, 0, 4], 4, 2, 64, torch.float32, 8)
+    out = A.decode_attention(*args, num_splits=2)
+    torch.testing.assert_close(out, A.decode_attention_torch(*args), **TOL[torch.float32])
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
