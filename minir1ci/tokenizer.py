@@ -1,0 +1,276 @@
+"""The Qwen-2.5 tokenizer and its ChatML chat template, with the loss mask rollouts need.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` read from a Hugging Face `tokenizer.json`
+(byte-level BPE; 151643 regular tokens plus 22 special tokens for Qwen-2.5, about
+1000 plus the same 22 for the tiny preset in `minir1ci/presets/tiny`).
+
+Two things matter for training with an interpreter:
+- Plain text never turns into control tokens. Interpreter output or a user prompt may
+  contain the literal string "<|im_end|>"; `encode(text)` spells it out byte by byte
+  (a second `tokenizers` object with `encode_special_tokens` on), so a program cannot
+  end the assistant turn. Only `encode(text, allow_special=True)` maps such strings to
+  their special ids.
+- `apply_chat_template` builds ChatML ids directly, token for token equal to tokenizing
+  the rendered string, and returns the assistant mask that trainers use as the loss
+  mask: 1 on what the model wrote and on its closing `<|im_end|>`, 0 on headers, on
+  other turns and on interpreter output.
+
+Simplified: no tool-call rendering (Qwen-2.5's template has a tools branch), no
+truncation or padding (trainers pad token id lists themselves), and every added
+token is treated as special (Qwen's own file marks `<tool_call>` and the FIM tokens
+as non-special; we still never let plain text produce them).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+# Qwen-2.5's 22 special tokens, in id order; they follow the regular vocabulary.
+SPECIAL_TOKENS = (
+    ENDOFTEXT, IM_START, IM_END,
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)
+# Splits text into pieces before BPE; each digit is its own piece.
+PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# Jinja for transformers' `apply_chat_template`: the same ChatML as `Tokenizer.apply_chat_template`
+# (segment lists are joined), so what `save_pretrained` writes renders identically elsewhere.
+CHAT_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for segment in message['content'] %}{{- segment['text'] }}{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def qwen_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Split into PRETOKENIZE_REGEX pieces, then map each piece's bytes to GPT-2's unicode."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tokenizers.Tokenizer:
+    """Qwen-2.5's pipeline around a byte-level BPE model, with SPECIAL_TOKENS appended.
+
+    `vocab` maps GPT-2 byte-to-unicode strings to ids 0..len-1; `merges` are in priority
+    order. Pipeline: NFC, split by PRETOKENIZE_REGEX, bytes to unicode, BPE; ByteLevel decoder.
+    """
+    bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
+                     continuing_subword_prefix="", end_of_word_suffix="",
+                     fuse_unk=False, byte_fallback=False)
+    tok = tokenizers.Tokenizer(bpe)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = qwen_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    return tok
+
+
+class Tokenizer:
+    """Qwen-2.5 byte-level BPE with ChatML; see the module docstring."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, config: dict[str, Any] | None = None):
+        """Wrap `tok` (marked in place: all its added tokens become special); `config` is
+        the tokenizer_config.json dict, of which `pad_token` is used and the rest kept."""
+        # Treat every added token as special, so `plain` below spells all of them out.
+        added = tok.get_added_tokens_decoder()
+        loose = [t.content for t in added.values() if not t.special]
+        if loose:
+            tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in loose])
+        self._tok = tok
+        # `encode_special_tokens` is a mutable flag; a second object keeps encode thread-safe.
+        self._plain = tokenizers.Tokenizer.from_str(tok.to_str())
+        self._plain.encode_special_tokens = True
+        self.config: dict[str, Any] = dict(config or {})
+        for name in (ENDOFTEXT, IM_START, IM_END):
+            if tok.token_to_id(name) is None:
+                raise ValueError(f"tokenizer has no {name!r} token; a Qwen-2.5 vocabulary is required")
+        pad = self.config.get("pad_token") or ENDOFTEXT
+        if isinstance(pad, dict):  # older configs store AddedToken dicts
+            pad = pad.get("content", ENDOFTEXT)
+        if pad == IM_END:
+            # pad == eos would mask the real end of turn out of the loss.
+            raise ValueError("pad_token must differ from the chat eos token <|im_end|>")
+        self._pad_id = self.token_to_id(pad)
+
+    # ---- files -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "Tokenizer":
+        """Load `tokenizer.json` (and `tokenizer_config.json` when present) from `directory`."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {directory}")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"cannot read {path}: {e}") from e
+        config = None
+        config_path = directory / "tokenizer_config.json"
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"cannot read {config_path}: {e}") from e
+        return cls(tok, config)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `tokenizer.json` and a `tokenizer_config.json` that transformers can load."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "Qwen2Tokenizer",
+            "model_max_length": 32768,
+            "errors": "replace",
+            "clean_up_tokenization_spaces": False,
+            "split_special_tokens": False,
+            "add_prefix_space": False,
+            # tokenizer.json is authoritative for added tokens; drop a loaded copy of them.
+            **{k: v for k, v in self.config.items() if k != "added_tokens_decoder"},
+            # Qwen2.5-Instruct's roles: chat turns end with <|im_end|>, padding is <|endoftext|>.
+            "bos_token": None,
+            "unk_token": None,
+            "eos_token": IM_END,
+            "pad_token": self._tok.id_to_token(self._pad_id),
+            "chat_template": CHAT_TEMPLATE,
+        }
+        text = json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+        (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
+
+    # ---- ids ---------------------------------------------------------------------------
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings are ordinary text unless `allow_special`."""
+        tok = self._tok if allow_special else self._plain
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (a list or a 1-D tensor); incomplete UTF-8 becomes U+FFFD."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int:
+        """Id of one token string (e.g. "<|im_end|>"); KeyError if it is not in the vocabulary."""
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise KeyError(f"token not in vocabulary: {token!r}")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included (the model's embedding may be larger)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int:
+        """End of an assistant turn, `<|im_end|>`: the sampler's stop token for chat."""
+        return self.token_to_id(IM_END)
+
+    @property
+    def endoftext_id(self) -> int:
+        """`<|endoftext|>`, the base models' end of document."""
+        return self.token_to_id(ENDOFTEXT)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def im_start_id(self) -> int:
+        return self.token_to_id(IM_START)
+
+    @property
+    def im_end_id(self) -> int:
+        return self.token_to_id(IM_END)
+
+    # ---- chat --------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        return_assistant_mask: bool = False,
+    ) -> list[int] | tuple[list[int], list[int]]:
+        """ChatML ids of `messages`, and with `return_assistant_mask` the loss mask.
+
+        Each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`; Qwen2.5-Instruct's
+        default system message comes first when the first message is not a system one.
+        The special tokens split the rendered string, so each turn is tokenized on its own:
+        [im_start] + encode(role + "\\n" + content) + [im_end] + encode("\\n").
+
+        `content` may instead be a list of segments {"type": "text" | "output", "text": str}.
+        The header "{role}\\n" and each segment are then tokenized separately and
+        concatenated, exactly as a rollout builds its ids (generation prompt, sampled
+        tokens, tokenized interpreter output, ...); "output" segments get mask 0.
+        The two forms give the same ids unless a segment boundary falls inside a
+        pre-tokenizer piece (e.g. content starting with "\\n" after the header's "\\n").
+
+        Mask: 1 on assistant content tokens (not output segments) and the assistant's
+        closing <|im_end|>; 0 on role headers, the "\\n" after <|im_end|>, other roles and
+        the generation prompt.
+        """
+        messages = list(messages)
+        if not messages or messages[0].get("role") != "system":
+            messages.insert(0, {"role": "system", "content": DEFAULT_SYSTEM_PROMPT})
+        newline = self.encode("\n")
+        ids: list[int] = []
+        mask: list[int] = []
+        for message in messages:
+            role, content = message["role"], message["content"]
+            learn = 1 if role == "assistant" else 0
+            ids.append(self.im_start_id)
+            mask.append(0)
+            if isinstance(content, str):
+                head = self.encode(role + "\n")
+                body = self.encode(role + "\n" + content)
+                # The header's tokens end where the two tokenizations first disagree
+                # (content that starts with whitespace and a newline merges into "\n").
+                n_head = 0
+                while n_head < len(head) and body[n_head] == head[n_head]:
+                    n_head += 1
+                ids += body
+                mask += [0] * n_head + [learn] * (len(body) - n_head)
+            else:
+                head = self.encode(role + "\n")
+                ids += head
+                mask += [0] * len(head)
+                for segment in content:
+                    kind = segment.get("type", "text")
+                    if kind not in ("text", "output"):
+                        raise ValueError(f"segment type must be 'text' or 'output', got {kind!r}")
+                    seg_ids = self.encode(segment["text"])
+                    ids += seg_ids
+                    mask += [learn if kind == "text" else 0] * len(seg_ids)
+            ids.append(self.im_end_id)
+            mask.append(learn)
+            ids += newline
+            mask += [0] * len(newline)
+        if add_generation_prompt:
+            prompt = [self.im_start_id] + self.encode("assistant\n")
+            ids += prompt
+            mask += [0] * len(prompt)
+        return (ids, mask) if return_assistant_mask else ids
