@@ -1,0 +1,58 @@
+"""Small helpers shared by the command-line scripts (rollout.py, evaluate.py): a progress bar,
+loading a model with clear errors, and the device choice made once, at the edge."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+
+class ProgressBar:
+    """`bar(done, total)` redraws one stderr line: count, percentage, rate, elapsed time."""
+
+    def __init__(self, desc: str, unit: str = "traj"):
+        self.desc, self.unit, self.t0 = desc, unit, time.time()
+        self.tty = sys.stderr.isatty()
+        self.last_print = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.time()
+        if not (done == total or now - self.last_print > (0.2 if self.tty else 5.0)):
+            return
+        self.last_print = now
+        elapsed = now - self.t0
+        width = 24
+        filled = int(width * done / max(total, 1))
+        line = (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                f"{done / max(elapsed, 1e-9):.1f} {self.unit}/s {elapsed:.0f}s")
+        print(("\r" + line) if self.tty else line, end="\n" if (done == total or not self.tty) else "",
+              file=sys.stderr, flush=True)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def load_for_inference(path: str, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) in eval mode; a bad path or checkpoint exits with its error message."""
+    from .checkpoint import load_pretrained
+
+    dev = pick_device(device)
+    try:
+        model, tokenizer = load_pretrained(path, dtype=pick_dtype(dtype, dev), device=dev)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f"error: cannot load model from {path}: {e}")
+    return model.eval(), tokenizer

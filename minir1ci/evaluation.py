@@ -1,0 +1,84 @@
+"""Evaluation as the paper reports it: per-task accuracy with the interpreter, and the average.
+
+`evaluate_examples` runs rollouts (n samples per question) and summarises each task: accuracy
+(mean score over all samples = pass@1), pass@k (unbiased estimator, k = n), code-use rate
+(trajectories with at least one code call), mean code calls, mean response tokens, truncations
+(trajectories stopped by the token budget). The average is the unweighted mean over tasks, as in
+the paper's tables. Used by evaluate.py and by the demo.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from .interpreter import RolloutParams, run_rollouts
+
+COLUMNS = ("accuracy", "pass@k", "code_use", "code_calls", "response_tokens", "truncated")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn from n (c correct) is correct."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(examples, trajs, n: int) -> dict:
+    """{"tasks": {name: metrics}, "average": {...}} for trajectories grouped n per example."""
+    per_task: dict[str, list] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        group = trajs[i * n:(i + 1) * n]
+        scores = [ex.score(t.text) for t in group]
+        per_task[ex.task].append((scores, group))
+    tasks = {}
+    for name, items in sorted(per_task.items()):
+        all_scores = [s for scores, _ in items for s in scores]
+        all_trajs = [t for _, group in items for t in group]
+        m = len(all_trajs)
+        tasks[name] = {
+            "questions": len(items),
+            "samples": m,
+            "accuracy": sum(all_scores) / m,
+            "pass@k": sum(pass_at_k(n, sum(s >= 1.0 for s in scores), n) for scores, _ in items) / len(items),
+            "code_use": sum(t.num_code_calls > 0 for t in all_trajs) / m,
+            "code_calls": sum(t.num_code_calls for t in all_trajs) / m,
+            "response_tokens": sum(len(t.response_ids) for t in all_trajs) / m,
+            "truncated": sum(t.finish_reason == "length" for t in all_trajs) / m,
+        }
+    average = {c: sum(t[c] for t in tasks.values()) / max(len(tasks), 1) for c in COLUMNS}
+    return {"n": n, "tasks": tasks, "average": average}
+
+
+def evaluate_examples(model, tokenizer, sandbox, examples, n: int = 1, params: RolloutParams | None = None,
+                      progress=None) -> tuple[dict, list]:
+    """Run rollouts on `examples` and summarise. Returns (summary, trajectories)."""
+    params = params or RolloutParams(temperature=0.6)
+    prompts = [tokenizer.apply_chat_template(ex.messages(params.use_code), add_generation_prompt=True)
+               for ex in examples]
+    trajs = run_rollouts(model, tokenizer, sandbox, prompts, n, params, progress=progress)
+    return summarize(examples, trajs, n), trajs
+
+
+def format_table(summary: dict, title: str = "") -> str:
+    head = f"{'task':32s} " + " ".join(f"{c:>15s}" for c in COLUMNS)
+    lines = [title] if title else []
+    lines += [head, "-" * len(head)]
+    rows = list(summary["tasks"].items()) + [("AVERAGE", summary["average"])]
+    for name, m in rows:
+        lines.append(f"{name[:32]:32s} " + " ".join(f"{m[c]:15.3f}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def format_comparison(a: dict, b: dict, name_a: str, name_b: str) -> str:
+    """Two summaries side by side: accuracy and code use per task, and the difference."""
+    names = sorted(set(a["tasks"]) | set(b["tasks"]))
+    head = f"{'task':32s} {name_a[:14]:>14s} {name_b[:14]:>14s} {'delta':>8s} {'code A':>8s} {'code B':>8s}"
+    lines = [head, "-" * len(head)]
+    for name in names + ["AVERAGE"]:
+        ma = a["average"] if name == "AVERAGE" else a["tasks"].get(name)
+        mb = b["average"] if name == "AVERAGE" else b["tasks"].get(name)
+        acc_a = ma["accuracy"] if ma else float("nan")
+        acc_b = mb["accuracy"] if mb else float("nan")
+        lines.append(f"{name[:32]:32s} {acc_a:14.3f} {acc_b:14.3f} {acc_b - acc_a:+8.3f} "
+                     f"{(ma or {}).get('code_use', float('nan')):8.3f} {(mb or {}).get('code_use', float('nan')):8.3f}")
+    return "\n".join(lines)
