@@ -33,8 +33,6 @@ except ImportError:  # no Triton wheel for this platform (e.g. macOS): only the 
     triton = tl = None
 
 _jit = triton.jit if triton is not None else (lambda fn: fn)
-# The interpreter swaps in at decoration time, so this is fixed once the module is imported.
-_INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
 _LOG2E = 1.4426950408889634
 _BACKEND = "auto"
 
@@ -55,7 +53,8 @@ def _use_triton(x: Tensor) -> bool:
         if _BACKEND == "triton":
             raise RuntimeError("backend 'triton' requested but Triton is not installed")
         return False
-    if not x.is_cuda and not _INTERPRETED:
+    # triton.jit picks the interpreter when a kernel is decorated (TRITON_INTERPRET=1 at import).
+    if not x.is_cuda and type(_prefill_kernel).__name__ != "InterpretedFunction":
         raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 set before importing "
                            "minir1ci.kernels.attention")
     return True
@@ -394,6 +393,6 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: T
         BLOCK_N=block_n, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), num_warps=num_warps)
     _decode_reduce_kernel[(B, Hq)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), Hq, num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=D)
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=D)
     return out
 
