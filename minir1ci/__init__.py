@@ -1,1 +1,40 @@
-"""minir1ci: R1-Code-Interpreter training, from scratch in PyTorch."""
+"""minir1ci: R1-Code-Interpreter training, from scratch in PyTorch.
+
+The public API, importable from the package root:
+
+    model, tokenizer = minir1ci.load_pretrained("path/to/Qwen2.5-0.5B-Instruct", dtype="bfloat16")
+    logits = model(input_ids)                      # [B, T] -> [B, T, vocab]
+    minir1ci.save_pretrained(model, tokenizer, "runs/sft/final")   # transformers/vLLM load it
+    model, tokenizer = minir1ci.init_from_config(tiny_dir(), seed=0)   # from minir1ci.presets
+
+Exports resolve lazily (PEP 562 `__getattr__`), so `import minir1ci.prompts` or the sandbox's
+worker processes do not pay for importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "load_pretrained": "checkpoint",
+    "save_pretrained": "checkpoint",
+    "load_model": "checkpoint",
+    "init_from_config": "checkpoint",
+    "ModelConfig": "model",
+    "Qwen2ForCausalLM": "model",
+    "Tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'minir1ci' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
