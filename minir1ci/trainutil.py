@@ -185,7 +185,6 @@ def load_start_model(cfg, device: torch.device):
     checkpoint under runs/sft. `resume_dir` is the checkpoint whose trainer state to restore.
     """
     from . import presets
-    from .tokenizer import Tokenizer
 
     resumed = latest_checkpoint(cfg.run_dir()) if cfg.resume else None
     if resumed is not None:
@@ -193,8 +192,8 @@ def load_start_model(cfg, device: torch.device):
     elif cfg.model:
         source = Path(cfg.model)
     elif cfg.stage == "sft":
-        model = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed).to(device)
-        return model, Tokenizer.from_pretrained(presets.tiny_dir()), "tiny preset (from scratch)", None
+        model, tokenizer = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed, device=device)
+        return model, tokenizer, "tiny preset (from scratch)", None
     else:
         source = find_latest_run_checkpoint("sft")
     model, tokenizer = checkpoint.load_pretrained(source, dtype=torch.float32, device=device)
