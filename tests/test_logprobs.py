@@ -209,6 +209,7 @@ def test_peak_memory_at_qwen_vocabulary_is_far_below_full_logits():
     print(f"\npeak above inputs: plain {p_peak / 2**30:.2f} GiB, chunked {c_peak / 2**30:.2f} GiB "
           f"({c_peak / p_peak:.3f}x); time plain {p_time * 1e3:.0f} ms, chunked {c_time * 1e3:.0f} ms")
     torch.testing.assert_close(c_loss, p_loss, rtol=1e-4, atol=1e-2)
-    torch.testing.assert_close(c_gh, p_gh, rtol=2e-2, atol=1e-3)
-    torch.testing.assert_close(c_gw, p_gw, rtol=2e-2, atol=1e-3)
+    # both gradients are bf16-rounded (the weight's from a sum over chunks): compare as tensors
+    for got, want in ((c_gh, p_gh), (c_gw, p_gw)):
+        assert (got - want).norm() <= 1e-2 * want.norm()
     assert c_peak <= 0.6 * p_peak
