@@ -105,6 +105,11 @@ def parallelize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    # Losses are already divided by the whole step's denominator (all ranks), so gradients must be
+    # *summed* across ranks; FSDP2 averages by default.
+    for module in [*model.model.layers, model]:
+        setter = getattr(module, "set_gradient_divide_factor", None) or getattr(module, "set_reduce_scatter_divide_factor")
+        setter(1.0)
     model._minir1ci_fsdp = True
     return model
 

@@ -1,0 +1,189 @@
+"""Code-interpreter rollouts: generate, execute each closed python block, insert its output, go on.
+
+For a batch of prompts x n samples, every sequence decodes in one batched sampler. A sequence
+pauses when its latest sampled segment closes a ```python block; the pending code of all paused
+sequences runs concurrently in the sandbox; each output is rendered (`prompts.render_output`, cut
+to a token budget keeping head and tail) and appended as *forced* tokens, which the sampler
+prefills into the KV cache before decoding resumes. Nothing is ever decoded and re-tokenized:
+the response is the sampler's own token ids, interleaved with the tokenized interpreter outputs.
+
+A trajectory ends on end of turn / eos, when a sampled segment contains the final <<<answer>>>,
+when the model closes a block past the code-call cap (default 8, the paper's v2), or at the total
+token budget (sampled + inserted tokens). Text-only mode (`use_code=False`) runs the same prompts
+without execution, for the paper's text-versus-code comparison.
+
+Each `Trajectory` carries the prompt ids, response ids, the loss mask (1 = sampled by the model,
+including the eos; 0 = inserted interpreter output), the sampler's log-prob of each sampled token
+(0 on inserted ones), the code blocks with their results, the model's turns as text, the number
+of code calls, the finish reason and the decoded text.
+
+Simplified: one python block per model turn (R1-CI's convention; a turn that writes two blocks
+runs the last); a code block that would overflow the token budget ends the trajectory instead of
+being executed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import prompts
+from .engine import Sampler, SamplingParams
+
+FINISH_REASONS = ("eos", "answer", "max_code_calls", "length")
+
+
+@dataclass(frozen=True)
+class RolloutParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024      # the whole response: sampled and inserted tokens
+    max_code_calls: int = 8
+    max_output_tokens: int = 256    # budget of one inserted interpreter output
+    use_code: bool = True
+    stop_at_answer: bool = True     # end as soon as a turn holds <<<answer>>>
+    seed: int = 0
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    code_blocks: list[dict] = field(default_factory=list)
+    turns: list[str] = field(default_factory=list)
+    num_code_calls: int = 0
+    finish_reason: str = ""
+    text: str = ""
+
+
+def _tail_may_stop(tail: str) -> bool:
+    return "```" in tail or ">>>" in tail
+
+
+def make_stop_fn(tokenizer, use_code: bool, stop_at_answer: bool):
+    """stop_fn(segment_ids) -> True when the segment just closed a python block or holds the answer.
+
+    The cheap test on the last few tokens' text runs every step; the full decode only when a fence
+    or `>>>` may have just appeared.
+    """
+    def stop(segment_ids: list[int]) -> bool:
+        if not _tail_may_stop(tokenizer.decode(segment_ids[-4:])):
+            return False
+        text = tokenizer.decode(segment_ids)
+        if stop_at_answer and prompts.extract_answer(text) is not None:
+            return True
+        return use_code and prompts.pending_code(text) is not None
+    return stop
+
+
+def render_for_model(tokenizer, result, max_tokens: int) -> list[int]:
+    """The token ids inserted after a block: the rendered result, its body cut to `max_tokens`.
+
+    Cutting happens on text (head and tail of the body kept around a marker), then the final
+    text is tokenized once, so the inserted ids are exactly the tokenization of what is shown.
+    """
+    stdout, stderr = result.stdout, result.stderr
+    text = prompts.render_output(stdout, stderr, result.status)
+    ids = tokenizer.encode(text)
+    if len(ids) <= max_tokens:
+        return ids
+    body = text[len(f"\n{prompts.OUTPUT_HEADER}\n"):-2]
+    body_ids = tokenizer.encode(body)
+    keep = max(max_tokens - 32, 8)          # room for the header, marker and the re-tokenized seams
+    head = tokenizer.decode(body_ids[:keep // 2])
+    tail = tokenizer.decode(body_ids[-(keep - keep // 2):])
+    cut = head + prompts.TRUNCATION_MARKER + tail
+    return tokenizer.encode(f"\n{prompts.OUTPUT_HEADER}\n{cut}\n\n")
+
+
+def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int, params: RolloutParams,
+                 progress=None, sampler: Sampler | None = None) -> list[Trajectory]:
+    """n trajectories per prompt, grouped consecutively: [p0 s0, p0 s1, ..., p1 s0, ...]."""
+    sampler = sampler or Sampler(model, tokenizer)
+    stop_ids = tuple(sorted({tokenizer.eos_token_id, tokenizer.endoftext_id}))
+    stop_fn = make_stop_fn(tokenizer, params.use_code, params.stop_at_answer)
+    trajs: list[Trajectory] = []
+    seq_of: dict[int, int] = {}
+    for i, p in enumerate(prompt_ids):
+        for j in range(n):
+            k = len(trajs)
+            trajs.append(Trajectory(prompt_ids=list(p)))
+            sp = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                max_new_tokens=params.max_new_tokens, stop_token_ids=stop_ids,
+                                seed=params.seed * 1_000_003 + k, stop_fn=stop_fn)
+            seq_of[sampler.add_request(list(p), sp)] = k
+    done = 0
+    total = len(trajs)
+    while sampler.has_unfinished():
+        paused = []                                        # (seq_id, code) awaiting execution
+        for c in sampler.step():
+            tr = trajs[seq_of[c.seq_id]]
+            reason = c.finish_reason
+            if reason == "stop" and c.stop_reason is None:  # our stop_fn fired
+                segment = _last_segment(c)
+                text = tokenizer.decode(segment)
+                code = prompts.pending_code(text) if params.use_code else None
+                if params.stop_at_answer and prompts.extract_answer(text) is not None:
+                    reason = "answer"
+                elif code is not None and tr.num_code_calls >= params.max_code_calls:
+                    reason = "max_code_calls"
+                elif code is not None:
+                    paused.append((c.seq_id, code))
+                    continue
+                else:
+                    reason = "eos"
+            elif reason == "stop":
+                reason = "eos"                              # an end-of-turn / eos token
+            _finish(tr, c, reason, tokenizer, params.temperature)
+            sampler.release(c.seq_id)
+            done += 1
+            if progress:
+                progress(done, total)
+        if paused:
+            results = sandbox.run_many([code for _, code in paused])
+            for (sid, code), res in zip(paused, results):
+                tr = trajs[seq_of[sid]]
+                tr.num_code_calls += 1
+                tr.code_blocks.append({"code": code, "stdout": res.stdout, "stderr": res.stderr,
+                                       "status": res.status, "truncated": res.truncated})
+                ids = render_for_model(tokenizer, res, params.max_output_tokens)
+                c = sampler.completion(sid)
+                if len(c.token_ids) + len(ids) >= params.max_new_tokens:
+                    _finish(tr, c, "length", tokenizer, params.temperature)
+                    sampler.release(sid)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                else:
+                    sampler.append_tokens(sid, ids)
+    return trajs
+
+
+def _last_segment(c) -> list[int]:
+    """The tokens sampled since the last inserted output (the current model turn)."""
+    k = len(c.mask)
+    while k > 0 and c.mask[k - 1] == 1:
+        k -= 1
+    return c.token_ids[k:]
+
+
+def _finish(tr: Trajectory, c, reason: str, tokenizer, temperature: float) -> None:
+    tr.response_ids = list(c.token_ids)
+    tr.loss_mask = list(c.mask)
+    # Temperature > 0: the log-prob under the distribution actually sampled from (what the trainer
+    # recomputes at the same temperature); greedy: the raw model's.
+    source = c.sampling_logprobs if temperature > 0 else c.logprobs
+    tr.logprobs = [lp if m else 0.0 for lp, m in zip(source, c.mask)]
+    tr.finish_reason = reason
+    tr.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    tr.turns, run = [], []
+    for tok, m in zip(c.token_ids, c.mask):
+        if m:
+            run.append(tok)
+        elif run:
+            tr.turns.append(tokenizer.decode(run, skip_special_tokens=True))
+            run = []
+    if run:
+        tr.turns.append(tokenizer.decode(run, skip_special_tokens=True))
+

@@ -1,0 +1,202 @@
+"""Code-interpreter rollouts with a scripted model: token-exact trajectories and masks.
+
+`ScriptedSampler` implements the sampler's step interface (add_request / step / append_tokens /
+completion / release) but, instead of a network, emits the tokens of given text turns one per
+step, honouring stop_fn, stop tokens and the token budget as the real sampler does. The
+expected ids are built independently: each turn's tokens, then the tokenization of the rendered
+*real* sandbox output, so the checks fail if the driver re-tokenizes, drops or mis-masks anything.
+"""
+import pytest
+
+from minir1ci import prompts
+from minir1ci.engine import SamplingParams
+from minir1ci.interpreter import RolloutParams, render_for_model, run_rollouts
+from minir1ci.presets import tiny_dir
+from minir1ci.sandbox import Sandbox
+from minir1ci.tokenizer import Tokenizer
+
+
+class _Seq:
+    def __init__(self, sid, prompt, params, turns, eos):
+        self.sid, self.prompt, self.params = sid, prompt, params
+        self.queue = [t for turn in turns for t in turn] + [eos]   # what the "model" will say, in order
+        self.turn_ends = set()
+        pos = 0
+        for turn in turns:
+            pos += len(turn)
+            self.turn_ends.add(pos)
+        self.tokens, self.mask, self.logp = [], [], []
+        self.segment = []
+        self.said = 0
+        self.finish, self.stop_reason, self.paused = None, None, False
+
+
+class ScriptedSampler:
+    """Emits scripted turns; a turn boundary is where the script waits for appended output."""
+
+    def __init__(self, tokenizer, turns_per_request):
+        self.tok, self.scripts, self.seqs, self.next_id = tokenizer, list(turns_per_request), {}, 0
+
+    def add_request(self, prompt_ids, params: SamplingParams) -> int:
+        turns = [self.tok.encode(t) for t in self.scripts[self.next_id]]
+        s = _Seq(self.next_id, prompt_ids, params, turns, self.tok.eos_token_id)
+        self.seqs[s.sid] = s
+        self.next_id += 1
+        return s.sid
+
+    def has_unfinished(self) -> bool:
+        return any(s.finish is None and not s.paused for s in self.seqs.values())
+
+    def step(self):
+        events = []
+        for s in list(self.seqs.values()):
+            if s.finish is not None or s.paused:
+                continue
+            tok = s.queue[s.said]
+            s.said += 1
+            s.tokens.append(tok), s.mask.append(1), s.logp.append(-0.5)
+            s.segment.append(tok)
+            p = s.params
+            if tok in p.stop_token_ids:
+                s.finish, s.stop_reason = "stop", tok
+            elif p.stop_fn is not None and p.stop_fn(s.segment):
+                s.finish, s.stop_reason, s.paused = "stop", None, True
+            elif len(s.tokens) >= p.max_new_tokens:
+                s.finish = "length"
+            if s.finish is not None:
+                events.append(self.completion(s.sid))
+        return events
+
+    def completion(self, sid):
+        from minir1ci.engine import Completion
+        s = self.seqs[sid]
+        return Completion(sid, list(s.prompt), list(s.tokens), list(s.logp), list(s.logp), list(s.mask),
+                          s.finish, s.stop_reason)
+
+    def append_tokens(self, sid, ids):
+        s = self.seqs[sid]
+        s.tokens += ids
+        s.mask += [0] * len(ids)
+        s.logp += [0.0] * len(ids)
+        s.segment, s.finish, s.stop_reason, s.paused = [], None, None, False
+
+    def release(self, sid):
+        self.seqs[sid].paused = False
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_pretrained(tiny_dir())
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(timeout=2.0) as sb:
+        yield sb
+
+
+def block(code: str) -> str:
+    return f"Let me compute.\n```python\n{code}\n```"
+
+
+def rollout(tok, sandbox, turns, **kw):
+    params = RolloutParams(**{"temperature": 1.0, "max_new_tokens": 2000, **kw})
+    sampler = ScriptedSampler(tok, [turns])
+    [tr] = run_rollouts(None, tok, sandbox, [[1, 2, 3]], 1, params, sampler=sampler)
+    return tr
+
+
+def expected(tok, sandbox, turns, max_output_tokens=256, executed=None):
+    """ids and mask built independently: turn tokens (mask 1) and real rendered outputs (mask 0)."""
+    ids, mask = [], []
+    executed = len(turns) - 1 if executed is None else executed
+    for i, turn in enumerate(turns):
+        t = tok.encode(turn)
+        ids += t
+        mask += [1] * len(t)
+        if i < executed:
+            res = sandbox.run(prompts.pending_code(turn))
+            out = render_for_model(tok, res, max_output_tokens)
+            assert out == tok.encode(tok.decode(out))  # the inserted ids are a plain tokenization
+            ids += out
+            mask += [0] * len(out)
+    return ids, mask
+
+
+def test_no_code_answer_in_text(tok, sandbox):
+    turns = ["The sum is 5, so <<<5>>>"]
+    tr = rollout(tok, sandbox, turns)
+    ids, mask = expected(tok, sandbox, turns)
+    assert tr.response_ids == ids and tr.loss_mask == mask
+    assert tr.finish_reason == "answer" and tr.num_code_calls == 0 and tr.turns == turns
+
+
+def test_one_block_then_answer_keeps_eos_in_the_mask(tok, sandbox):
+    turns = [block("print(6 * 7)"), "\nSo the answer is 42."]
+    tr = rollout(tok, sandbox, turns, stop_at_answer=False)
+    ids, mask = expected(tok, sandbox, turns)
+    assert tr.response_ids == ids + [tok.eos_token_id]
+    assert tr.loss_mask == mask + [1]                    # the sampled eos is trained on
+    assert tr.finish_reason == "eos" and tr.num_code_calls == 1
+    assert tr.code_blocks[0]["stdout"] == "42\n" and tr.code_blocks[0]["status"] == "ok"
+    assert "Code Execution Results:\n42\n" in tr.text
+    assert len(tr.logprobs) == len(tr.response_ids)
+    assert all(lp == 0.0 for lp, m in zip(tr.logprobs, tr.loss_mask) if not m)
+
+
+def test_several_blocks_and_an_error(tok, sandbox):
+    turns = [block("x = 3\nprint(x)"), block("print(undefined_name)"), block("print(2 ** 10)"), " <<<1024>>>"]
+    tr = rollout(tok, sandbox, turns)
+    ids, mask = expected(tok, sandbox, turns)
+    assert tr.response_ids == ids and tr.loss_mask == mask
+    assert tr.num_code_calls == 3 and tr.finish_reason == "answer"
+    assert tr.code_blocks[1]["status"] == "error" and "NameError" in tr.code_blocks[1]["stderr"]
+    assert "NameError" in tr.text                         # the traceback is shown to the model
+
+
+def test_timeout_is_reported_and_generation_continues(tok, sandbox):
+    turns = [block("while True: pass"), " <<<none>>>"]
+    tr = rollout(tok, sandbox, turns)
+    assert tr.code_blocks[0]["status"] == "timeout"
+    assert "timed out" in tr.text and tr.finish_reason == "answer"
+    assert tr.loss_mask.count(0) > 0 and tr.turns == turns
+
+
+def test_megabytes_of_output_are_cut_to_the_token_budget(tok, sandbox):
+    turns = [block("print('ab' * 2_000_000)"), " <<<done>>>"]
+    tr = rollout(tok, sandbox, turns, max_output_tokens=64)
+    inserted = [t for t, m in zip(tr.response_ids, tr.loss_mask) if m == 0]
+    assert 0 < len(inserted) <= 64
+    assert prompts.TRUNCATION_MARKER.strip() in tok.decode(inserted)
+    ids, mask = expected(tok, sandbox, turns, max_output_tokens=64)
+    assert tr.response_ids == ids and tr.loss_mask == mask
+
+
+def test_unclosed_block_stops_at_the_token_budget(tok, sandbox):
+    turns = ["```python\n" + "x = 1\n" * 200]
+    tr = rollout(tok, sandbox, turns, max_new_tokens=50)
+    assert tr.finish_reason == "length" and len(tr.response_ids) == 50
+    assert tr.num_code_calls == 0 and all(tr.loss_mask)
+
+
+def test_code_call_cap_ends_the_trajectory(tok, sandbox):
+    turns = [block(f"print({i})") for i in range(4)] + [" <<<3>>>"]
+    tr = rollout(tok, sandbox, turns, max_code_calls=2)
+    assert tr.num_code_calls == 2 and tr.finish_reason == "max_code_calls"
+    ids, mask = expected(tok, sandbox, turns[:3], executed=2)
+    assert tr.response_ids == ids and tr.loss_mask == mask
+
+
+def test_text_only_mode_never_executes(tok, sandbox):
+    turns = [block("print(1)") + " and so <<<1>>>"]
+    tr = rollout(tok, sandbox, turns, use_code=False)
+    assert tr.num_code_calls == 0 and all(tr.loss_mask) and tr.finish_reason == "answer"
+
+
+def test_groups_are_consecutive_and_independent(tok, sandbox):
+    scripts = [[block("print(1)"), " <<<1>>>"], ["<<<2>>>"], [block("print(3)"), " <<<3>>>"], ["<<<4>>>"]]
+    sampler = ScriptedSampler(tok, scripts)
+    trajs = run_rollouts(None, tok, sandbox, [[1], [2]], 2, RolloutParams(), sampler=sampler)
+    assert [t.num_code_calls for t in trajs] == [1, 0, 1, 0]
+    assert [prompts.extract_answer(t.text) for t in trajs] == ["1", "2", "3", "4"]
+    assert [t.prompt_ids for t in trajs] == [[1], [1], [2], [2]]
