@@ -1,0 +1,103 @@
+"""BIG-Bench-Hard: the 27 task files <data>/bbh/<task>.json ({"examples": [{"input", "target"}]}, MIT).
+
+Each question is the file's `input` plus one line asking for the answer inside
+<<<>>>. Verification is exact match after the usual normalisation for the kind of
+target:
+  choice    "(B)": accepts "(B)", "B", "B)", "(B) text of option B", or the option text itself
+  yes/no    "Yes", "True", "valid": case, quotes and a final period ignored
+  number    "-50": compared as integers ("1,024" reads as 1024)
+  dyck      "] ) >": whitespace ignored
+  words     word_sorting: the same words in the same order, spaces or commas between
+  text      anything else (e.g. the rare free-text target in a choice task): normalised text
+
+Simplified: no few-shot chain-of-thought exemplars (BBH's cot-prompts are not used).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from minir1ci.tasks import Example
+from minir1ci.tasks.answers import normalize_text, parse_number, strip_quotes
+
+_CHOICE_RE = re.compile(r"^\(([A-R])\)$")
+_OPTION_LINE_RE = re.compile(r"^\(([A-R])\)\s*(.+)$", re.M)
+
+
+def task_names(root: Path | None) -> list[str]:
+    """The task files present under <root>/bbh."""
+    folder = Path(root) / "bbh"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist (is --data pointing at the folder holding bbh/?)")
+    return sorted(p.stem for p in folder.glob("*.json"))
+
+
+def kind_of(task: str, target: str) -> str:
+    if _CHOICE_RE.match(target):
+        return "choice"
+    if task == "dyck_languages":
+        return "dyck"
+    if task == "word_sorting":
+        return "words"
+    if target.lower() in ("yes", "no", "true", "false", "valid", "invalid"):
+        return "yesno"
+    if re.fullmatch(r"-?\d+", target):
+        return "number"
+    return "text"
+
+
+_HINTS = {
+    "choice": "Give the letter of the correct option as your final answer, for example <<<(A)>>>.",
+    "yesno": "Give your final answer in the form <<<answer>>>.",
+    "number": "Give the final number in the form <<<answer>>>.",
+    "dyck": "Give only the closing brackets, separated by spaces, in the form <<< answer >>> "
+            "(with a space before >>>, since the answer may end with >).",
+    "words": "Give the sorted words separated by spaces in the form <<<answer>>>.",
+    "text": "Give your final answer in the form <<<answer>>>.",
+}
+
+
+def _choice_letter(answer: str, options: dict[str, str]) -> str | None:
+    s = strip_quotes(answer).strip()
+    m = re.match(r"^\(?([A-R])\)?(?:$|[\s.:)])", s)
+    if m:
+        return m.group(1)
+    for letter, text in options.items():  # the option written out instead of its letter
+        if normalize_text(s) == normalize_text(text):
+            return letter
+    return None
+
+
+def check_bbh(answer: str, ex: Example) -> float:
+    kind, target = ex.metadata["kind"], ex.answer
+    if kind == "choice":
+        return float(_choice_letter(answer, ex.metadata["options"]) == _CHOICE_RE.match(target).group(1))
+    if kind == "number":
+        value = parse_number(strip_quotes(answer))
+        return float(value is not None and value == int(target))
+    if kind == "dyck":
+        return float("".join(answer.split()) == "".join(target.split()))
+    if kind == "words":
+        return float(re.split(r"[\s,]+", strip_quotes(answer).strip().lower()) == target.lower().split())
+    return float(normalize_text(answer) == normalize_text(target))
+
+
+def load(root: Path, name: str) -> list[Example]:
+    valid = task_names(root)
+    if name not in valid:
+        raise ValueError(f"unknown bbh task {name!r}; valid: {', '.join(valid)}")
+    path = Path(root) / "bbh" / f"{name}.json"
+    try:
+        rows = json.loads(path.read_text())["examples"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: expected {{\"examples\": [{{\"input\", \"target\"}}]}} ({err})") from err
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("target"), str):
+            raise ValueError(f"{path}: example {i} lacks a string input and target")
+        kind = kind_of(name, row["target"])
+        options = {m.group(1): m.group(2).strip() for m in _OPTION_LINE_RE.finditer(row["input"])}
+        out.append(Example(f"bbh:{name}:{i}", f"bbh:{name}", f"{row['input'].strip()}\n\n{_HINTS[kind]}",
+                           row["target"], {"kind": kind, "options": options}, check_bbh))
+    return out

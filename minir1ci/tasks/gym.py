@@ -1,0 +1,70 @@
+"""reasoning-gym datasets by name (optional extra: pip install minir1ci[gym]).
+
+`load(name, size, seed)` builds the procedural dataset with reasoning-gym's own
+`create_dataset` and wraps each item as an Example; scoring hands the extracted
+<<<answer>>> to the dataset's own `score_answer(answer, entry)`, so partial
+credit (some datasets give 0.01-0.5 for near misses) passes through unchanged.
+The data lives inside the package; nothing is downloaded.
+
+A few datasets (e.g. rubiks_cube, boxnet) have no single gold answer (`answer`
+is None): their examples load with answer "" and `gold_response()` raises.
+
+Examples keep only the dataset name, size, seed and item index; the dataset is
+rebuilt (cached) where a score is needed, so examples pickle across processes.
+"""
+from __future__ import annotations
+
+import functools
+
+from minir1ci.tasks import Example
+
+DEFAULT_SIZE = 200  # the paper uses at least 200 questions per task
+ANSWER_HINT = "\n\nGive your final answer inside <<<>>>, for example <<<answer>>>."
+
+
+def _require():
+    try:
+        import reasoning_gym
+    except ImportError as err:
+        raise ImportError("gym tasks need reasoning-gym: pip install 'minir1ci[gym]'") from err
+    return reasoning_gym
+
+
+def available() -> bool:
+    try:
+        _require()
+        return True
+    except ImportError:
+        return False
+
+
+def task_names() -> list[str]:
+    _require()
+    from reasoning_gym.factory import DATASETS
+    return sorted(DATASETS)
+
+
+@functools.lru_cache(maxsize=256)
+def dataset(name: str, size: int, seed: int):
+    return _require().create_dataset(name, size=size, seed=seed)
+
+
+def check_gym(answer: str, ex: Example) -> float:
+    meta = ex.metadata
+    ds = dataset(meta["dataset"], meta["size"], meta["seed"])
+    return float(ds.score_answer(answer, ds[meta["index"]]))
+
+
+def load(name: str, size: int = DEFAULT_SIZE, seed: int = 0) -> list[Example]:
+    valid = task_names()
+    if name not in valid:
+        raise ValueError(f"unknown gym task {name!r}; valid: all, {', '.join(valid)}")
+    ds = dataset(name, size, seed)
+    out = []
+    for i in range(size):
+        entry = ds[i]
+        answer = entry["answer"]
+        out.append(Example(f"gym:{name}:{seed}:{i}", f"gym:{name}", entry["question"].strip() + ANSWER_HINT,
+                           "" if answer is None else str(answer),
+                           {"dataset": name, "size": size, "seed": seed, "index": i}, check_gym))
+    return out

@@ -1,0 +1,330 @@
+"""Verifiers for the SymBench fact and puzzle tasks (planning tasks: symbench_plan.py).
+
+Each verifier is `check(answer_text, example) -> float` and reads what it needs
+from `example.metadata` (the sample's `solution.json` is under "solution").
+Three kinds:
+  exact       one right answer (string, list, matrix, number with tolerance)
+  constraint  any answer that satisfies the puzzle's rules (queens, sudoku,
+              letter grids, arrangements, equation systems, arithmetic targets)
+  math        MATH boxed answers, compared after LaTeX normalisation
+
+Where the dataset's reference answer violates its own question's rules, the
+loader drops that sample (with a warning) rather than scoring it; see symbench.py.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from fractions import Fraction
+
+from minir1ci.tasks import Example
+from minir1ci.tasks.answers import (expression_reaches, ints_in, normalize_text, numbers_match, parse_number,
+                                    strip_quotes, tokens)
+
+# ---- exact answers ------------------------------------------------------------------------
+
+
+def check_ints(answer: str, ex: Example) -> float:
+    """The integers written, in order, equal the gold list (matrices read row by row).
+
+    A single-number gold is read as one number instead, so '-514,828' counts.
+    """
+    target = ex.metadata["target_ints"]
+    if len(target) == 1:
+        value = parse_number(strip_quotes(answer))
+        return float(value is not None and value == target[0])
+    return float(ints_in(answer) == target)
+
+
+def check_number(answer: str, ex: Example) -> float:
+    return float(numbers_match(strip_quotes(answer), float(ex.metadata["target_number"])))
+
+
+def check_tokens(answer: str, ex: Example) -> float:
+    """List items equal, ignoring brackets, quotes, commas and case."""
+    return float([t.upper() for t in tokens(answer)] == [t.upper() for t in tokens(ex.answer)])
+
+
+def check_joined(answer: str, ex: Example) -> float:
+    """Items equal once joined: '["5", "3", "F", "A"]' == '53FA' (cryptanalysis)."""
+    return float("".join(tokens(answer)).upper() == "".join(tokens(ex.answer)).upper())
+
+
+def check_string(answer: str, ex: Example) -> float:
+    return float(strip_quotes(answer).replace(" ", "") == ex.answer)
+
+
+# ---- constraint checks ----------------------------------------------------------------------
+
+
+def _pairs(answer: str) -> list[tuple[int, int]] | None:
+    nums = ints_in(answer)
+    if len(nums) % 2:
+        return None
+    return list(zip(nums[::2], nums[1::2]))
+
+
+def check_queens(answer: str, ex: Example) -> float:
+    sol = ex.metadata["solution"]
+    n = sol.get("board_size", 8)  # the varied-complexity folders use n queens on n x n
+    queens = _pairs(answer)
+    if not queens or len(queens) != n or len(set(queens)) != n:
+        return 0.0
+    blocked = {tuple(p) for p in sol["blocked_positions"]}
+    if any(not (0 <= r < n and 0 <= c < n) or (r, c) in blocked for r, c in queens):
+        return 0.0
+    if not {tuple(p) for p in sol["placed_queens"]} <= set(queens):
+        return 0.0
+    for i, (r1, c1) in enumerate(queens):
+        for r2, c2 in queens[i + 1:]:
+            if r1 == r2 or c1 == c2 or abs(r1 - r2) == abs(c1 - c2):
+                return 0.0
+    return 1.0
+
+
+def solve_logic_puzzle(ex: Example, max_tries: int = 50_000) -> str | None:
+    """A valid selection by brute force, for small grids whose reference breaks the rules."""
+    grid, k = ex.metadata["solution"]["grid"], ex.metadata["select"]
+    first = tuple(ex.metadata["first"])
+    others = [(r, c) for r in range(len(grid)) for c in range(len(grid)) if (r, c) != first]
+    if math.comb(len(others), k - 1) > max_tries:
+        return None
+    for rest in itertools.combinations(others, k - 1):
+        answer = ", ".join(f"{r} {c}" for r, c in (first, *rest))
+        if check_logic_puzzle(answer, ex):
+            return answer
+    return None
+
+
+def check_logic_puzzle(answer: str, ex: Example) -> float:
+    """Select k distinct cells, including the given first one; row and column rule holds."""
+    sol, meta = ex.metadata["solution"], ex.metadata
+    grid = sol["grid"]
+    n = len(grid)
+    cells = _pairs(answer)
+    if not cells or len(cells) != meta["select"] or len(set(cells)) != len(cells):
+        return 0.0
+    if any(not (0 <= r < n and 0 <= c < n) for r, c in cells) or tuple(meta["first"]) not in cells:
+        return 0.0
+    lines = [[grid[r][c] for r, c in cells if r == i] for i in range(n)]
+    lines += [[grid[r][c] for r, c in cells if c == i] for i in range(n)]
+    for values in lines:
+        if not values:
+            continue
+        if sol["constraints"]["type"] == "sum_le_4" and sum(values) > 4:
+            return 0.0
+        if sol["constraints"]["type"] == "product_gt_0":
+            product = 1
+            for v in values:
+                product *= v
+            if product <= 0:
+                return 0.0
+    return 1.0
+
+
+def check_letter_grid(answer: str, ex: Example) -> float:
+    """7x7 Latin square over a..g that keeps the givens and has one letter on the minor diagonal."""
+    grid = ex.metadata["solution"]["grid"]
+    n = len(grid)
+    letters = [t.lower() for t in re.findall(r"[A-Za-z]+", answer)]
+    if len(letters) != n * n or any(len(t) != 1 for t in letters):
+        return 0.0
+    rows = [letters[i * n:(i + 1) * n] for i in range(n)]
+    alphabet = set("abcdefg"[:n])
+    if any(set(row) != alphabet for row in rows) or any({rows[r][c] for r in range(n)} != alphabet for c in range(n)):
+        return 0.0
+    if any(grid[r][c] and grid[r][c] != rows[r][c] for r in range(n) for c in range(n)):
+        return 0.0
+    return float(len({rows[i][n - 1 - i] for i in range(n)}) == 1)
+
+
+def check_sudoku(answer: str, ex: Example) -> float:
+    puzzle = ex.metadata["solution"]["puzzle"]
+    digits = ints_in(answer)
+    if len(digits) != 81:
+        return 0.0
+    rows = [digits[i * 9:(i + 1) * 9] for i in range(9)]
+    full = set(range(1, 10))
+    groups = rows + [[rows[r][c] for r in range(9)] for c in range(9)]
+    groups += [[rows[r][c] for r in range(br, br + 3) for c in range(bc, bc + 3)]
+               for br in (0, 3, 6) for bc in (0, 3, 6)]
+    if any(set(g) != full for g in groups):
+        return 0.0
+    return float(all(puzzle[r][c] in (0, rows[r][c]) for r in range(9) for c in range(9)))
+
+
+def _term(term: str, values: dict[str, Fraction]) -> Fraction:
+    """'B' or '3.0F' -> its value."""
+    if term in values:
+        return values[term]
+    return Fraction(term[:-1]) * values[term[-1]]
+
+
+def check_equations(answer: str, ex: Example) -> float:
+    """Letters take distinct values from the given set and satisfy every listed relation."""
+    meta = ex.metadata
+    nums = [Fraction(t) for t in re.findall(r"-?\d+(?:\.\d+)?", answer)]
+    if sorted(nums) != sorted(Fraction(v) for v in meta["values"]):
+        return 0.0
+    values = dict(zip(meta["letters"], nums))
+    for relation in meta["relations"]:
+        parts = relation.split()
+        if len(parts) == 3:  # X = 3.0Y, X > Y, X < Y
+            left, right = _term(parts[0], values), _term(parts[2], values)
+            ok = {"=": left == right, ">": left > right, "<": left < right}[parts[1]]
+        else:  # X + Y = 5, X - Y = -3
+            left, right = _term(parts[0], values), _term(parts[2], values)
+            ok = (left + right if parts[1] == "+" else left - right) == Fraction(parts[4])
+        if not ok:
+            return 0.0
+    return 1.0
+
+
+_BOOK_RULES = [
+    (re.compile(r"Book (\w) must be placed in position (\d+)"), lambda pos, a, b: pos[a] == int(b)),
+    (re.compile(r"Book (\w) cannot be placed in position (\d+)"), lambda pos, a, b: pos[a] != int(b)),
+    (re.compile(r"Book (\w) must be to the left of book (\w)"), lambda pos, a, b: pos[a] < pos[b]),
+    (re.compile(r"Book (\w) must be to the right of book (\w)"), lambda pos, a, b: pos[a] > pos[b]),
+    (re.compile(r"Book (\w) must be adjacent to book (\w)"), lambda pos, a, b: abs(pos[a] - pos[b]) == 1),
+]
+
+
+def check_arrangement(answer: str, ex: Example) -> float:
+    """A permutation of the books that satisfies every shelving constraint."""
+    sol = ex.metadata["solution"]
+    order = [t.upper() for t in tokens(answer)]
+    if sorted(order) != sorted(sol["items"]):
+        return 0.0
+    pos = {book: i + 1 for i, book in enumerate(order)}
+    for line in sol["constraints_text"].splitlines():
+        for pattern, holds in _BOOK_RULES:
+            m = pattern.search(line)
+            if m:
+                if not holds(pos, *m.groups()):
+                    return 0.0
+                break
+        else:
+            raise ValueError(f"unrecognised constraint: {line}")
+    return 1.0
+
+
+def _round_result(game: str, mine: str, theirs: str) -> str:
+    """Outcome for the player who plays `mine` against `theirs`."""
+    if game == "elements":  # A Wood, B Fire, C Earth, D Metal, E Water
+        generates = {"A": "B", "B": "C", "C": "D", "D": "E", "E": "A"}
+        overcomes = {"A": "C", "C": "E", "E": "B", "B": "D", "D": "A"}
+        if overcomes[mine] == theirs or generates[theirs] == mine:
+            return "win"
+        if overcomes[theirs] == mine or generates[mine] == theirs:
+            return "loss"
+        return "draw"
+    if game == "stick_game":  # Stick > Tiger > Chicken > Worm > Stick; other pairs draw
+        beats = {"A": "B", "B": "C", "C": "D", "D": "A"}
+        return "win" if beats[mine] == theirs else "loss" if beats[theirs] == mine else "draw"
+    # animal: A (Elephant) largest .. H (Mouse) smallest; Mouse captures Elephant, not vice versa
+    def captures(x: str, y: str) -> bool:
+        return (x, y) == ("H", "A") or (x < y and (x, y) != ("A", "H"))
+    return "win" if captures(mine, theirs) else "loss" if captures(theirs, mine) else "draw"
+
+
+def solve_card_game(ex: Example) -> str | None:
+    """Opponent cards consistent with the stated rules (for references that break them)."""
+    sol = ex.metadata["solution"]
+    pieces = {"elements": "ABCDE", "stick_game": "ABCD", "animal": "ABCDEFGH"}[sol["game_type"]]
+    for cards in itertools.permutations(pieces, len(sol["player_moves"])):
+        if check_card_game(",".join(cards), ex):
+            return ",".join(cards)
+    return None
+
+
+def check_card_game(answer: str, ex: Example) -> float:
+    """Opponent cards, each used once, that give every announced round result."""
+    sol = ex.metadata["solution"]
+    cards = [t.upper() for t in tokens(answer)]
+    pieces = {"elements": "ABCDE", "stick_game": "ABCD", "animal": "ABCDEFGH"}[sol["game_type"]]
+    if len(cards) != len(sol["player_moves"]) or len(set(cards)) != len(cards) or not set(cards) <= set(pieces):
+        return 0.0
+    return float(all(_round_result(sol["game_type"], mine, theirs) == result
+                     for mine, theirs, result in zip(sol["player_moves"], cards, sol["results"])))
+
+
+def check_arithmetic_list(answer: str, ex: Example) -> float:
+    """'[6, /, 2, +, 7]' (or '6/2+7'): the numbers in the given order, reaching the target."""
+    sol = ex.metadata["solution"]
+    body = answer.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    expr = "".join(strip_quotes(t) for t in body.split(","))
+    return float(expression_reaches(expr, sol["numbers"], sol["target"], ordered=True))
+
+
+def check_game24(answer: str, ex: Example) -> float:
+    return float(expression_reaches(answer, ex.metadata["numbers"], ex.metadata["target"]))
+
+
+def check_letters(answer: str, ex: Example) -> float:
+    """'Count: 2, Positions: [1, 3]' with 1-based positions."""
+    m = re.search(r"count\s*[:=]?\s*(\d+).*?positions?\s*[:=]?\s*\[([^\]]*)\]", answer, re.I | re.S)
+    if not m:
+        return 0.0
+    word, letter = ex.metadata["word"], ex.metadata["letter"]
+    positions = [i + 1 for i, ch in enumerate(word) if ch == letter]
+    return float(int(m.group(1)) == len(positions) and ints_in(m.group(2)) == positions)
+
+
+# ---- MATH ------------------------------------------------------------------------------------------
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def normalize_latex(text: str) -> str:
+    """The usual MATH answer normalisation: units, spacing, fraction spellings, degrees."""
+    s = last_boxed(text) or text
+    s = s.strip().strip("$").strip()
+    s = re.sub(r"\\text\{\s*[a-zA-Z ]*(units?|degrees?|cm|inches|feet|meters?)\s*\}", "", s)
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""),
+                     ("dfrac", "frac"), ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""),
+                     ("%", ""), ("\\$", ""), (" ", "")):
+        s = s.replace(old, new)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
+    s = s.rstrip(".")
+    if s.startswith("0."):
+        s = s[1:]
+    s = re.sub(r"^(-?\d+)\.0+$", r"\1", s)
+    return s
+
+
+def _latex_number(s: str) -> float | None:
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
+    if m and int(m.group(3)) != 0:
+        return (-1 if m.group(1) else 1) * int(m.group(2)) / int(m.group(3))
+    return parse_number(s)
+
+
+def check_math(answer: str, ex: Example) -> float:
+    mine, gold = normalize_latex(answer), normalize_latex(ex.answer)
+    if mine == gold:
+        return 1.0
+    a, b = _latex_number(mine), _latex_number(gold)
+    return float(a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b)))
+
+
+def check_text(answer: str, ex: Example) -> float:
+    return float(normalize_text(answer) == normalize_text(ex.answer))
