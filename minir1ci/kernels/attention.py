@@ -21,8 +21,6 @@ fp32 and outputs take the input dtype.
 """
 from __future__ import annotations  # kernel annotations stay strings, so this imports without Triton
 
-import math
-
 import torch
 from torch import Tensor
 
