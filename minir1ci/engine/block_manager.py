@@ -1,0 +1,170 @@
+"""The paged KV cache's bookkeeping: a pool of fixed-size blocks, refcounts and prefix sharing.
+
+The cache is `num_blocks` pages of `block_size` token slots (per layer, K and V); the number of
+pages comes from a memory budget (`num_blocks_for_budget`), not from batch x max length. A
+sequence holds a list of pages (its block table); token t of a sequence lives in slot
+`block_table[t // block_size] * block_size + t % block_size`.
+
+Prefix sharing, by content: every *full* block a prefill allocates is registered under the key
+(content id of the previous block, the block's token ids). A later sequence whose prompt starts
+with the same tokens finds those keys and takes the same pages (refcount + 1) instead of
+computing them again, so the n samples of a GRPO group compute their prompt's full blocks once,
+even when they are admitted in the same step (the layer writes every new K/V before any
+attention reads the cache). Content ids are never reused, so a key can never match a page that
+has since been overwritten. Only full blocks are shared: the partial last block of a prompt is
+private to each sequence and recomputed by each (at most block_size - 1 tokens), which removes
+any need for copy-on-write. When every block of a prompt hits, the last prompt token is still
+run (its logits are needed) but its K/V is not written again (slot -1).
+
+Freed pages keep their content and key until reused, least recently freed first, so a system
+prompt shared by all requests stays cached across `generate` calls. Block tables are mirrored
+in `tables`, an int32 [rows, max_pages] CPU tensor updated only when a page is added, so a
+decode step gathers its block table with one indexing op instead of rebuilding it.
+
+Simplified against vLLM: no swapping to host memory (preempted sequences are recomputed), no
+sliding-window or cross-layer sharing, and keys are exact token tuples rather than hashes.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .sequence import Sequence
+
+
+def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one page across all layers, K and V."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+
+def num_blocks_for_budget(budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                          block_size: int, dtype: torch.dtype) -> int:
+    """How many pages fit in `budget_bytes` of KV cache."""
+    return int(budget_bytes) // kv_block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, max_pages: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError("the KV cache budget holds no block at all")
+        self.num_blocks, self.block_size, self.max_pages = num_blocks, block_size, max_pages
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref = [0] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU: oldest first
+        self.key_of: list[tuple | None] = [None] * num_blocks
+        self.content_id = [-1] * num_blocks
+        self.block_of_key: dict[tuple, int] = {}
+        self._next_content = 0
+        self.tables = torch.zeros(0, max_pages, dtype=torch.int32)  # grown on demand, see _take_row
+        self._free_rows: list[int] = []
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    # ---------------------------------------------------------------- pages
+
+    def _take_block(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        key = self.key_of[block]
+        if key is not None:  # its old content is about to be overwritten: forget it
+            del self.block_of_key[key]
+            self.key_of[block] = None
+        self.content_id[block] = self._next_content
+        self._next_content += 1
+        self.ref[block] = 1
+        return block
+
+    def _share_block(self, block: int) -> None:
+        if self.ref[block] == 0:
+            del self.free[block]
+        self.ref[block] += 1
+
+    def _key(self, seq: Sequence, i: int) -> tuple:
+        parent = self.content_id[seq.block_table[i - 1]] if i > 0 else -1
+        return parent, tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """Pages that already hold the leading full blocks of `seq.tokens`."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, parent = [], -1
+        for i in range(len(seq.tokens) // self.block_size):
+            block = self.block_of_key.get((parent, tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])))
+            if block is None:
+                break
+            hits.append(block)
+            parent = self.content_id[block]
+        return hits
+
+    def allocate(self, seq: Sequence) -> bool:
+        """Give `seq` pages for all its tokens; False (and no change) when the pool is too small.
+
+        A sequence without pages (new or preempted) first looks up shared prefix blocks and sets
+        `num_cached` to what they cover; one that holds pages (resumed) just grows its table."""
+        if seq.block_table:
+            return self.extend(seq, len(seq.tokens))
+        hits = self._prefix_hits(seq)
+        needed = -(-len(seq.tokens) // self.block_size)
+        if needed > self.max_pages:
+            raise ValueError(f"sequence of {len(seq.tokens)} tokens exceeds max_model_len")
+        fresh = needed - len(hits) + sum(self.ref[b] == 0 for b in hits)  # reviving a freed page uses it up
+        if fresh > self.num_free:
+            return False
+        for b in hits:
+            self._share_block(b)
+        self._take_row(seq)
+        seq.block_table = list(hits)
+        seq.num_cached = len(hits) * self.block_size
+        self._grow(seq, needed, register=True, first=0)
+        return True
+
+    def extend(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make room for `num_tokens` tokens in `seq`'s private pages; False if the pool is empty."""
+        needed = -(-num_tokens // self.block_size)
+        if needed > self.max_pages:
+            raise ValueError(f"sequence of {num_tokens} tokens exceeds max_model_len")
+        if needed - len(seq.block_table) > self.num_free:
+            return False
+        self._grow(seq, needed, register=False)
+        return True
+
+    def _grow(self, seq: Sequence, needed: int, register: bool, first: int | None = None) -> None:
+        """Append pages up to `needed`, then mirror entries from `first` (default: the new ones)."""
+        have = len(seq.block_table)
+        first = have if first is None else first
+        for i in range(have, needed):
+            seq.block_table.append(self._take_block())
+            full = (i + 1) * self.block_size <= len(seq.tokens)
+            if register and full and self.enable_prefix_caching:
+                key = self._key(seq, i)
+                self.key_of[seq.block_table[i]] = key
+                self.block_of_key[key] = seq.block_table[i]
+        if needed > first:
+            self.tables[seq.row, first:needed] = torch.tensor(seq.block_table[first:needed], dtype=torch.int32)
+
+    def release(self, seq: Sequence) -> None:
+        """Drop `seq`'s pages (it must be recomputed to run again). Pages stay cached until reused."""
+        # Tail pages first, so that the least recently freed pages, reused first, are the tails
+        # and a shared prompt head survives longest.
+        for block in reversed(seq.block_table):
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        seq.num_cached = 0
+        if seq.row >= 0:
+            self._free_rows.append(seq.row)
+            seq.row = -1
+
+    # ---------------------------------------------------------------- rows of `tables`
+
+    def _take_row(self, seq: Sequence) -> None:
+        if not self._free_rows:
+            old = self.tables.shape[0]
+            new = max(8, 2 * old)
+            self.tables = torch.cat([self.tables, torch.zeros(new - old, self.max_pages, dtype=torch.int32)])
+            self._free_rows = list(range(new - 1, old - 1, -1))
+        seq.row = self._free_rows.pop()

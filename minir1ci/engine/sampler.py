@@ -1,0 +1,207 @@
+"""The batched sampler: a paged KV cache, continuous batching, prefix sharing, resumable sequences.
+
+Two ways in.
+
+    sampler = Sampler(model, tokenizer)                  # tokenizer may be None (ids only)
+    outs = sampler.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=512, seed=0))
+    outs[i].token_ids, outs[i].logprobs, outs[i].sampling_logprobs, outs[i].finish_reason
+
+`generate` runs a list of prompts (token ids) to completion and returns one `Completion` each, in
+order. With one SamplingParams that has a seed, request i uses seed + i, so the n copies of a
+prompt in a GRPO group differ; pass a list of SamplingParams to choose each request's.
+
+The step API, for the code-interpreter rollout driver:
+
+    sid = sampler.add_request(prompt_ids, params)        # queued; returns its seq_id
+    events = sampler.step()                              # one batched forward; Completions of the
+                                                         # sequences that stopped in this step
+    sampler.append_tokens(sid, output_ids)               # forced tokens (mask 0), then resume
+    done = sampler.release(sid)                          # final Completion; pages freed
+
+A stopped sequence (eos, stop token, stop string, stop_fn, length) keeps its KV pages until
+`release`, so after a ```python block the driver runs the code, appends the tokenized output
+and the next `step` prefills only the new tokens (plus the last sampled one, whose K/V is not
+cached yet) on top of the cached conversation, then sampling continues. If memory runs short,
+stopped sequences lose their pages first and are recomputed from their tokens when resumed;
+results do not change. `max_new_tokens` bounds the whole response, appended tokens included.
+
+Finish reasons: "eos" (an eos id of the tokenizer or model config, unless ignore_eos), "stop"
+(a stop token id, stop string or stop_fn; `stop_reason` names the id or string), "length"
+(max_new_tokens or max_model_len). The token that triggered a stop is kept in the response.
+
+The KV cache is sized from a byte budget (`kv_cache_bytes`; default 1 GiB on CPU, half the free
+memory on CUDA), capped at what max_num_seqs x max_model_len could use. See block_manager.py
+for paging and prefix sharing, scheduler.py for batching and preemption, runner.py for the
+forward passes and CUDA graphs, sampling.py for temperature/top-k/top-p and log-probs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence as SequenceABC
+
+import torch
+from torch import nn
+
+from .block_manager import BlockManager, kv_block_bytes
+from .runner import ModelRunner
+from .sampling import sample
+from .scheduler import Scheduler
+from .sequence import Completion, SamplingParams, Sequence, Status
+
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+class Sampler:
+    def __init__(self, model: nn.Module, tokenizer=None, *, kv_cache_bytes: int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 use_cuda_graphs: bool = True, eos_token_ids: SequenceABC[int] | None = None, seed: int = 0):
+        cfg = model.config
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        param = next(model.parameters())
+        block_bytes = kv_block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, block_size,
+                                     param.dtype)
+        if kv_cache_bytes is None:
+            if param.device.type == "cuda":
+                kv_cache_bytes = torch.cuda.mem_get_info(param.device)[0] // 2
+            else:
+                kv_cache_bytes = _CPU_DEFAULT_KV_BYTES
+        max_pages = -(-self.max_model_len // block_size)
+        num_blocks = min(kv_cache_bytes // block_bytes, max_num_seqs * max_pages)
+        self.block_manager = BlockManager(num_blocks, block_size, max_pages, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.block_manager, use_cuda_graphs, max_graph_batch=max_num_seqs)
+        if eos_token_ids is None:
+            eos_token_ids = self._default_eos(cfg, tokenizer)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.generator = torch.Generator(device=param.device).manual_seed(seed)
+        self.seqs: dict[int, Sequence] = {}
+        self._next_id = 0
+        self._pending: list[Completion] = []  # events decided outside a step (see append_tokens)
+
+    @staticmethod
+    def _default_eos(cfg, tokenizer) -> list[int]:
+        ids = []
+        if tokenizer is not None:
+            ids.append(tokenizer.eos_token_id)
+        eos = cfg.eos_token_id
+        ids.extend(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        return ids
+
+    # ---------------------------------------------------------------- step API
+
+    def add_request(self, prompt_ids: SequenceABC[int], params: SamplingParams) -> int:
+        """Queue a prompt; returns its seq_id. Identical prompt prefixes share KV pages."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated text; pass one to "
+                             "Sampler(model, tokenizer) or use stop_token_ids / stop_fn")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_model_len "
+                             f"{self.max_model_len}")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        seq = Sequence(self._next_id, [int(t) for t in prompt_ids], len(prompt_ids), params, gen)
+        self._next_id += 1
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def step(self) -> list[Completion]:
+        """Run one prefill or decode for the scheduled sequences; return those that stopped."""
+        events, self._pending = self._pending, []
+        batch, is_prefill = self.scheduler.schedule()
+        if not batch:
+            return events
+        logits = self.runner.prefill(batch) if is_prefill else self.runner.decode(batch)
+        params = [s.params for s in batch]
+        tokens, logp, samp_logp = sample(logits, params, [s.generator for s in batch], self.generator)
+        for seq, tok, lp, slp in zip(batch, tokens.tolist(), logp.tolist(), samp_logp.tolist()):
+            seq.num_cached = len(seq)  # every token fed this step is now in the cache
+            seq.append_sampled(tok, lp, slp)
+            if self._check_stop(seq, tok):
+                self.scheduler.stop(seq)
+                events.append(seq.completion())
+        return events
+
+    def append_tokens(self, seq_id: int, token_ids: SequenceABC[int]) -> None:
+        """Append forced tokens (mask 0) to a stopped sequence and queue it to resume sampling.
+
+        The next step prefills them on top of its cached tokens. If the response budget is
+        already spent, the sequence finishes with "length" and the next step reports it."""
+        seq = self.seqs[seq_id]
+        if seq.status is not Status.STOPPED:
+            raise ValueError(f"sequence {seq_id} is {seq.status.value}; only a stopped sequence can be extended")
+        seq.append_forced([int(t) for t in token_ids])
+        seq.finish_reason = seq.stop_reason = None
+        if seq.num_response >= seq.params.max_new_tokens or len(seq) >= self.max_model_len:
+            seq.finish_reason = "length"
+            self._pending.append(seq.completion())
+            return
+        self.scheduler.add(seq)
+
+    def release(self, seq_id: int) -> Completion:
+        """Forget a sequence and free its pages; returns its final Completion."""
+        seq = self.seqs.pop(seq_id)
+        self.scheduler.drop(seq)
+        return seq.completion()
+
+    def result(self, seq_id: int) -> Completion:
+        return self.seqs[seq_id].completion()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)
+
+    # ---------------------------------------------------------------- generate
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run every prompt to completion; one Completion per prompt, in order."""
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle sampler; finish or release step-API requests first")
+        if isinstance(params, SamplingParams):
+            params = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                      for i in range(len(prompts))]
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done: dict[int, Completion] = {}
+        while self.has_unfinished():
+            for event in self.step():
+                done[event.seq_id] = self.release(event.seq_id)
+        return [done[i] for i in ids]
+
+    # ---------------------------------------------------------------- stop conditions
+
+    def _check_stop(self, seq: Sequence, tok: int) -> bool:
+        p = seq.params
+        if tok in self.eos_token_ids and not p.ignore_eos:
+            seq.finish_reason, seq.stop_reason = "eos", tok
+        elif tok in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", tok
+        elif p.stop_strings and (hit := self._stop_string_hit(seq)) is not None:
+            seq.finish_reason, seq.stop_reason = "stop", hit
+        elif p.stop_fn is not None and p.stop_fn(seq.tokens[seq.segment_start:]):
+            seq.finish_reason, seq.stop_reason = "stop", None
+        elif seq.num_response >= p.max_new_tokens or len(seq) >= self.max_model_len:
+            seq.finish_reason, seq.stop_reason = "length", None
+        return seq.finish_reason is not None
+
+    def _stop_string_hit(self, seq: Sequence) -> str | None:
+        """A stop string that ends inside the token just sampled, within the current segment.
+
+        Decodes only a tail: a string of L characters is at most 4L bytes, so it spans at most
+        4L + 1 byte-level tokens. Matches must end after the text without the new token, so a
+        string completed earlier (or inside appended interpreter output) does not count."""
+        longest = max(len(s) for s in seq.params.stop_strings)
+        start = max(seq.segment_start, len(seq) - 4 * longest - 1)
+        tail = seq.tokens[start:]
+        text = self.tokenizer.decode(tail)
+        # A trailing partial UTF-8 character decodes as U+FFFD and is completed by the new token.
+        before = len(self.tokenizer.decode(tail[:-1]).rstrip("\ufffd"))
+        for s in seq.params.stop_strings:
+            if text.find(s, max(0, before - len(s) + 1)) >= 0:
+                return s
+        return None

@@ -1,0 +1,107 @@
+"""Which sequences run in the next step: continuous batching over a fixed pool of KV pages.
+
+Each step is either a prefill or a decode, never a mix:
+- prefill: admit waiting sequences in order (new requests, sequences resumed after tokens were
+  appended, preempted ones) while they fit in `max_num_seqs`, `max_num_batched_tokens` and the
+  free pages; a sequence longer than the token budget still runs, alone;
+- decode: otherwise every running sequence advances one token; a sequence whose next token
+  starts a new page gets one.
+Prefill goes first, so a finished sequence's pages are picked up by waiting ones on the next step.
+
+When pages run out, in this order: caches of stopped sequences (paused for the interpreter, or
+finished but not yet released) are evicted, least recently stopped first; then, for a decode,
+the most recently admitted running sequence is preempted: it loses its pages and goes back to
+the front of the queue, to be recomputed from its tokens (results stay exact; its sampled
+tokens, log-probs and generator state are kept).
+
+Simplified against vLLM: no chunked prefill, no mixed prefill/decode batches, no priorities,
+no swapping to host memory.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stopped: OrderedDict[int, Sequence] = OrderedDict()  # holding pages, oldest stop first
+        self.num_preemptions = 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence, or a stopped one that was given more tokens."""
+        self.stopped.pop(seq.seq_id, None)
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def stop(self, seq: Sequence) -> None:
+        """A running sequence finished or paused: it keeps its pages until `drop` or eviction."""
+        self.running.remove(seq)
+        seq.status = Status.STOPPED
+        self.stopped[seq.seq_id] = seq
+
+    def drop(self, seq: Sequence) -> None:
+        """Forget a sequence entirely and free its pages."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.stopped.pop(seq.seq_id, None)
+        self.bm.release(seq)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """(sequences to run, is_prefill). Empty when nothing is waiting or running."""
+        batch, num_tokens = [], 0
+        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+            seq = self.waiting[0]
+            new_tokens = len(seq) - seq.num_cached  # an upper bound before prefix hits are known
+            if batch and num_tokens + new_tokens > self.max_num_batched_tokens:
+                break
+            if not self.bm.allocate(seq):
+                if self._evict_stopped():
+                    continue
+                if not batch and not self.running:
+                    raise RuntimeError(f"the KV cache ({self.bm.num_blocks} blocks of {self.bm.block_size}) "
+                                       f"cannot hold one sequence of {len(seq)} tokens; raise the budget")
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            batch.append(seq)
+            num_tokens += len(seq) - seq.num_cached
+        if batch:
+            self.running.extend(batch)
+            return batch, True
+
+        for seq in list(self.running):  # a copy: preemption removes from the list
+            if seq.status is not Status.RUNNING:
+                continue  # preempted by an earlier iteration
+            while not self.bm.extend(seq, len(seq)):
+                if not self._evict_stopped():
+                    self._preempt(self.running[-1])
+                    if seq.status is not Status.RUNNING:
+                        break
+        return list(self.running), False
+
+    def _evict_stopped(self) -> bool:
+        """Free the pages of the least recently stopped sequence that holds any."""
+        for seq in self.stopped.values():
+            if seq.block_table:
+                self.bm.release(seq)
+                return True
+        return False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,296 @@
+"""The batched sampler against HF transformers' generate and teacher-forced forwards (CPU, fp32).
+
+One tiny random model (2 layers, head_dim 16, weights with std 0.1 so greedy choices are not
+near-ties) loaded into both HF's Qwen2ForCausalLM and ours. Block size 16 everywhere, so the
+prompt lengths below cross page borders, and some are exact multiples of a page.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from minir1ci.engine import Sampler, SamplingParams
+from minir1ci.engine.block_manager import kv_block_bytes, num_blocks_for_budget
+from minir1ci.engine.sampling import mask_top_k, mask_top_p, sample
+from minir1ci.model import ModelConfig, Qwen2ForCausalLM
+
+transformers = pytest.importorskip("transformers")
+
+CFG = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True)
+LENS = [3, 16, 21, 40, 7]
+
+
+def block_bytes(n_blocks: int) -> int:
+    return n_blocks * kv_block_bytes(CFG["num_hidden_layers"], CFG["num_key_value_heads"], 16, 16, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def models():
+    ours = Qwen2ForCausalLM(ModelConfig(**CFG, initializer_range=0.1)).eval()
+    ours.init_weights(seed=0)
+    with torch.no_grad():  # init_weights zeroes biases and sets norms to 1; random ones are a stricter check
+        gen = torch.Generator().manual_seed(1)
+        for name, p in ours.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CFG, use_sliding_window=False)).eval()
+    hf.load_state_dict(ours.state_dict())
+    return hf, ours
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    gen = torch.Generator().manual_seed(2)
+    return [torch.randint(0, CFG["vocab_size"], (n,), generator=gen).tolist() for n in LENS]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(models, prompts):
+    """HF greedy generate of 64 tokens, each prompt alone (no padding involved)."""
+    hf, _ = models
+    with torch.no_grad():
+        return [hf.generate(torch.tensor([p]), max_new_tokens=64, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+
+
+def make_sampler(model, **kw) -> Sampler:
+    kw.setdefault("kv_cache_bytes", block_bytes(128))
+    return Sampler(model, None, **kw)
+
+
+def teacher_forced_logits(model, prompt, response) -> torch.Tensor:
+    """Logits predicting each response token, from one plain forward over prompt + response."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response]))
+        logits = logits.logits if hasattr(logits, "logits") else logits
+    return logits[0, len(prompt) - 1:-1].float()                      # [len(response), V]
+
+
+def test_greedy_matches_hf_alone_and_batched(models, prompts, hf_greedy):
+    _, ours = models
+    sampler = make_sampler(ours, enable_prefix_caching=False)
+    batched = sampler.generate(prompts, GREEDY)
+    assert [c.token_ids for c in batched] == hf_greedy
+    assert all(c.finish_reason == "length" and c.mask == [1] * 64 for c in batched)
+    for p, ref in zip(prompts[:2], hf_greedy[:2]):
+        assert sampler.generate([p], GREEDY)[0].token_ids == ref
+    assert sampler.block_manager.num_free == sampler.block_manager.num_blocks
+
+
+def test_greedy_with_prefix_sharing_matches_hf(models, prompts, hf_greedy):
+    _, ours = models
+    sampler = make_sampler(ours)
+    # A group of 3 copies of each prompt (as GRPO samples them), including the 16-token prompt
+    # whose every block is shared, plus a prompt that shares only its first 16-token block.
+    shared_head = prompts[3][:16] + prompts[0]
+    group = [p for p in prompts for _ in range(3)] + [shared_head]
+    outs = sampler.generate(group, GREEDY)
+    assert [c.token_ids for c in outs[:-1]] == [r for r in hf_greedy for _ in range(3)]
+    hf, _ = models
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([shared_head]), max_new_tokens=64, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(shared_head):].tolist()
+    assert outs[-1].token_ids == ref
+
+
+def test_group_shares_full_prompt_blocks_and_recomputes_the_tail(models, prompts):
+    _, ours = models
+    sampler = make_sampler(ours)
+    bm = sampler.block_manager
+    prompt = prompts[3]                                                 # 40 tokens: 2 full pages + 8
+    ids = [sampler.add_request(prompt, GREEDY) for _ in range(4)]
+    sampler.step()                                                      # one prefill for the group
+    tables = [sampler.seqs[i].block_table for i in ids]
+    assert all(t[:2] == tables[0][:2] for t in tables)                  # full pages: one copy
+    assert len({t[2] for t in tables}) == 4                             # partial page: private
+    assert [bm.ref[b] for b in tables[0]] == [4, 4, 1]
+    assert bm.num_free == bm.num_blocks - 2 - 4
+    for i in ids:
+        sampler.release(i)
+    assert bm.num_free == bm.num_blocks and all(r == 0 for r in bm.ref)
+
+
+def test_kv_budget_sets_block_count():
+    assert num_blocks_for_budget(block_bytes(37) + 5, 2, 2, 16, 16, torch.float32) == 37
+    # 2 layers x (K, V) x 16 slots x 2 heads x 16 dims x 2 bytes
+    assert kv_block_bytes(2, 2, 16, 16, torch.bfloat16) == 2 * 2 * 16 * 2 * 16 * 2
+    ours = Qwen2ForCausalLM(ModelConfig(**CFG))
+    assert make_sampler(ours, kv_cache_bytes=block_bytes(37)).block_manager.num_blocks == 37
+    with pytest.raises(ValueError, match="no block"):
+        make_sampler(ours, kv_cache_bytes=block_bytes(1) - 1)
+
+
+def test_small_budget_batches_continuously_and_stays_exact(models, prompts, hf_greedy):
+    _, ours = models
+    # Each request needs up to 7 pages of 16 tokens; 12 pages hold fewer than all five at once,
+    # so requests wait, join as others finish, and running ones get preempted and recomputed.
+    sampler = make_sampler(ours, kv_cache_bytes=block_bytes(12), enable_prefix_caching=False)
+    ids = [sampler.add_request(p, GREEDY) for p in prompts]
+    joined_late, done = False, {}
+    while sampler.has_unfinished():
+        waiting = {s.seq_id for s in sampler.scheduler.waiting}
+        for event in sampler.step():
+            done[event.seq_id] = sampler.release(event.seq_id)
+        joined_late |= bool(done) and any(sampler.seqs[i].num_cached for i in waiting if i in sampler.seqs)
+    assert joined_late
+    assert sampler.scheduler.num_preemptions > 0
+    assert [done[i].token_ids for i in ids] == hf_greedy
+    with pytest.raises(RuntimeError, match="cannot hold"):
+        make_sampler(ours, kv_cache_bytes=block_bytes(2)).generate([prompts[3]], GREEDY)
+
+
+def test_logprobs_match_teacher_forced_forward(models, prompts):
+    hf, ours = models
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, max_new_tokens=40, seed=3, ignore_eos=True)
+    outs = make_sampler(ours).generate(prompts[:3], params)
+    for p, c in zip(prompts, outs):
+        ids = torch.tensor(c.token_ids)[:, None]
+        for model in (ours, hf):
+            logits = teacher_forced_logits(model, p, c.token_ids)
+            raw = logits.log_softmax(-1).gather(1, ids)[:, 0]
+            torch.testing.assert_close(torch.tensor(c.logprobs), raw, atol=1e-4, rtol=0)
+        # The processed distribution, rebuilt by hand from the definitions.
+        scaled = logits / 0.7
+        kth = scaled.topk(50, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = scaled.softmax(-1)
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < 0.9
+        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+        expected = scaled.masked_fill(~keep, float("-inf")).log_softmax(-1).gather(1, ids)[:, 0]
+        torch.testing.assert_close(torch.tensor(c.sampling_logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_append_tokens_then_continue_equals_prefilling_the_concatenation(models, prompts):
+    hf, ours = models
+    sampler = make_sampler(ours)
+    prompt = prompts[2]
+    first = dataclasses.replace(GREEDY, max_new_tokens=100, stop_fn=lambda seg: len(seg) == 13)
+    sid = sampler.add_request(prompt, first)
+    (paused,) = [e for _ in range(20) for e in sampler.step()]
+    assert paused.finish_reason == "stop" and len(paused.token_ids) == 13
+    forced = prompts[4] + prompts[0]                                    # "interpreter output": 10 tokens
+    sampler.append_tokens(sid, forced)
+    while sampler.has_unfinished():
+        sampler.step()                                                  # stop_fn fires again after 13 more
+    done = sampler.release(sid)
+    assert done.mask == [1] * 13 + [0] * 10 + [1] * 13
+    assert done.token_ids[13:23] == forced and done.logprobs[13:23] == [0.0] * 10
+    # Reference: one fresh pass over prompt + first segment + forced tokens.
+    context = prompt + paused.token_ids + forced
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([context]), max_new_tokens=13, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(context):].tolist()
+    assert done.token_ids[23:] == ref
+    tf = teacher_forced_logits(ours, context, ref).log_softmax(-1).gather(1, torch.tensor(ref)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(done.logprobs[23:]), tf, atol=1e-4, rtol=0)
+    # And a fresh sampler's prefill of the concatenation agrees token for token.
+    fresh = make_sampler(ours).generate([context], dataclasses.replace(GREEDY, max_new_tokens=13))[0]
+    assert fresh.token_ids == ref
+
+
+def test_resume_after_cache_eviction_is_exact(models, prompts):
+    _, ours = models
+    sampler = make_sampler(ours, kv_cache_bytes=block_bytes(8))
+    paused_params = dataclasses.replace(GREEDY, max_new_tokens=100, stop_fn=lambda seg: len(seg) == 20)
+    sid = sampler.add_request(prompts[3], paused_params)
+    while not sampler.step():
+        pass
+    assert sampler.seqs[sid].block_table                               # paused: cache kept
+    sampler.generate([prompts[4]], dataclasses.replace(GREEDY, max_new_tokens=100))   # needs the pages
+    assert not sampler.seqs[sid].block_table                           # evicted
+    sampler.append_tokens(sid, prompts[0])
+    while sampler.has_unfinished():
+        sampler.step()
+    resumed = sampler.release(sid)
+    context = prompts[3] + resumed.token_ids[:23]
+    fresh = make_sampler(ours).generate([context], dataclasses.replace(GREEDY, max_new_tokens=20))[0]
+    assert resumed.token_ids[23:] == fresh.token_ids
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(models, prompts):
+    _, ours = models
+    sampler = make_sampler(ours)
+    params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=123, ignore_eos=True)
+    alone = sampler.generate([prompts[1]], [params])[0]
+    others = [dataclasses.replace(params, seed=s, top_k=5 * s) for s in (1, 2, 3)]
+    batched = sampler.generate([prompts[0], prompts[1], prompts[2], prompts[1]],
+                               [others[0], params, others[1], others[2]])
+    assert batched[1].token_ids == alone.token_ids
+    assert batched[3].token_ids != alone.token_ids                      # same prompt, other seed
+    a, b = sampler.generate([prompts[1]] * 2, params)                   # one params: seeds 123, 124
+    assert a.token_ids == alone.token_ids and b.token_ids != a.token_ids
+
+
+def test_top_k_1_equals_greedy(models, prompts, hf_greedy):
+    _, ours = models
+    params = SamplingParams(temperature=1.3, top_k=1, max_new_tokens=64, ignore_eos=True)
+    outs = make_sampler(ours).generate(prompts[:2], params)
+    assert [c.token_ids for c in outs] == hf_greedy[:2]
+    assert all(lp == 0.0 for c in outs for lp in c.sampling_logprobs)
+
+
+def test_top_p_and_top_k_masks_on_a_hand_computed_distribution():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]).log()
+    masked = mask_top_p(logits, torch.tensor([0.79, 0.81]))             # mass before: 0, .5, .8, .95
+    assert torch.isinf(masked).tolist() == [[False, False, True, True], [True, False, False, False]]
+    assert torch.isinf(mask_top_p(logits, torch.tensor([0.3, 1.0]))).sum(-1).tolist() == [3, 0]
+    ties = torch.tensor([[1.0, 3.0, 3.0, 2.0], [1.0, 3.0, 3.0, 2.0]])
+    assert torch.isinf(mask_top_k(ties, torch.tensor([2, 0]))).tolist() == [[True, False, False, True], [False] * 4]
+
+
+def test_sampling_frequencies_follow_the_processed_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 40000
+    params = [SamplingParams(temperature=1.0, top_p=0.9)] * n
+    tokens, logp, samp_logp = sample(probs.log().expand(n, 4), params, [None] * n, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / n
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95               # 0.05 is past the nucleus
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+    torch.testing.assert_close(logp, probs.log()[tokens])
+    torch.testing.assert_close(samp_logp, expected.log()[tokens])
+
+
+def test_stop_token_eos_and_max_new_tokens(models, prompts, hf_greedy):
+    _, ours = models
+    ref = hf_greedy[3]
+    stop_tok = ref[10]
+    cut = ref.index(stop_tok) + 1
+    sampler = make_sampler(ours, eos_token_ids=[ref[5]])
+    by_stop, by_eos, by_len = sampler.generate(
+        [prompts[3]] * 3, [dataclasses.replace(GREEDY, stop_token_ids=[stop_tok]),
+                           dataclasses.replace(GREEDY, ignore_eos=False),
+                           dataclasses.replace(GREEDY, max_new_tokens=7)])
+    assert (by_stop.token_ids, by_stop.finish_reason, by_stop.stop_reason) == (ref[:cut], "stop", stop_tok)
+    eos_cut = ref.index(ref[5]) + 1
+    assert (by_eos.token_ids, by_eos.finish_reason, by_eos.stop_reason) == (ref[:eos_cut], "eos", ref[5])
+    assert (by_len.token_ids, by_len.finish_reason) == (ref[:7], "length")
+
+
+def test_stop_strings_end_at_the_first_token_completing_them(models, prompts, hf_greedy):
+    from minir1ci.presets import tiny_dir
+    from minir1ci.tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(tiny_dir())
+    _, ours = models
+    ref = hf_greedy[2]
+    text = tok.decode(ref)
+    for k in range(12, 60):  # 4 printable ASCII characters ending at a token border
+        head = tok.decode(ref[:k])
+        if text.startswith(head) and head[-4:].isascii() and head[-4:].isprintable() and len(head) > 8:
+            stop = head[-4:]
+            break
+    expected = next(k for k in range(1, 65) if stop in tok.decode(ref[:k]))
+    out = Sampler(ours, tok, kv_cache_bytes=block_bytes(64)).generate(
+        [prompts[2]], dataclasses.replace(GREEDY, stop_strings=["\x00never", stop]))[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == (ref[:expected], "stop", stop)
+    with pytest.raises(ValueError, match="tokenizer"):
+        make_sampler(ours).add_request(prompts[0], SamplingParams(stop_strings=["x"]))
+
+
+def test_invalid_params_are_refused():
+    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0),
+                dict(stop_strings="stop")):
+        with pytest.raises((ValueError, TypeError)):
+            SamplingParams(**bad)
