@@ -1,0 +1,273 @@
+"""Run model-written Python safely enough for RL rollouts: a fork server with per-execution limits.
+
+    with Sandbox(timeout=10) as sb:
+        r = sb.run("import numpy as np\\nprint(np.arange(4).sum())")   # ExecResult(stdout='6\\n', status='ok', ...)
+        rs = sb.run_many(codes)                                        # all cores busy, results in input order
+
+`Sandbox` spawns `_forkserver.py` (a clean `python -I` process, not a fork of the trainer) on first
+use and restarts it transparently if it dies. The server pre-imports math, itertools, collections,
+re, json, fractions, decimal, numpy and sympy, then forks one child per execution (about 2-5 ms
+instead of about 0.6 s for a fresh interpreter with the same imports). See `_forkserver.py` for the
+process layout.
+
+Result: `status` is "ok" (exit code 0, including `sys.exit(0)` and a bare `raise SystemExit`),
+"error" (uncaught exception or non-zero exit; the traceback is in stderr), "timeout" (wall clock,
+or the CPU limit), "memory" (an uncaught MemoryError, which is what hitting RLIMIT_AS raises) or
+"signal:N" (killed by signal N, e.g. "signal:11" for a segfault). `truncated` is set whenever output
+was cut, whatever the status: each stream keeps its head and tail around a "[... N bytes omitted ...]"
+marker, and an execution that writes more than `stop_output_bytes` is stopped ("error", with an
+OutputLimitError line in stderr). Code runs as `python -c` would run it, in a fresh `__main__`, except
+that the process ends with `os._exit` once the code returns: threads left running do not hold it.
+
+Stateless by default, as in R1-Code-Interpreter. Session mode: `run(code, session_id="traj-7")`
+replays the session's earlier blocks (silently, errors ignored) before the new one, in a fresh
+execution, so later blocks see earlier variables with all the per-execution limits intact. Blocks
+that ended in timeout, memory or a signal are not replayed. Each session has a fixed random seed so
+that replayed `random`/`numpy.random` draws repeat; time, os.urandom and the like do not. The replay
+gets `timeout` per earlier block, the new block gets `timeout` of its own. `end_session` forgets one.
+
+Threat model. Covered (as root on Linux; each layer is listed in `Sandbox.isolation` and skipped where
+the kernel refuses it): runaway time (SIGKILL from outside at the deadline; RLIMIT_CPU with hard =
+soft + 1), memory per process (RLIMIT_AS), output floods (head/tail caps and a stop ceiling), disk
+(RLIMIT_FSIZE; /tmp and /dev/shm are fresh tmpfs capped at `disk_bytes`, the rest of the filesystem is
+read-only), file descriptors (RLIMIT_NOFILE), fork bombs and escaping processes (RLIMIT_NPROC per
+slot uid; a PID namespace per execution whose death kills every descendant, setsid'd ones too),
+root-only files and other processes (an unprivileged uid per slot, no capabilities, no_new_privs, a
+/proc showing only the execution), secrets in the environment (the server starts with a minimal
+environment, the code with a scrubbed one), network (a network namespace with no interface up). The
+workdir vanishes with its tmpfs, even after SIGKILL.
+Not covered: this is not a VM. Code shares the host kernel (no seccomp filter: a kernel exploit
+escapes), can read every world-readable file (the project, its data and answers included), and can
+see earlier requests of the same client in the server's memory. Memory is limited per process, not
+per tree: `processes` x `memory_bytes` is the bound (a cgroup would be tighter). CPU and memory
+bandwidth are shared with concurrent executions. Without root or namespaces the fallbacks are
+weaker: no uid change, a process group plus a sweep of orphans instead of a PID namespace, and no
+network isolation at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Sequence
+
+DEFAULT_PRELOAD = ("math", "itertools", "collections", "re", "json", "fractions", "decimal",
+                   "random", "statistics", "functools", "heapq", "string", "numpy", "numpy.random", "sympy")
+_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_forkserver.py")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-execution limits. Defaults leave numpy + sympy room: the server maps about 140 MB."""
+    timeout: float = 10.0  # seconds of wall clock
+    memory_bytes: int = 2 << 30  # RLIMIT_AS, per process
+    output_bytes: int = 64 << 10  # kept per stream: first half + last half
+    stop_output_bytes: int = 8 << 20  # both streams together; past this the execution is stopped
+    file_bytes: int = 64 << 20  # RLIMIT_FSIZE
+    disk_bytes: int = 128 << 20  # size of each fresh tmpfs (/tmp, /dev/shm)
+    open_files: int = 256  # RLIMIT_NOFILE
+    processes: int = 64  # RLIMIT_NPROC (threads count), per slot uid
+
+
+@dataclass
+class ExecResult:
+    stdout: str
+    stderr: str
+    status: str  # "ok" | "error" | "timeout" | "memory" | "signal:N"
+    duration: float  # seconds, fork to reap, as measured by the server
+    truncated: bool = False
+    exit_code: int | None = None  # None when killed or timed out
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class _Session:
+    blocks: list[str]
+    seed: int
+
+
+class Sandbox:
+    """A lazily started fork server. Thread-safe: `run` may be called from several threads."""
+
+    def __init__(self, limits: Limits | None = None, *, timeout: float | None = None,
+                 workers: int | None = None, preload: Sequence[str] = DEFAULT_PRELOAD,
+                 namespaces: bool = True, uid_base: int = 61000, python: str = sys.executable):
+        limits = limits or Limits()
+        self.limits = dataclasses.replace(limits, timeout=timeout) if timeout else limits
+        self.workers = workers or os.cpu_count() or 1
+        self._config = {"limits": dataclasses.asdict(self.limits), "workers": self.workers,
+                        "preload": list(preload), "namespaces": namespaces, "uid_base": uid_base}
+        self._python = python
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._hello: dict = {}
+        self._pending: dict[int, tuple[dict, Future, int, subprocess.Popen]] = {}
+        self._next_id = 0
+        self._sessions: dict[str, _Session] = {}
+
+    # ---- public API
+    def run(self, code: str, timeout: float | None = None, session_id: str | None = None) -> ExecResult:
+        return self.run_many([code], timeout, None if session_id is None else [session_id])[0]
+
+    def run_many(self, codes: Sequence[str], timeout: float | None = None,
+                 session_ids: Sequence[str | None] | None = None) -> list[ExecResult]:
+        """Execute all codes concurrently (`workers` at a time); results in input order.
+
+        A session id may appear several times: its blocks then run one after the other, in order.
+        """
+        sids = list(session_ids) if session_ids is not None else [None] * len(codes)
+        assert len(sids) == len(codes), "one session id (or None) per code"
+        results: list[ExecResult | None] = [None] * len(codes)
+        todo = list(range(len(codes)))
+        while todo:  # waves: each session at most once per wave, so a block sees its predecessors
+            wave, seen, later = [], set(), []
+            for i in todo:
+                (later if sids[i] is not None and sids[i] in seen else wave).append(i)
+                seen.add(sids[i])
+            futures = [self._submit(codes[i], timeout, sids[i]) for i in wave]
+            for i, fut in zip(wave, futures):
+                results[i] = self._collect(codes[i], sids[i], fut)
+            todo = later
+        return results  # type: ignore[return-value]
+
+    def end_session(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    @property
+    def isolation(self) -> dict:
+        """Which layers the kernel allowed: uid, net_ns, mount_ns, readonly_root, pid_ns."""
+        self._ensure_server()
+        return dict(self._hello["isolation"])
+
+    @property
+    def server_pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def close(self) -> None:
+        with self._lock:
+            proc, self._proc = self._proc, None
+            lost, self._pending = list(self._pending.values()), {}
+        if proc is not None:
+            _stop(proc)
+        for _, fut, _, _ in lost:
+            fut.set_result(ExecResult("", "sandbox: closed during this execution\n", "error", 0.0))
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- requests and results
+    def _submit(self, code: str, timeout: float | None, session_id: str | None) -> Future:
+        req = {"code": code, "timeout": float(timeout or self.limits.timeout)}
+        if session_id is not None:
+            with self._lock:
+                sess = self._sessions.setdefault(session_id, _Session([], random.getrandbits(31)))
+                req.update(prelude=list(sess.blocks), seed=sess.seed)
+        fut: Future = Future()
+        self._send(req, fut, attempt=1)
+        return fut
+
+    def _collect(self, code: str, session_id: str | None, fut: Future) -> ExecResult:
+        while True:
+            try:  # the server enforces every deadline; this only guards against a hung server
+                result = fut.result(timeout=self.limits.timeout * 20 + 60)
+                break
+            except TimeoutError:
+                with self._lock:
+                    if self._proc is not None:
+                        self._proc.kill()  # its reader thread resubmits what was pending
+        if session_id is not None and result.status in ("ok", "error"):
+            with self._lock:
+                if session_id in self._sessions:
+                    self._sessions[session_id].blocks.append(code)
+        return result
+
+    def _send(self, req: dict, fut: Future, attempt: int) -> None:
+        with self._lock:
+            proc = self._ensure_server_locked()
+            rid, self._next_id = self._next_id, self._next_id + 1
+            self._pending[rid] = (req, fut, attempt, proc)
+            data = json.dumps({**req, "id": rid}).encode()
+            try:
+                proc.stdin.write(struct.pack(">I", len(data)) + data)
+                proc.stdin.flush()
+            except OSError:  # the server died; its reader thread resubmits what was pending
+                pass
+
+    def _ensure_server(self) -> subprocess.Popen:
+        with self._lock:
+            return self._ensure_server_locked()
+
+    def _ensure_server_locked(self) -> subprocess.Popen:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        # A clean spawn with a minimal environment: no trainer memory, no secrets.
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
+               "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        proc = subprocess.Popen([self._python, "-I", _SERVER, json.dumps(self._config)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                close_fds=True, start_new_session=True, cwd="/")
+        hello = _read_frame(proc.stdout)
+        if hello is None:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("sandbox server failed to start (see its stderr above)")
+        self._proc, self._hello = proc, hello
+        threading.Thread(target=self._reader, args=(proc,), daemon=True, name="sandbox-reader").start()
+        return proc
+
+    def _reader(self, proc: subprocess.Popen) -> None:
+        """Deliver results; when the server dies, restart it and resend what was pending, once."""
+        while (msg := _read_frame(proc.stdout)) is not None:
+            with self._lock:
+                entry = self._pending.pop(msg.pop("id"), None)
+            if entry is not None:
+                entry[1].set_result(ExecResult(**msg))
+        proc.wait()
+        with self._lock:
+            if self._proc is proc:
+                self._proc = None
+            lost = [rid for rid, entry in self._pending.items() if entry[3] is proc]
+            lost = [self._pending.pop(rid) for rid in lost]
+        for req, fut, attempt, _ in lost:
+            if attempt < 2:
+                self._send(req, fut, attempt + 1)
+            else:
+                fut.set_result(ExecResult("", "sandbox: the server died twice during this execution\n",
+                                          "error", 0.0))
+
+
+def _read_frame(stream) -> dict | None:
+    head = stream.read(4)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack(">I", head)
+    body = stream.read(n)
+    return json.loads(body) if len(body) == n else None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Closing its stdin makes the server kill its executions and exit."""
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

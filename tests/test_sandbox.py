@@ -1,0 +1,362 @@
+"""The sandboxed executor against ordinary and hostile code.
+
+Ordinary behaviour is compared with a fresh `python -c` (the reference: same stdout, same exit code,
+same last traceback line). Each hostile case checks three things: the right status, the host
+unaffected (the test process, a canary, the server itself), and the next execution still working.
+At the end no process of the sandbox remains and the server's memory has not grown.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from minir1ci._forkserver import INIT_NAME
+from minir1ci.sandbox import Limits, Sandbox
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
+
+SECRET = "minir1ci-test-secret-7f3a"
+UID_BASE, FALLBACK_UID_BASE = 61500, 61600
+SERVER_FILE = "_forkserver.py"
+
+
+@pytest.fixture(scope="module")
+def sb():
+    os.environ["MINIR1CI_TEST_SECRET"] = SECRET  # in the trainer's environment, never in the sandbox's
+    box = Sandbox(Limits(timeout=2.0), workers=2, uid_base=UID_BASE)
+    try:
+        assert box.run("pass").ok
+        yield box
+    finally:
+        box.close()
+        os.environ.pop("MINIR1CI_TEST_SECRET", None)
+
+
+def _procs() -> list[tuple[int, int, str]]:
+    """(pid, uid, cmdline) of every process on the host."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, StopIteration):
+            continue
+        out.append((int(name), uid, cmd))
+    return out
+
+
+def _strays(box: Sandbox, uid_base: int) -> list[tuple[int, int, str]]:
+    """Processes left by executions: any process of the slot uids, or a copy of the server."""
+    uids = range(uid_base, uid_base + box.workers)
+    return [p for p in _procs() if p[1] in uids or INIT_NAME in p[2]
+            or (SERVER_FILE in p[2] and p[0] != box.server_pid and str(uid_base) in p[2])]
+
+
+def _host_ok(box: Sandbox, server_pid: int, uid_base: int = UID_BASE, grace: float = 2.0) -> None:
+    assert box.server_pid == server_pid, "the server was restarted"
+    r = box.run("print(6 * 7)")
+    assert (r.status, r.stdout) == ("ok", "42\n")
+    deadline = time.monotonic() + grace
+    while _strays(box, uid_base) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _strays(box, uid_base) == []
+
+
+def _reference(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin")})
+
+
+# ---------------------------------------------------------------- ordinary code, against `python -c`
+
+@pytest.mark.parametrize("code", [
+    "print(sum(range(10)))",
+    "import numpy as np\nprint(np.arange(6).reshape(2, 3).sum(axis=0))",
+    "import sympy\nx = sympy.Symbol('x')\nprint(sympy.factor(x**2 - 1))",
+    "print('partial')\n1 / 0",
+    "import sys\nprint('bye')\nsys.exit(3)",
+    "raise SystemExit('goodbye')",
+    "raise SystemExit",
+    "import os\nos._exit(5)",
+    "x = (",
+])
+def test_results_match_a_fresh_interpreter(sb, code):
+    ref, r = _reference(code), sb.run(code)
+    assert r.stdout == ref.stdout
+    assert r.exit_code == ref.returncode
+    assert r.status == ("ok" if ref.returncode == 0 else "error")
+    assert r.stderr.strip().splitlines()[-1:] == ref.stderr.strip().splitlines()[-1:]
+
+
+def test_traceback_points_into_the_code(sb):
+    r = sb.run("def f(x):\n    return 1 / x\n\nf(0)")
+    assert r.status == "error"
+    assert 'File "<string>", line 2, in f' in r.stderr and "return 1 / x" in r.stderr
+    assert SERVER_FILE not in r.stderr
+
+
+def test_output_keeps_head_and_tail_around_a_marker(sb):
+    n = 100_000
+    text = "".join(str(i % 10) for i in range(n)) + "\n"  # the reference output
+    r = sb.run(f"print(''.join(str(i % 10) for i in range({n})))")
+    half = Limits().output_bytes // 2
+    assert r.status == "ok" and r.truncated
+    assert r.stdout == text[:half] + f"\n[... {len(text) - 2 * half} bytes omitted ...]\n" + text[-half:]
+
+
+def test_run_many_returns_results_in_input_order(sb):
+    codes = [f"import time\ntime.sleep({0.05 * (5 - i)})\nprint({i})" for i in range(6)]
+    t = time.monotonic()
+    results = sb.run_many(codes)
+    assert [r.stdout for r in results] == [f"{i}\n" for i in range(6)]
+    assert time.monotonic() - t < sum(0.05 * (5 - i) for i in range(6))  # ran concurrently
+
+
+def test_executions_are_stateless_and_differently_seeded(sb):
+    assert sb.run("x = 1").ok
+    assert "NameError" in sb.run("print(x)").stderr
+    draws = [sb.run("import numpy as np, random\nprint(np.random.rand(), random.random())").stdout
+             for _ in range(3)]
+    assert len(set(draws)) == 3  # forked children must not share the server's random state
+
+
+def test_session_replays_earlier_blocks(sb):
+    sid = "trajectory-1"
+    first = sb.run("import random\nr = random.random()\nx = 41\nprint(r)", session_id=sid)
+    assert sb.run("print(x + 1)\nprint(r)", session_id=sid).stdout == f"42\n{first.stdout}"
+    assert sb.run("while True:\n    pass", timeout=0.5, session_id=sid).status == "timeout"
+    r = sb.run("x += 1\nprint(x)", session_id=sid)  # the timed-out block was not kept
+    assert (r.status, r.stdout) == ("ok", "42\n")
+    out = sb.run_many(["x += 1", "y = 1", "print(x)"], session_ids=[sid, "other", sid])
+    assert [o.stdout for o in out] == ["", "", "43\n"]  # one session's blocks run in order
+    sb.end_session(sid)
+    assert "NameError" in sb.run("print(x)", session_id=sid).stderr
+
+
+# ---------------------------------------------------------------- hostile code
+
+def test_infinite_loop_times_out(sb):
+    pid = sb.server_pid
+    r = sb.run("while True:\n    pass", timeout=1.0)
+    assert r.status == "timeout" and r.exit_code is None and 1.0 <= r.duration < 1.8
+    _host_ok(sb, pid)
+
+
+def test_loop_ignoring_signals_is_killed_from_outside(sb):
+    pid = sb.server_pid
+    code = ("import signal\nfor s in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT):\n"
+            "    signal.signal(s, signal.SIG_IGN)\nsignal.alarm(1)\nwhile True:\n    pass")
+    assert sb.run(code, timeout=1.0).status == "timeout"
+    _host_ok(sb, pid)
+
+
+@pytest.mark.parametrize("code, status", [
+    ("import sys\nsys.exit(0)", "ok"), ("import sys\nsys.exit(2)", "error"),
+    ("import os\nos._exit(0)", "ok"), ("import os\nos._exit(9)", "error"),
+    ("raise SystemExit", "ok"), ("raise SystemExit(1)", "error"),
+])
+def test_exits_map_to_status_by_exit_code(sb, code, status):
+    pid = sb.server_pid
+    assert sb.run(code).status == status
+    _host_ok(sb, pid)
+
+
+def test_fork_bomb_is_contained_and_reaped(sb):
+    pid = sb.server_pid
+    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    assert sb.run(code, timeout=1.0).status == "timeout"
+    _host_ok(sb, pid)
+
+
+def test_setsid_grandchild_does_not_outlive_the_call(sb):
+    pid = sb.server_pid
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            "        time.sleep(1000)\n    os._exit(0)\ntime.sleep(0.2)\nprint('parent done')")
+    r = sb.run(code)
+    assert (r.status, r.stdout) == ("ok", "parent done\n") and r.duration < 1.5
+    _host_ok(sb, pid)
+
+
+def test_thread_that_never_ends_does_not_hold_the_result(sb):
+    pid = sb.server_pid
+    r = sb.run("import threading, time\nthreading.Thread(target=time.sleep, args=(1000,)).start()\nprint('main')")
+    assert (r.status, r.stdout) == ("ok", "main\n") and r.duration < 1.0
+    _host_ok(sb, pid)
+
+
+@pytest.mark.parametrize("code", ["x = bytearray(8 << 30)", "import numpy as np\nx = np.ones(1 << 30)"])
+def test_eight_gigabytes_is_a_memory_error(sb, code):
+    pid = sb.server_pid
+    r = sb.run(code)
+    assert r.status == "memory" and "MemoryError" in r.stderr
+    _host_ok(sb, pid)
+
+
+def test_deep_recursion_with_raised_limit_crashes_only_the_child(sb):
+    pid = sb.server_pid  # recursion through repr() uses the C stack: a segfault, as in `python -c`
+    code = "import sys\nsys.setrecursionlimit(10**7)\nclass A:\n    def __repr__(self):\n        return repr(self)\nrepr(A())"
+    assert sb.run(code).status == f"signal:{signal.SIGSEGV}" == f"signal:{-_reference(code).returncode}"
+    _host_ok(sb, pid)
+
+
+def test_segfault_through_ctypes_is_reported_as_signal(sb):
+    pid = sb.server_pid
+    assert sb.run("import ctypes\nctypes.string_at(0)").status == "signal:11"
+    _host_ok(sb, pid)
+
+
+def test_printing_a_gigabyte_is_stopped_by_the_cap(sb):
+    pid = sb.server_pid
+    r = sb.run("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)")
+    half = Limits().output_bytes // 2
+    assert r.status == "error" and r.truncated and "OutputLimitError" in r.stderr
+    assert r.stdout.startswith("x" * half) and r.stdout.endswith("x" * half)
+    assert len(r.stdout) < 2 * half + 100 and r.duration < 1.0  # stopped, not a gigabyte of I/O
+    _host_ok(sb, pid)
+
+
+def test_writing_ten_gigabytes_is_stopped_by_the_file_size_limit(sb):
+    pid = sb.server_pid
+    code = "with open('big.bin', 'wb') as f:\n    for _ in range(10 * 1024):\n        f.write(bytes(1 << 20))"
+    r = sb.run(code)
+    assert r.status == "error" and "File too large" in r.stderr and r.duration < 1.5
+    _host_ok(sb, pid)
+
+
+@pytest.mark.parametrize("layer", ["uid", "readonly_root"])
+def test_canary_outside_the_workdir_survives(sb, layer):
+    if not sb.isolation[layer]:
+        pytest.skip(f"{layer} not available here")
+    pid = sb.server_pid
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        canary = os.path.join(d, "canary.txt")
+        with open(canary, "w") as f:
+            f.write("canary")
+        # uid: an ordinary root-owned file; readonly_root: world-writable, so only the mount protects it
+        os.chmod(canary, 0o644 if layer == "uid" else 0o666)
+        os.chmod(d, 0o755 if layer == "uid" else 0o1777)
+        code = (f"import os\ntry:\n    open({canary!r}, 'w').write('pwned')\nexcept OSError as e:\n    print(e)\n"
+                f"os.remove({canary!r})")
+        assert sb.run(code).status == "error"
+        with open(canary) as f:
+            assert f.read() == "canary"
+    _host_ok(sb, pid)
+
+
+def test_killing_the_parent_reaches_nothing_outside(sb):
+    if not sb.isolation["pid_ns"] or not sb.isolation["uid"]:
+        pytest.skip("no PID namespace or uid change here")
+    pid = sb.server_pid
+    # The parent is outside the PID namespace, so getppid() is 0 and kill(0, 9) hits the code's own
+    # process group; the namespace's init (pid 1) is root; kill(-1) finds no one else to signal.
+    assert sb.run("import os\nos.kill(os.getppid(), 9)").status == "signal:9"
+    assert "PermissionError" in sb.run("import os\nos.kill(1, 9)").stderr
+    assert "ProcessLookupError" in sb.run("import os\nos.kill(-1, 9)").stderr
+    _host_ok(sb, pid)
+
+
+def test_root_only_file_is_unreadable(sb):
+    if not sb.isolation["uid"]:
+        pytest.skip("no unprivileged uid here")
+    pid = sb.server_pid
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        os.chmod(d, 0o755)
+        secret = os.path.join(d, "secret.txt")
+        with open(os.open(secret, os.O_CREAT | os.O_WRONLY, 0o600), "w") as f:
+            f.write(SECRET)
+        r = sb.run(f"print(open({secret!r}).read())")
+        assert r.status == "error" and "PermissionError" in r.stderr and SECRET not in r.stdout
+    _host_ok(sb, pid)
+
+
+def test_parent_environment_secrets_are_unreachable(sb):
+    pid = sb.server_pid
+    code = (f"import os\nprint(dict(os.environ))\nfor p in os.listdir('/proc') + ['{os.getpid()}', '{pid}']:\n"
+            "    try:\n        print(open(f'/proc/{p}/environ', 'rb').read())\n    except OSError:\n        pass")
+    r = sb.run(code)
+    assert r.status == "ok" and "PATH" in r.stdout and SECRET not in r.stdout + r.stderr
+    _host_ok(sb, pid)
+
+
+def test_localhost_listener_is_unreachable(sb):
+    if not sb.isolation["net_ns"]:
+        pytest.skip("no network namespace here")
+    pid = sb.server_pid
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        r = sb.run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).send(b'hi')")
+        assert r.status == "error" and "OSError" in r.stderr
+        server.settimeout(0.1)
+        with pytest.raises(socket.timeout):
+            server.accept()
+    _host_ok(sb, pid)
+
+
+def test_filling_dev_shm_is_capped_and_leaves_no_trace(sb):
+    pid = sb.server_pid
+    free = os.statvfs("/dev/shm").f_bavail
+    code = "for i in range(1000):\n    open(f'/dev/shm/minir1ci-fill{i}', 'wb').write(bytes(32 << 20))"
+    r = sb.run(code)
+    assert r.status == "error" and ("No space left" in r.stderr or "File too large" in r.stderr)
+    assert not os.path.exists("/dev/shm/minir1ci-fill0")
+    assert os.statvfs("/dev/shm").f_bavail >= free - 4096  # blocks; others may use it meanwhile
+    _host_ok(sb, pid)
+
+
+def test_opening_a_thousand_files_hits_the_descriptor_limit(sb):
+    pid = sb.server_pid
+    r = sb.run("files = [open(f'f{i}', 'w') for i in range(1000)]")
+    assert r.status == "error" and "Too many open files" in r.stderr
+    _host_ok(sb, pid)
+
+
+def test_server_restarts_transparently_after_being_killed(sb):
+    pid = sb.server_pid
+    results = []
+    thread = __import__("threading").Thread(
+        target=lambda: results.extend(sb.run_many(["import time\ntime.sleep(0.3)\nprint('done')"] * 2)))
+    thread.start()
+    time.sleep(0.15)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(10)
+    assert [r.stdout for r in results] == ["done\n"] * 2  # resent to a fresh server
+    assert sb.server_pid not in (None, pid)
+    _host_ok(sb, sb.server_pid, grace=5.0)  # the old server's namespaces end 2 s past their deadline
+
+
+def test_no_stray_process_and_server_memory_stable(sb):
+    """Last in the file: the hostile cases above ran on this server (restarted once, just above)."""
+    def rss() -> int:
+        with open(f"/proc/{sb.server_pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    sb.run_many(["print(1)"] * 50)
+    before = rss()
+    sb.run_many(["import numpy as np\nprint(np.ones(10**6).sum())"] * 200
+                + ["import sys\nsys.stdout.write('y' * 300000)"] * 50 + ["1 / 0"] * 50)
+    assert rss() - before < 4096  # kB
+    assert _strays(sb, UID_BASE) == []
+
+
+def test_fallback_without_namespaces_still_reaps_everything():
+    with Sandbox(Limits(timeout=1.0), workers=2, namespaces=False, uid_base=FALLBACK_UID_BASE) as box:
+        assert not box.isolation["pid_ns"]
+        pid = box.server_pid
+        code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                "        time.sleep(1000)\n    os._exit(0)\ntime.sleep(0.2)\nprint('parent done')")
+        assert box.run(code).stdout == "parent done\n"
+        _host_ok(box, pid, FALLBACK_UID_BASE)
+        bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+        assert box.run(bomb).status == "timeout"
+        _host_ok(box, pid, FALLBACK_UID_BASE)
+        assert box.run("open('f', 'w').write('x')\nimport os\nprint(os.listdir('.'))").stdout == "['f']\n"
