@@ -33,13 +33,22 @@ def parse_number(text: str) -> float | None:
     return float(s) if _NUMBER_RE.match(s) else None
 
 
+def parse_int(text: str) -> int | None:
+    """An integer of any size ('-1,234' -> -1234), exactly; None if `text` is not one."""
+    s = text.strip().strip("$").replace(",", "").replace(" ", "").rstrip(".")
+    if re.fullmatch(r"[-+]?\d+", s):
+        return int(s)
+    value = parse_number(s)  # '1234.0' still counts
+    return int(value) if value is not None and value.is_integer() and abs(value) < 2 ** 53 else None
+
+
 def decimals_written(text: str) -> int:
     """How many digits follow the decimal point in a written number ('1.83' -> 2)."""
     s = text.strip().replace(",", "")
     return len(s.split(".", 1)[1].rstrip("%")) if "." in s and "/" not in s else 0
 
 
-def numbers_match(text: str, gold: float, rel_tol: float = 1e-6) -> bool:
+def numbers_match(text: str, gold: float, rel_tol: float = 1e-9) -> bool:
     """A written number equals `gold`, exactly or as `gold` rounded to the digits written.
 
     '1.83' matches 1.8333.. (rounded to 2 places), '1.8' does not match it (one
@@ -52,6 +61,11 @@ def numbers_match(text: str, gold: float, rel_tol: float = 1e-6) -> bool:
         return True
     places = decimals_written(text)
     return places >= 2 and abs(value - gold) <= 0.5 * 10 ** -places + 1e-12
+
+
+def numbers_in(text: str) -> list[str]:
+    """Every number written in `text`, as written ('[7.89, -1]' -> ['7.89', '-1'])."""
+    return re.findall(r"-?\d+(?:\.\d+)?", text)
 
 
 def ints_in(text: str) -> list[int]:

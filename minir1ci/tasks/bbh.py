@@ -3,7 +3,7 @@
 Each question is the file's `input` plus one line asking for the answer inside
 <<<>>>. Verification is exact match after the usual normalisation for the kind of
 target:
-  choice    "(B)": accepts "(B)", "B", "B)", "(B) text of option B", or the option text itself
+  choice    "(B)": accepts "(B)", "B", "B)", "(B) <option B text>", or the option text alone
   yes/no    "Yes", "True", "valid": case, quotes and a final period ignored
   number    "-50": compared as integers ("1,024" reads as 1024)
   dyck      "] ) >": whitespace ignored
@@ -60,9 +60,12 @@ _HINTS = {
 
 def _choice_letter(answer: str, options: dict[str, str]) -> str | None:
     s = strip_quotes(answer).strip()
-    m = re.match(r"^\(?([A-R])\)?(?:$|[\s.:)])", s)
+    m = re.fullmatch(r"\(?([A-R])\)?[.:]?", s)
     if m:
         return m.group(1)
+    m = re.fullmatch(r"\(?([A-R])[).:]\s*(.+)", s, re.S)  # "(B) text of B": the text must be B's
+    if m:
+        return m.group(1) if normalize_text(m.group(2)) == normalize_text(options.get(m.group(1), "")) else None
     for letter, text in options.items():  # the option written out instead of its letter
         if normalize_text(s) == normalize_text(text):
             return letter

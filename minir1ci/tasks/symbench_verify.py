@@ -19,8 +19,8 @@ import re
 from fractions import Fraction
 
 from minir1ci.tasks import Example
-from minir1ci.tasks.answers import (expression_reaches, ints_in, normalize_text, numbers_match, parse_number,
-                                    strip_quotes, tokens)
+from minir1ci.tasks.answers import (expression_reaches, ints_in, normalize_text, numbers_in, numbers_match,
+                                    parse_int, parse_number, strip_quotes, tokens)
 
 # ---- exact answers ------------------------------------------------------------------------
 
@@ -32,9 +32,14 @@ def check_ints(answer: str, ex: Example) -> float:
     """
     target = ex.metadata["target_ints"]
     if len(target) == 1:
-        value = parse_number(strip_quotes(answer))
-        return float(value is not None and value == target[0])
+        return float(parse_int(strip_quotes(answer)) == target[0])
     return float(ints_in(answer) == target)
+
+
+def check_number_list(answer: str, ex: Example) -> float:
+    """Numbers in order, each equal to the gold or to it rounded to the digits written (pooling)."""
+    written, target = numbers_in(answer), ex.metadata["target_numbers"]
+    return float(len(written) == len(target) and all(numbers_match(w, t) for w, t in zip(written, target)))
 
 
 def check_number(answer: str, ex: Example) -> float:
