@@ -66,7 +66,8 @@ class Example:
         check = self.check or exact_match
         try:
             value = float(check(answer, self))
-        except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, SyntaxError, RecursionError):
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, SyntaxError,
+                RecursionError):
             return 0.0  # an answer the verifier cannot parse is wrong, not a crash
         return min(max(value, 0.0), 1.0)
 

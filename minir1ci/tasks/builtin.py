@@ -5,7 +5,7 @@ question is one fixed template, the oracle's python is a near-copy of the number
 or words in the question (learnable by a ~3M-parameter model), while answering in
 text needs the real computation.
 
-  mul      product of a 3-4 digit and a 2-4 digit number
+  mul      product of two 3-4 digit numbers
   add      sum of 3-5 numbers of 2-5 digits
   letters  how often a letter occurs in a random 10-16 letter string
   sort     sort 5-8 numbers, answer as a python list
@@ -45,7 +45,8 @@ def solve(items):
     for i, j in permutations(range(len(items)), 2):
         (x, ex), (y, ey) = items[i], items[j]
         rest = [items[k] for k in range(len(items)) if k not in (i, j)]
-        for v, e in ((x + y, f"({ex}+{ey})"), (x - y, f"({ex}-{ey})"), (x * y, f"({ex}*{ey})"), (x / y if y else None, f"({ex}/{ey})")):
+        for v, e in ((x + y, f"({ex}+{ey})"), (x - y, f"({ex}-{ey})"), (x * y, f"({ex}*{ey})"),
+                     (x / y if y else None, f"({ex}/{ey})")):
             found = None if v is None else solve(rest + [(v, e)])
             if found:
                 return found
@@ -94,7 +95,7 @@ def check_game24(answer: str, ex: Example) -> float:
 # ---- generators: rng -> (prompt, answer, oracle, check, metadata) ---------------------------
 
 def _mul(rng: random.Random):
-    a, b = rng.randint(100, 9999), rng.randint(10, 9999)
+    a, b = rng.randint(100, 9999), rng.randint(100, 9999)
     ans = str(a * b)
     return (f"What is {a} * {b}?", ans,
             Oracle("I will multiply with Python.", f"print({a} * {b})", f"The product is <<<{ans}>>>.",

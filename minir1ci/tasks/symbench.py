@@ -5,14 +5,17 @@ Layouts handled (as released with CodeSteer, Apache-2.0):
   <folder>/<group>/sample_i/...                      the *_varied_complexity folders
   <folder>/<group>/sample_i/input_prompt_1.txt + target_answer.txt   number multiplying
   game24_dataset/<target>/*.csv                      4nums.com puzzles and n-number puzzles
-  Blocksworld_dataset/<id>/blocksworld_task.txt      BoxLift*/.../BoxLift.json, BoxNet1*/.../pg_stateK.json
+  Blocksworld_dataset/<id>/blocksworld_task.txt      instance only: prompt and gold plan are made here
+  BoxLift*/<group>/<id>/BoxLift.json, BoxNet1*/<group>/<id>/pg_stateK.json   likewise
   Letters/<lengths>/<letter>_<count>_<i>/test_words.json
   gsmhardv2.jsonl, MATH/train/{geometry,counting_and_probability}/*.json
 
 Each task pairs a loader with a verifier (symbench_verify.py, symbench_plan.py).
-A sample whose reference answer fails its own question's rules is dropped with a
-warning naming the task and count. Not covered: Path Plan (no data in this copy)
-and the BIG-Bench-Hard subfolder (the same files as bbh/, loaded by bbh.py).
+Every loaded gold answer is checked by its verifier; a sample whose reference
+answer breaks its own question's rules gets a solver's answer where there is a
+solver and is dropped otherwise, with one warning per task giving the counts.
+Not covered: Path Plan (no data in this copy) and the BIG-Bench-Hard subfolder
+(the same files as bbh/, loaded by bbh.py).
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def _synthesis_target(question: str, sol: dict) -> list[int]:
     """The question asks for [A, B, X] (3 items) or the first 4 or 5 of the state list."""
     asked = re.findall(r"as a list showing \[([^\]]*)\]", question)
     n = len(asked[-1].split(",")) if asked else len(sol["solution"]["answer"])
-    state = [int(x) for x in sol["solution"]["answer"]]
+    state = [int(x) for x in sol["solution"]["answer"]]  # [A, B, C, X, Y] whatever the question asks
     return state[:2] + [state[3]] if n == 3 else state[:n]
 
 
@@ -80,8 +83,8 @@ def _equation_meta(question: str, sol: list) -> dict:
             "relations": relations}
 
 
-def _ints(s) -> str:
-    return ", ".join(map(str, s))
+def _join(values) -> str:
+    return ", ".join(map(str, values))
 
 
 # name: (folder, verifier, gold answer from (question, solution), extra metadata from (question, solution))
@@ -96,7 +99,7 @@ _SAMPLE_TASKS = {
                      lambda q, s: ", ".join(f"{r} {c}" for r, c in s["solution"]), None),
     "letter_logic_diagram": ("letter_logic_diagram", v.check_letter_grid,
                              lambda q, s: "\n".join(",".join(row) for row in s["solution"]), None),
-    "light_puzzles": ("light_puzzles_dataset", v.check_ints, lambda q, s: _ints(s["solution"]), None),
+    "light_puzzles": ("light_puzzles_dataset", v.check_ints, lambda q, s: _join(s["solution"]), None),
     "logic_puzzle": ("logic_puzzle_dataset", v.check_logic_puzzle,
                      lambda q, s: ", ".join(f"{r} {c}" for r, c in s["solution"]), _logic_puzzle_meta),
     "logical_equation": ("logical_equation", v.check_equations, lambda q, s: str(s), _equation_meta),
@@ -108,7 +111,7 @@ _SAMPLE_TASKS = {
     "pattern_recognition": ("pattern_recognition", v.check_ints, lambda q, s: f"[{s['row']}, {s['column']}]", None),
     "permutations_and_combinations": ("permutations_and_combinations", v.check_arrangement,
                                       lambda q, s: json.dumps(s["correct_solution"]), None),
-    "pooling": ("pooling_dataset", v.check_number_list, lambda q, s: _ints(x for row in s["solution"] for x in row),
+    "pooling": ("pooling_dataset", v.check_number_list, lambda q, s: _join(x for row in s["solution"] for x in row),
                 lambda q, s: {"target_numbers": [float(x) for row in s["solution"] for x in row]}),
     "reversi": ("reversi_dataset", v.check_tokens, lambda q, s: s["solution"], None),
     "standard_sudoku": ("standard_sudoku", v.check_sudoku, lambda q, s: json.dumps(s["solution"]), None),
@@ -157,23 +160,24 @@ def _load_samples(root: Path, name: str) -> list[Example]:
     for sample in _sample_dirs(root / (folder or default_folder)):
         question = (sample / "question.txt").read_text().strip()
         sol = _read_json(sample / "solution.json")
-        answer = gold(question, sol)
         meta = {"solution": sol, "source": str(sample.relative_to(root))}
         try:
+            answer = gold(question, sol)
             meta.update(extra(question, sol) if extra else {})
-        except ValueError as err:
-            raise ValueError(f"{sample / 'question.txt'}: {err}") from err
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(f"{sample}: question.txt / solution.json not as expected ({err!r})") from err
         if check is v.check_ints:
             meta["target_ints"] = v.ints_in(answer)
         out.append(Example(f"symbench:{name}:{sample.parent.name}/{sample.name}" if folder else
                            f"symbench:{name}:{sample.name}", f"symbench:{name}", question, answer, meta, check))
     if name == "pattern_recognition":
-        out += _pattern_json(root)
+        seen = {ex.prompt for ex in out}
+        out += [ex for ex in _pattern_json(root) if ex.prompt not in seen]
     return out
 
 
 def _pattern_json(root: Path) -> list[Example]:
-    """pattern_recognition_dataset.json holds further puzzles in one file."""
+    """pattern_recognition_dataset.json: the 70 sample folders' puzzles and 30 more, in one file."""
     path = root / "pattern_recognition" / "pattern_recognition_dataset.json"
     items = _read_json(path) if path.exists() else []
     out = []
