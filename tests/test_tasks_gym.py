@@ -39,9 +39,11 @@ def test_examples_pickle_and_rebuild_their_dataset():
 
 def test_dataset_without_gold_answer_loads_but_has_no_gold():
     ex = load_tasks("gym:rubiks_cube", limit=1)[0]
-    assert ex.answer == ""
+    assert ex.answer == "" and ex.metadata["no_gold"]
     with pytest.raises(ValueError, match="no gold answer"):
         ex.gold_response()
+    empty = load_tasks("gym:ab", limit=20)[18]  # this item's answer is the empty program
+    assert empty.answer == "" and empty.score(empty.gold_response()) == 1.0
 
 
 def test_all_means_the_papers_84_and_unknown_names_fail():

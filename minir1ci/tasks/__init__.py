@@ -52,7 +52,7 @@ class Example:
     id: str
     task: str                     # "source:name", e.g. "symbench:game24"
     prompt: str
-    answer: str                   # the gold answer, as written inside <<<...>>>
+    answer: str                   # the gold answer, as written inside <<<...>>> (metadata "no_gold": none)
     metadata: dict = field(default_factory=dict)
     # (answer_text, example) -> score in [0, 1]; None means exact match after strip().
     # Module-level functions only, so examples pickle across processes.
@@ -72,7 +72,7 @@ class Example:
         return min(max(value, 0.0), 1.0)
 
     def gold_response(self) -> str:
-        if not self.answer:
+        if self.metadata.get("no_gold"):
             raise ValueError(f"{self.id}: this example has no gold answer")
         # '<<<] >>>>>' reads back as '] ' (the first '>>>' closes it): pad such answers with spaces
         pad = " " if self.answer.startswith("<") or self.answer.endswith(">") else ""

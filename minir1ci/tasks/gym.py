@@ -7,7 +7,8 @@ credit (some datasets give 0.01-0.5 for near misses) passes through unchanged.
 The data lives inside the package; nothing is downloaded.
 
 A few datasets (e.g. rubiks_cube, boxnet) have no single gold answer (`answer`
-is None): their examples load with answer "" and `gold_response()` raises.
+is None): their examples load with answer "", metadata "no_gold", and
+`gold_response()` raises. An empty-string answer (possible in "ab") is a real gold.
 
 Examples keep only the dataset name, size, seed and item index; the dataset is
 rebuilt (cached) where a score is needed, so examples pickle across processes.
@@ -66,5 +67,6 @@ def load(name: str, size: int = DEFAULT_SIZE, seed: int = 0) -> list[Example]:
         answer = entry["answer"]
         out.append(Example(f"gym:{name}:{seed}:{i}", f"gym:{name}", entry["question"].strip() + ANSWER_HINT,
                            "" if answer is None else str(answer),
-                           {"dataset": name, "size": size, "seed": seed, "index": i}, check_gym))
+                           {"dataset": name, "size": size, "seed": seed, "index": i, "no_gold": answer is None},
+                           check_gym))
     return out
