@@ -1,134 +1,167 @@
-"""The fork server behind `minir1ci.sandbox`: one long-lived process, one forked child per execution.
+"""The fork server behind `minir1ci.sandbox`: long-lived processes that fork one child per execution.
 
-`Sandbox` runs this file as `python -I _forkserver.py CONFIG_JSON` with a minimal environment: a
-clean spawn, never a fork of the trainer, so executions inherit neither its memory nor its secrets.
-The server imports what model code usually uses once, sets up the isolation that all executions
-share, then serves length-prefixed JSON frames: requests on fd 3, results on fd 4 (its stdin and
-stdout, moved). The fields are the ones `sandbox.py` writes and reads.
+`Sandbox` runs this file as `python -I _forkserver.py CONFIG_JSON` with a minimal environment (a
+clean spawn, never a fork of the trainer: no model memory, no secrets). It imports what model code
+usually uses, sets up what all executions share, forks one init per slot, then serves
+length-prefixed JSON frames: requests on fd 3, results on fd 4 (its stdin and stdout, moved).
 
-Shared, set up once (each layer is skipped where the kernel refuses it):
-  - a network namespace with no interface up: not even 127.0.0.1 is reachable;
-  - a private mount namespace whose root is remounted read-only (a per-mount flag: the host's view
-    stays writable); parents that hide the interpreter from other uids (/root, mode 700, under pyenv
-    or conda) are covered by a tmpfs that holds only bind mounts of the interpreter's directories.
+Shared, once (each layer is skipped where the kernel refuses it): a network namespace with no
+interface up; a private mount namespace whose root is remounted read-only (a per-mount flag: the
+host's view stays writable), where a parent that hides the interpreter from other uids (/root under
+pyenv or conda) is covered by a tmpfs holding only bind mounts of the interpreter's directories.
 
-Per execution:
+    server ─fork─> slot init: root, pid 1 of the slot's PID namespace, own /proc, dies with the server
+                   └─fork─> user (one per request): fresh mount + IPC namespaces with capped tmpfs on
+                            /tmp (the workdir) and /dev/shm, rlimits, the slot's uid; runs the code
+                   then the init kills everything else in its namespace (kill(-1) from pid 1: setsid'd
+                   grandchildren, fork bombs), reaps it all and reports the user's wait status.
 
-    server ─ unshare(CLONE_NEWPID) ─ posix_spawn ─> `sleep`: pid 1 of a fresh PID namespace
-           └─ fork ─> user (pid 2 there): as root, a mount namespace with fresh size-capped tmpfs on
-                      /tmp (the workdir) and /dev/shm and its own /proc; then rlimits, the slot's
-                      uid, no_new_privs, a scrubbed environment; runs the code; os._exit
-
-The init is a vfork-spawned `sleep` rather than a second fork of this large process (a fork plus
-an exit cost about 2 ms here; the spawn about 0.3 ms), and it outlives the code by design: when the
-user process exits, or at the deadline, or when the output passes its ceiling, the server SIGKILLs
-the init, and the kernel kills everything left in the namespace (setsid'd grandchildren, fork
-bombs) before the init can be reaped; the tmpfs mounts go with the namespace. The job ends when
-both are reaped. The user process dies with the server (PDEATHSIG); the init sleeps until 2 s past the
-deadline, so a namespace outlives a killed server by at most that.
-Fallback without PID namespaces: the server is a child subreaper; at the end of an execution it
-kills the execution's process group, then every orphan reparented to it, until none is left.
-
-Simplified: one execution per slot, each slot its own uid (`uid_base + slot`) so RLIMIT_NPROC
-bounds each execution alone; no seccomp filter; no cgroup (memory is limited per process).
+The slot's stdout, stderr and flags (MemoryError, end of a session replay) pipes are read without
+pause, so a chatty child never stalls; they belong to the slot's current execution, whose writers
+are all dead before its status arrives. At the deadline, or past the output ceiling, the server
+SIGKILLs the init (the kernel kills the namespace) and forks a new one. Forking executions from the
+inits keeps the server's own pages from being write-protected by every fork. Without PID namespaces,
+inits and server are child subreapers that kill the process group, then every orphan that reaches them.
+Simplified: one uid per slot (`uid_base + slot`), so RLIMIT_NPROC bounds each execution alone.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
+import importlib
+import json
+import math
 import os
+import resource
+import select
+import shutil
+import signal
+import struct
 import sys
+import tempfile
+import time
+import traceback
+from collections import deque
 
-# BLAS pools must be single-threaded before numpy is imported: fork copies only the calling
-# thread, and a pool of one never starts another.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_var] = "1"
+# How code runs and how its outcome reads live with the API, in sandbox.py (stdlib imports only).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minir1ci.sandbox import run_code  # noqa: E402
 
-import builtins  # noqa: E402
-import ctypes  # noqa: E402
-import gc  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import linecache  # noqa: E402
-import math  # noqa: E402
-import resource  # noqa: E402
-import selectors  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import struct  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-import types  # noqa: E402
-from collections import deque  # noqa: E402
+del sys.path[0]  # executions should not import this checkout by accident
 
-CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
-INIT_NAME = "minir1ci-sandbox-init"  # argv[0] of the `sleep` that is each namespace's pid 1
-CTRL_IN, CTRL_OUT, META_FD = 3, 4, 3  # server: request/result fds; execution: MemoryError flag fd
-USER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
+CTRL_IN, CTRL_OUT = 3, 4  # the server's request and result fds
+FLAGS_FD, REQ_FD, STATUS_FD = 3, 4, 5  # in a slot init (0-2 are stdin, stdout, stderr)
+USER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "HOME": "/tmp",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _libc = ctypes.CDLL(None, use_errno=True)
+_str, _int, _ulong = ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
+for _name, _args in (("unshare", [_int]), ("setns", [_int, _int]), ("umount2", [_str, _int]),
+                     ("mount", [_str, _str, _str, _ulong, _str]), ("prctl", [_int] + [_ulong] * 4)):
+    getattr(_libc, _name).argtypes = _args  # also checks the argument count
+_pyfork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: called with the GIL held
 
 
-def _sys(ret: int, what: str) -> None:
-    if ret != 0:
+def libc(name: str, *args) -> int:
+    """Call a libc function that fails with -1 and errno (os.unshare and os.setns need 3.12)."""
+    ret = getattr(_libc, name)(*(a.encode() if isinstance(a, str) else a for a in args))
+    if ret == -1:
         err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def unshare(flags: int) -> None:  # os.unshare and os.setns arrive only with Python 3.12
-    _sys(_libc.unshare(flags), "unshare")
-
-
-def setns(fd: int, nstype: int) -> None:
-    _sys(_libc.setns(fd, nstype), "setns")
-
-
-def mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    _sys(_libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
-
-
-def umount(target: str) -> None:
-    _sys(_libc.umount2(target.encode(), 2), f"umount {target}")  # 2: MNT_DETACH
+        raise OSError(err, f"{name}{args}: {os.strerror(err)}")
+    return ret
 
 
 def prctl(option: int, arg: int) -> None:
-    _sys(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), "prctl")
+    libc("prctl", option, arg, 0, 0, 0)  # unused arguments must be 0
 
 
 def fork() -> int:
     """fork(2) without os.fork's after-fork work (thread and lock re-initialisation, at-fork hooks),
-    which dirties some 200 shared pages, about 0.7 ms here. Safe only because the server has one
-    thread and holds the GIL across the call (PyDLL); children reseed `random` themselves."""
+    which dirties some 200 shared pages, about 0.7 ms here. Safe only in a single-threaded process
+    that holds the GIL across the call; the user process reseeds `random` itself."""
     pid = _pyfork()
     if pid < 0:
         raise OSError(ctypes.get_errno(), "fork failed")
     return pid
 
 
-_pyfork = ctypes.PyDLL(None, use_errno=True).fork
+# ---------------------------------------------------------------- a slot's init (forked once)
+
+def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
+    """Pid 1 of the slot's namespace: per request, fork the user process, then clean up after it."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server died: so does the namespace
+    null = os.open(os.devnull, os.O_RDWR)
+    for src, dst in zip((null, *fds), range(6)):  # sources are >= 5: the server keeps 0-4 open
+        os.dup2(src, dst)
+    os.closerange(6, os.sysconf("SC_OPEN_MAX"))
+    os.setsid()
+    if iso["pid_ns"] and iso["mount_ns"]:  # a /proc that shows only this namespace
+        libc("unshare", CLONE_NEWNS)
+        libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    if not iso["pid_ns"]:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us instead of the host's init
+    while (req := _read_frame(REQ_FD)) is not None:
+        workdir = "/tmp" if iso["mount_ns"] else tempfile.mkdtemp(dir=cfg["scratch"])
+        pid = fork()
+        if pid == 0:
+            _user_main(req, slot, cfg, iso, workdir)
+        _, status = os.waitpid(pid, 0)
+        if iso["pid_ns"]:
+            _ignore(os.kill, -1, signal.SIGKILL)  # from pid 1: every other process of the namespace
+            while True:
+                try:
+                    os.waitpid(-1, 0)
+                except ChildProcessError:
+                    break
+        else:
+            _ignore(os.killpg, pid, signal.SIGKILL)
+            _sweep(set())
+            shutil.rmtree(workdir, ignore_errors=True)
+        os.write(STATUS_FD, struct.pack("<i", status))
+    os._exit(0)
 
 
-# ---------------------------------------------------------------- the user process (forked)
+def _sweep(keep: set[int]) -> None:
+    """Kill our children except `keep`, and the orphans that reach us (a subreaper) as they die."""
+    for _ in range(1000):
+        strays = [pid for pid in _children() if pid not in keep]
+        for pid in strays:
+            _ignore(os.killpg, pid, signal.SIGKILL)
+            _ignore(os.kill, pid, signal.SIGKILL)
+        for pid in strays:
+            _ignore(os.waitpid, pid, 0)
+        if not strays:
+            return
 
-def _user_main(req: dict, slot: int, fds: tuple[int, int, int], cfg: dict, iso: dict, workdir: str):
+
+def _children() -> list[int]:
+    kids, me = [], os.getpid()
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:  # field 4, after the ")" of the name
+                kids += [int(name)] if int(f.read().rsplit(b")", 1)[1].split()[1]) == me else []
+        except OSError:
+            pass
+    return kids
+
+
+# ---------------------------------------------------------------- the user process (one per execution)
+
+def _user_main(req: dict, slot: int, cfg: dict, iso: dict, workdir: str):
     """Set up as root (mounts, limits), drop to the slot's uid, run the code. Never returns."""
     try:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server died: so does this process
-        null = os.open(os.devnull, os.O_RDWR)  # >= 5: the server keeps fds 0-4 open (see `main`)
-        for src, dst in zip((null, *fds), range(4)):
-            os.dup2(src, dst)
-        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
-        os.setsid()  # out of the server's process group: kill(0, sig) reaches only this execution
+        os.closerange(REQ_FD, os.sysconf("SC_OPEN_MAX"))  # the init's request and status pipes
+        os.setsid()  # kill(0, sig) reaches only this process group
+        if not iso["pid_ns"]:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # no namespace to take us along
         if iso["mount_ns"]:
-            unshare(CLONE_NEWNS)
+            libc("unshare", CLONE_NEWNS | CLONE_NEWIPC)  # the tmpfs and SysV IPC objects die with us
             opts = f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=1777"
-            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
-            mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
-            if iso["pid_ns"]:  # a /proc that shows only this execution's processes
-                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            libc("mount", "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+            libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
         lim, cpu = cfg["limits"], math.ceil(req["timeout"] * (1 + len(req["prelude"]))) + 1
         limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_CORE, (0, 0)),
                   (resource.RLIMIT_AS, (lim["memory_bytes"],) * 2),
@@ -140,7 +173,7 @@ def _user_main(req: dict, slot: int, fds: tuple[int, int, int], cfg: dict, iso: 
             resource.setrlimit(res, value)
         if iso["uid"]:
             uid = cfg["uid_base"] + slot
-            if not iso["mount_ns"]:
+            if workdir != "/tmp":
                 os.chown(workdir, uid, uid)
             os.setgroups([])
             os.setgid(uid)
@@ -148,68 +181,10 @@ def _user_main(req: dict, slot: int, fds: tuple[int, int, int], cfg: dict, iso: 
         os.chdir(workdir)
         if workdir != "/tmp":
             os.environ["HOME"] = workdir  # the rest of USER_ENV is the server's own environment
-        sys.argv = ["-c"]
-        _reseed(req["seed"])
     except BaseException:  # noqa: BLE001 - any set-up failure becomes the result
         os.write(2, f"sandbox set-up failed:\n{traceback.format_exc()}".encode())
         os._exit(71)
-    _run_code(req["code"], req["prelude"])
-
-
-def _reseed(seed: int | None) -> None:
-    """Forked children would share the server's random states (`random` reseeds itself after a
-    fork, numpy does not). An int seed keeps numpy on its cheap C path: 32 bits of OS entropy."""
-    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed % 2**32
-    if "random" in sys.modules:
-        sys.modules["random"].seed(seed)
-    if "numpy.random" in sys.modules:
-        sys.modules["numpy.random"].seed(seed)
-
-
-def _run_code(code: str, prelude: list[str]):
-    """Run the code as `python -c` would, in a fresh __main__, and exit with its exit code."""
-    main = types.ModuleType("__main__")  # fresh globals; the server's __main__ stays untouched
-    main.__builtins__ = builtins
-    sys.modules["__main__"] = main
-    if prelude:  # session replay: earlier blocks run silently, their errors ignored
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-        for i, block in enumerate(prelude):
-            try:
-                exec(_compile(block, f"<block {i + 1}>"), main.__dict__)
-            except BaseException:  # noqa: BLE001 - they were reported when they first ran
-                pass
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        os.write(META_FD, b"P")  # the server now gives this block its own deadline
-    try:
-        exec(_compile(code, "<string>"), main.__dict__)
-        rc = 0
-    except SystemExit as exc:  # as the interpreter: None -> 0, int -> itself, else print it, 1
-        rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, (int, type(None))):
-            _safe(lambda: print(exc.code, file=sys.stderr))
-    except BaseException as exc:  # noqa: BLE001 - printed like the interpreter does
-        rc = 1
-        if isinstance(exc, MemoryError):
-            _safe(lambda: os.write(META_FD, b"M"))
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next  # our frames: the traceback starts in the code, as with `python -c`
-        _safe(lambda: traceback.print_exception(type(exc), exc, tb, limit=-1000))  # as the C printer
-    _safe(sys.stdout.flush)
-    _safe(sys.stderr.flush)
-    os._exit(rc & 0xFF)  # no interpreter shutdown: leftover threads and atexit hooks are dropped
-
-
-def _compile(source: str, name: str) -> types.CodeType:
-    linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # traceback lines
-    return compile(source, name, "exec")
-
-
-def _safe(fn) -> None:
-    try:
-        fn()
-    except BaseException:  # noqa: BLE001 - reporting must never mask the exit code
-        pass
+    run_code(req["code"], req["prelude"], req["seed"], FLAGS_FD)
 
 
 # ---------------------------------------------------------------- the server
@@ -231,58 +206,55 @@ class _Capture:
             if len(self.tail) > self.half:
                 del self.tail[:len(self.tail) - self.half]
 
-    def text(self) -> tuple[str, bool]:
-        omitted = self.total - len(self.head) - len(self.tail)
-        middle = f"\n[... {omitted} bytes omitted ...]\n".encode() if omitted else b""
-        return bytes(self.head + middle + self.tail).decode("utf-8", "replace"), omitted > 0
+    def parts(self) -> tuple[str, str, int]:
+        return self.head.decode("utf-8", "replace"), self.tail.decode("utf-8", "replace"), self.total
 
 
 class _Job:
-    def __init__(self, req: dict, slot: int, keep: int):
-        self.req, self.slot, self.fds, self.flags = req, slot, {}, b""
-        self.pid = self.init = 0  # the user process; the namespace's init (0: none)
-        self.wait_status: int | None = None
+    def __init__(self, req: dict, keep: int):
+        self.req, self.flags = req, b""
         self.out, self.err = _Capture(keep), _Capture(keep)
         self.start = time.monotonic()
         self.deadline = self.start + req["timeout"] * (1 + len(req["prelude"]))
         self.timed_out = self.flooded = False
-        self.workdir = "/tmp"
+
+
+class _Slot:
+    def __init__(self, index: int):
+        self.index, self.pid, self.req_w, self.fds, self.job = index, 0, -1, {}, None
 
 
 class Server:
     def __init__(self, cfg: dict, iso: dict):
         self.cfg, self.iso, self.lim = cfg, iso, cfg["limits"]
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(CTRL_IN, selectors.EVENT_READ, ("ctrl", None))
-        self.inbuf, self.queue, self.jobs = bytearray(), deque(), set()
-        self.free = list(range(cfg["workers"]))[::-1]
+        self.epoll, self.handlers = select.epoll(), {CTRL_IN: ("ctrl", None)}  # fd -> (kind, slot)
+        self.epoll.register(CTRL_IN, select.EPOLLIN)
+        self.inbuf, self.queue = bytearray(), deque()
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if iso["pid_ns"] else -1
-        self.scratch = None if iso["mount_ns"] else tempfile.mkdtemp(prefix="minir1ci-sandbox-")
-        if self.scratch:
-            os.chmod(self.scratch, 0o711)  # slot uids may enter their own workdir, not list others
+        self.slots = [_Slot(i) for i in range(cfg["workers"])]
+        for slot in self.slots:
+            self._spawn(slot)
 
     def serve(self) -> None:
         while True:
-            deadlines = [j.deadline for j in self.jobs if not j.timed_out]
-            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            for key, _ in self.sel.select(wait):
-                kind, job = key.data
-                if kind == "ctrl":
-                    if not self._read_requests():
-                        return self._shutdown()
-                elif job not in self.jobs:
-                    continue  # finished earlier in this batch
-                elif kind in ("pid", "init"):
-                    self._reap(job, kind)
-                else:
-                    self._read_stream(job, kind)
+            deadlines = [s.job.deadline for s in self.slots if s.job and not s.job.timed_out]
+            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else -1
+            for fd, _ in self.epoll.poll(wait):
+                kind, slot = self.handlers.get(fd, (None, None))
+                if kind == "ctrl" and not self._read_requests():
+                    return self._shutdown()
+                if kind == "status":
+                    self._on_status(slot)
+                elif kind in ("out", "err", "flags") and slot.job is not None:
+                    self._read_stream(slot, kind)
             now = time.monotonic()
-            for job in list(self.jobs):
-                if not job.timed_out and now >= job.deadline:
-                    job.timed_out = True
-                    self._kill(job)
-            while self.queue and self.free:
-                self._start(self.queue.popleft())
+            for slot in self.slots:
+                if slot.job and not slot.job.timed_out and now >= slot.job.deadline:
+                    slot.job.timed_out = True
+                    _ignore(os.kill, slot.pid, signal.SIGKILL)  # the namespace goes with its init
+            for slot in self.slots:
+                if self.queue and slot.job is None:
+                    self._dispatch(slot, self.queue.popleft())
 
     def _read_requests(self) -> bool:
         data = os.read(CTRL_IN, 1 << 16)
@@ -297,63 +269,46 @@ class Server:
             del self.inbuf[:4 + n]
         return True
 
-    def _start(self, req: dict) -> None:
-        req.setdefault("prelude", [])
-        req.setdefault("seed", None)
-        req["timeout"] = float(req.get("timeout") or self.lim["timeout"])
-        job = _Job(req, self.free.pop(), self.lim["output_bytes"])
-        pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, flags; close-on-exec for `sleep`
-        if not self.iso["mount_ns"]:
-            job.workdir = tempfile.mkdtemp(dir=self.scratch)
-        sys.stdout.flush()  # nothing buffered may reach the child's output (normally a no-op)
-        sys.stderr.flush()
+    def _spawn(self, slot: _Slot) -> None:
+        """Fork the slot's init, in a fresh PID namespace where allowed, with its five pipes."""
+        pipes = {k: os.pipe() for k in ("out", "err", "flags", "req", "status")}
         pid = -1
         try:
             if self.iso["pid_ns"]:
-                unshare(CLONE_NEWPID)  # our next child is pid 1 of a fresh namespace
+                libc("unshare", CLONE_NEWPID)  # our next child is pid 1 of a fresh namespace
+            pid = fork()
+        finally:
+            if self.iso["pid_ns"] and pid != 0:
+                libc("setns", self.own_pidns, CLONE_NEWPID)  # later children: back in our namespace
+        if pid == 0:
             try:
-                if self.iso["pid_ns"]:
-                    budget = math.ceil(job.deadline - job.start) + 2  # outlives us, but not long
-                    job.init = os.posix_spawn(self.iso["init"], [INIT_NAME, str(budget)], {},
-                                              file_actions=[(os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
-                pid = job.pid = fork() if self.iso["raw_fork"] else os.fork()
+                ends = [pipes[k][1] for k in ("out", "err", "flags")] + [pipes["req"][0], pipes["status"][1]]
+                _slot_main(slot.index, tuple(ends), self.cfg, self.iso)
             finally:
-                if self.iso["pid_ns"] and pid != 0:
-                    setns(self.own_pidns, CLONE_NEWPID)  # later children: back in our namespace
-            if pid == 0:
-                try:
-                    _user_main(req, job.slot, tuple(w for _, w in pipes), self.cfg, self.iso, job.workdir)
-                finally:
-                    os._exit(70)
-        except OSError as exc:  # spawn or fork refused (memory, pids): report it, keep serving
-            for fd in (fd for pair in pipes for fd in pair):
-                os.close(fd)
-            if job.init:
-                self._kill(job)
-                os.waitpid(job.init, 0)
-            self.free.append(job.slot)
-            self._send(req["id"], "", f"sandbox: cannot start the execution: {exc}\n", "error", 0.0, False, None)
-            return
-        for (r, w), kind in zip(pipes, ("out", "err", "flags")):
+                os._exit(70)
+        slot.pid, slot.req_w = pid, pipes.pop("req")[1]
+        for kind, (r, w) in pipes.items():
             os.close(w)
             os.set_blocking(r, False)
-            job.fds[kind] = r
-        for kind, pid in (("pid", job.pid), ("init", job.init)):
-            if pid:
-                job.fds[kind] = os.pidfd_open(pid)
-        for kind, fd in job.fds.items():
-            self.sel.register(fd, selectors.EVENT_READ, (kind, job))
-        self.jobs.add(job)
+            slot.fds[kind], self.handlers[r] = r, (kind, slot)
+            self.epoll.register(r, select.EPOLLIN)
 
-    def _read_stream(self, job: _Job, kind: str) -> bool:
-        """Read once; False on EOF or when nothing is available."""
+    def _dispatch(self, slot: _Slot, req: dict) -> None:
+        slot.job = _Job(req, self.lim["output_bytes"])
         try:
-            data = os.read(job.fds[kind], 1 << 16)
+            _write_frame(slot.req_w, req)
+        except BrokenPipeError:  # the init is gone: its status pipe reports it
+            _ignore(os.kill, slot.pid, signal.SIGKILL)
+
+    def _read_stream(self, slot: _Slot, kind: str) -> bool:
+        """Read once into the slot's current job; False when nothing is available (or at EOF)."""
+        job = slot.job
+        try:
+            data = os.read(slot.fds[kind], 1 << 16)
         except BlockingIOError:
             return False
         if not data:
-            self._close(job, kind)
-            return False
+            return False  # the init died; its status pipe reports it
         if kind == "flags":
             if b"P" in data and b"P" not in job.flags:  # prelude replayed: the block's own deadline
                 job.deadline = time.monotonic() + job.req["timeout"]
@@ -362,100 +317,43 @@ class Server:
             (job.out if kind == "out" else job.err).add(data)
             if job.out.total + job.err.total > self.lim["stop_output_bytes"] and not job.flooded:
                 job.flooded = True
-                self._kill(job)
+                _ignore(os.kill, slot.pid, signal.SIGKILL)
         return True
 
-    def _kill(self, job: _Job) -> None:
-        if job.init:  # pid 1 of the namespace: the kernel takes every process in it along
-            _ignore(os.kill, job.init, signal.SIGKILL)
-        else:
-            _ignore(os.killpg, job.pid, signal.SIGKILL)
-            _ignore(os.kill, job.pid, signal.SIGKILL)
+    def _on_status(self, slot: _Slot) -> None:
+        try:
+            data = os.read(slot.fds["status"], 64)
+        except BlockingIOError:  # a stale event for a reused fd number (a respawn in this batch)
+            return
+        status = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else None
+        if slot.job is not None:
+            for kind in ("out", "err", "flags"):  # every writer is dead: read what they wrote
+                while self._read_stream(slot, kind):
+                    pass
+            self._finish(slot.job, status)
+            slot.job = None
+        if status is None:  # EOF: the init died (killed at a deadline or for output, or crashed)
+            os.waitpid(slot.pid, 0)
+            for fd in (slot.req_w, *slot.fds.values()):
+                self.handlers.pop(fd, None)
+                os.close(fd)
+            slot.fds = {}
+            if not self.iso["pid_ns"]:  # its user process and theirs are now our orphans
+                _sweep({s.pid for s in self.slots if s is not slot})
+            self._spawn(slot)
 
-    def _reap(self, job: _Job, kind: str) -> None:
-        _, status = os.waitpid(job.pid if kind == "pid" else job.init, 0)
-        self._close(job, kind)
-        if kind == "init" and os.WIFEXITED(status):
-            job.timed_out = True  # the init's sleep ran out before we killed it: past the deadline
-        if kind == "pid":
-            job.wait_status = status
-            self._kill(job)  # the code is done: take its leftovers with it
-            if not self.iso["pid_ns"]:
-                self._sweep()
-        if "pid" not in job.fds and "init" not in job.fds:
-            self._finish(job)
-
-    def _finish(self, job: _Job) -> None:
-        duration = time.monotonic() - job.start
-        self.jobs.discard(job)
-        for kind in ("out", "err", "flags"):  # every writer is gone: read to the end
-            while kind in job.fds and self._read_stream(job, kind):
-                pass
-        for kind in list(job.fds):
-            self._close(job, kind)
-        if job.workdir != "/tmp":
-            shutil.rmtree(job.workdir, ignore_errors=True)
-        self.free.append(job.slot)
-        (stdout, cut_out), (stderr, cut_err) = job.out.text(), job.err.text()
-        status, code = self._status(job)
-        if job.flooded and not job.timed_out:
-            stderr += f"\nOutputLimitError: more than {self.lim['stop_output_bytes']} bytes of output; stopped\n"
-        self._send(job.req["id"], stdout, stderr, status, duration, cut_out or cut_err or job.flooded, code)
-
-    def _status(self, job: _Job) -> tuple[str, int | None]:
-        st = job.wait_status
-        if job.timed_out:
-            return "timeout", None
-        if job.flooded:
-            return "error", None
-        if os.WIFSIGNALED(st):
-            sig = os.WTERMSIG(st)
-            return ("timeout" if sig == signal.SIGXCPU else f"signal:{sig}"), None
-        code = os.WEXITSTATUS(st)
-        if b"M" in job.flags and code != 0:
-            return "memory", code
-        return ("ok" if code == 0 else "error"), code
-
-    def _sweep(self) -> None:
-        """Without PID namespaces: kill the orphans reparented to us (a subreaper) until none."""
-        me, ours = os.getpid(), {j.pid for j in self.jobs if "pid" in j.fds}
-        for _ in range(1000):
-            strays = [p for p in _children_of(me) if p not in ours]
-            if not strays:
-                return
-            for pid in strays:
-                _ignore(os.killpg, pid, signal.SIGKILL)
-                _ignore(os.kill, pid, signal.SIGKILL)
-            for pid in strays:
-                _ignore(os.waitpid, pid, 0)
-
-    def _close(self, job: _Job, kind: str) -> None:
-        fd = job.fds.pop(kind)
-        self.sel.unregister(fd)
-        os.close(fd)
-
-    def _send(self, rid: int, stdout: str, stderr: str, status: str, duration: float,
-              truncated: bool, exit_code: int | None) -> None:
-        _write_frame(CTRL_OUT, {"id": rid, "stdout": stdout, "stderr": stderr, "status": status,
-                                "duration": duration, "truncated": truncated, "exit_code": exit_code})
+    def _finish(self, job: _Job, st: int | None) -> None:
+        """Raw facts only; `sandbox._result` turns them into a status and texts."""
+        _write_frame(CTRL_OUT, {"id": job.req["id"], "out": job.out.parts(), "err": job.err.parts(),
+                                "wait_status": st, "memory_error": b"M" in job.flags,
+                                "timed_out": job.timed_out, "flooded": job.flooded,
+                                "duration": time.monotonic() - job.start})
 
     def _shutdown(self) -> None:
-        for job in self.jobs:
-            self._kill(job)
-        if self.scratch:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def _children_of(ppid: int) -> list[int]:
-    kids = []
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                if int(f.read().rsplit(b")", 1)[1].split()[1]) == ppid:
-                    kids.append(int(name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return kids
+        for slot in self.slots:
+            _ignore(os.kill, slot.pid, signal.SIGKILL)
+        if self.cfg["scratch"]:
+            shutil.rmtree(self.cfg["scratch"], ignore_errors=True)
 
 
 def _ignore(fn, *args) -> None:
@@ -463,6 +361,19 @@ def _ignore(fn, *args) -> None:
         fn(*args)
     except (ProcessLookupError, ChildProcessError, PermissionError):
         pass
+
+
+def _read_frame(fd: int) -> dict | None:
+    """Blocking read of one length-prefixed JSON frame; None at EOF."""
+    buf, need = b"", 4
+    while len(buf) < need:
+        chunk = os.read(fd, need - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+        if len(buf) == 4 == need:
+            buf, need = b"", struct.unpack(">I", buf)[0]
+    return json.loads(buf)
 
 
 def _write_frame(fd: int, obj: dict) -> None:
@@ -474,28 +385,26 @@ def _write_frame(fd: int, obj: dict) -> None:
 
 def _setup_isolation(cfg: dict) -> dict:
     """Enable each shared layer the kernel allows, and probe the per-execution ones in a child."""
-    iso = dict(uid=False, net_ns=False, mount_ns=False, readonly_root=False, pid_ns=False, init=None)
+    iso = dict(uid=False, net_ns=False, mount_ns=False, readonly_root=False, pid_ns=False)
     if os.geteuid() != 0:
         return iso
     iso["uid"] = _probe(lambda: (os.setgid(cfg["uid_base"]), os.setuid(cfg["uid_base"])))
     if not cfg["namespaces"]:
         return iso
-    iso["net_ns"] = _try(lambda: unshare(CLONE_NEWNET))
-    if _try(lambda: (unshare(CLONE_NEWNS), mount(None, "/", None, MS_REC | MS_PRIVATE))):
-        iso["mount_ns"] = _probe(lambda: (unshare(CLONE_NEWNS), mount("tmpfs", "/tmp", "tmpfs", 0)))
+    iso["net_ns"] = _try(lambda: libc("unshare", CLONE_NEWNET))
+    private = lambda: libc("mount", None, "/", None, MS_REC | MS_PRIVATE, None)  # noqa: E731
+    if _try(lambda: (libc("unshare", CLONE_NEWNS), private())):  # our mounts never reach the host
+        tmpfs = lambda: libc("mount", "tmpfs", "/tmp", "tmpfs", 0, None)  # noqa: E731
+        iso["mount_ns"] = _probe(lambda: (libc("unshare", CLONE_NEWNS | CLONE_NEWIPC), tmpfs()))
         if iso["mount_ns"]:  # without per-execution tmpfs, workdirs need a writable /tmp
             _expose([p for p in (*sys.path, sys.prefix, sys.base_prefix) if os.path.isdir(p)])
-            iso["readonly_root"] = _try(lambda: mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY))
-    init = shutil.which("sleep", path="/usr/bin:/bin")
-    if init and _try(lambda: unshare(CLONE_NEWPID)):
+            readonly = lambda: libc("mount", None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)  # noqa: E731
+            iso["readonly_root"] = _try(readonly)
+    if _try(lambda: libc("unshare", CLONE_NEWPID)):
         own = os.open(f"/proc/{os.getpid()}/ns/pid", os.O_RDONLY)
-        first = os.posix_spawn(init, ["sleep", "5"], {})
-        iso["pid_ns"] = _probe(lambda: os.getpid() == 2 or os._exit(1))
-        setns(own, CLONE_NEWPID)
+        iso["pid_ns"] = _probe(lambda: os.getpid() == 1 or os._exit(1))
+        libc("setns", own, CLONE_NEWPID)
         os.close(own)
-        os.kill(first, signal.SIGKILL)
-        os.waitpid(first, 0)
-        iso["init"] = init if iso["pid_ns"] else None
     return iso
 
 
@@ -514,12 +423,12 @@ def _expose(paths: list[str]) -> None:
         if not blocked:
             return
         for parent, children in blocked.items():
-            mount(parent, "/dev/shm", None, MS_BIND | MS_REC)  # stage the original
-            mount("tmpfs", parent, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
+            libc("mount", parent, "/dev/shm", None, MS_BIND | MS_REC, None)  # stage the original
+            libc("mount", "tmpfs", parent, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
             for child in children:
                 os.mkdir(f"{parent}/{child}")
-                mount(f"/dev/shm/{child}", f"{parent}/{child}", None, MS_BIND | MS_REC)
-            umount("/dev/shm")
+                libc("mount", f"/dev/shm/{child}", f"{parent}/{child}", None, MS_BIND | MS_REC, None)
+            libc("umount2", "/dev/shm", 2)  # MNT_DETACH
 
 
 def _try(fn) -> bool:
@@ -540,14 +449,16 @@ def _probe(fn) -> bool:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    # Requests and results move to fds 3 and 4 (close-on-exec, so `sleep` never holds them); fd 1
-    # becomes stderr so a stray print cannot corrupt the protocol. With 0-4 open, pipes are >= 5.
+    # BLAS pools must be single-threaded before numpy is imported: fork copies only the calling
+    # thread, and a pool of one never starts another.
+    os.environ.update({k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    # Requests and results move to fds 3 and 4; fd 1 becomes stderr so that a stray print cannot
+    # corrupt the protocol. With 0-4 always open, every pipe the server makes is >= 5.
     os.dup2(0, CTRL_IN, inheritable=False)
     os.dup2(1, CTRL_OUT, inheritable=False)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
-    # Executions write through these objects, on their own fds 0-2 (each child's sys.std* are copies).
-    sys.stdout.reconfigure(errors="backslashreplace")
+    sys.stdout.reconfigure(errors="backslashreplace")  # executions print through copies of these
     preloaded = []
     for name in cfg["preload"]:
         try:
@@ -556,16 +467,20 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - a missing optional module is reported, not fatal
             pass
     os.environ.clear()  # the client passed a minimal environment; executions inherit exactly this
-    os.environ.update(USER_ENV, HOME="/tmp")
+    os.environ.update(USER_ENV)
     iso = _setup_isolation(cfg)
-    iso["raw_fork"] = len(os.listdir("/proc/self/task")) == 1  # one thread: see `fork`
+    if len(os.listdir("/proc/self/task")) != 1:
+        raise RuntimeError("the fork server must be single-threaded (see `fork`)")
     _try(lambda: prctl(PR_SET_NO_NEW_PRIVS, 1))  # inherited by every execution: no setuid gains
     if not iso["pid_ns"]:
-        prctl(PR_SET_CHILD_SUBREAPER, 1)
-    server = Server(cfg, iso)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # a dead init's orphans come to us (see `_on_status`)
+    cfg["scratch"] = None
+    if not iso["mount_ns"]:
+        cfg["scratch"] = tempfile.mkdtemp(prefix="minir1ci-sandbox-")
+        os.chmod(cfg["scratch"], 0o711)  # slot uids may enter their own workdir, not list others
     gc.collect()
-    gc.freeze()  # children share the heap copy-on-write; a collection would touch every page
-    iso = {k: v for k, v in iso.items() if k not in ("init", "raw_fork")}
+    gc.freeze()  # executions share the heap copy-on-write; a collection would touch every page
+    server = Server(cfg, iso)
     _write_frame(CTRL_OUT, {"ready": True, "isolation": iso, "preloaded": preloaded, "pid": os.getpid()})
     server.serve()
 

@@ -6,9 +6,10 @@
 
 `Sandbox` spawns `_forkserver.py` (a clean `python -I` process, not a fork of the trainer) on first
 use and restarts it transparently if it dies. The server pre-imports math, itertools, collections,
-re, json, fractions, decimal, numpy and sympy, then forks one child per execution (about 2-5 ms
-instead of about 0.6 s for a fresh interpreter with the same imports). See `_forkserver.py` for the
-process layout.
+re, json, fractions, decimal, numpy and sympy (configurable) and keeps one init process per worker
+slot; each execution is a fresh fork of its slot's init, about 3 ms of CPU here instead of about
+0.8 s for a fresh interpreter with the same imports. `_forkserver.py` describes the processes;
+`run_code` below is what runs inside each execution.
 
 Result: `status` is "ok" (exit code 0, including `sys.exit(0)` and a bare `raise SystemExit`),
 "error" (uncaught exception or non-zero exit; the traceback is in stderr), "timeout" (wall clock,
@@ -29,34 +30,41 @@ gets `timeout` per earlier block, the new block gets `timeout` of its own. `end_
 Threat model. Covered (as root on Linux; each layer is listed in `Sandbox.isolation` and skipped where
 the kernel refuses it): runaway time (SIGKILL from outside at the deadline; RLIMIT_CPU with hard =
 soft + 1), memory per process (RLIMIT_AS), output floods (head/tail caps and a stop ceiling), disk
-(RLIMIT_FSIZE; /tmp and /dev/shm are fresh tmpfs capped at `disk_bytes`, the rest of the filesystem is
-read-only), file descriptors (RLIMIT_NOFILE), fork bombs and escaping processes (RLIMIT_NPROC per
-slot uid; a PID namespace per execution whose death kills every descendant, setsid'd ones too),
-root-only files and other processes (an unprivileged uid per slot, no capabilities, no_new_privs, a
-/proc showing only the execution), secrets in the environment (the server starts with a minimal
-environment, the code with a scrubbed one), network (a network namespace with no interface up). The
-workdir vanishes with its tmpfs, even after SIGKILL.
+(RLIMIT_FSIZE; /tmp and /dev/shm are fresh tmpfs capped at `disk_bytes`, the rest of the filesystem
+is read-only), file descriptors (RLIMIT_NOFILE), fork bombs and escaping processes (RLIMIT_NPROC per
+slot uid; each slot is a PID namespace whose init kills everything but itself after every execution,
+setsid'd processes too, and whose death at a deadline takes the whole namespace), root-only files
+and other processes (an unprivileged uid per slot, `uid_base + slot`, no capabilities, no_new_privs, a
+/proc showing only the slot's namespace), secrets in the environment (the server starts with a minimal
+environment, which is all the code sees), network (a network namespace with no interface up), SysV
+IPC left behind (an IPC namespace per execution). The workdir vanishes with its tmpfs.
 Not covered: this is not a VM. Code shares the host kernel (no seccomp filter: a kernel exploit
-escapes), can read every world-readable file (the project, its data and answers included), and can
-see earlier requests of the same client in the server's memory. Memory is limited per process, not
-per tree: `processes` x `memory_bytes` is the bound (a cgroup would be tighter). CPU and memory
-bandwidth are shared with concurrent executions. Without root or namespaces the fallbacks are
-weaker: no uid change, a process group plus a sweep of orphans instead of a PID namespace, and no
-network isolation at all.
+escapes), can read every world-readable file (the project, its data and answers included), and may
+find traces of the same client's requests in the memory it inherits. Memory is limited per process,
+not per tree: `processes` x `memory_bytes` is the bound (a cgroup would be tighter). CPU and memory
+bandwidth are shared with concurrent executions. Without root or namespaces the fallbacks are weaker:
+no uid change, a process group plus a sweep of orphans instead of a PID namespace, no network
+isolation and the workdir under the host's /tmp.
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
+import linecache
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
+import traceback
+import types
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 DEFAULT_PRELOAD = ("math", "itertools", "collections", "re", "json", "fractions", "decimal",
                    "random", "statistics", "functools", "heapq", "string", "numpy", "numpy.random", "sympy")
@@ -81,7 +89,7 @@ class ExecResult:
     stdout: str
     stderr: str
     status: str  # "ok" | "error" | "timeout" | "memory" | "signal:N"
-    duration: float  # seconds, fork to reap, as measured by the server
+    duration: float  # seconds from dispatch to the end of cleanup, measured by the server
     truncated: bool = False
     exit_code: int | None = None  # None when killed or timed out
 
@@ -108,7 +116,8 @@ class Sandbox:
         self._config = {"limits": dataclasses.asdict(self.limits), "workers": self.workers,
                         "preload": list(preload), "namespaces": namespaces, "uid_base": uid_base}
         self._python = python
-        self._lock = threading.Lock()
+        self._lock, self._write_lock = threading.Lock(), threading.Lock()
+        self._progress = 0.0  # time of the server's last message
         self._proc: subprocess.Popen | None = None
         self._hello: dict = {}
         self._pending: dict[int, tuple[dict, Future, int, subprocess.Popen]] = {}
@@ -172,7 +181,7 @@ class Sandbox:
 
     # ---- requests and results
     def _submit(self, code: str, timeout: float | None, session_id: str | None) -> Future:
-        req = {"code": code, "timeout": float(timeout or self.limits.timeout)}
+        req = {"code": code, "timeout": float(timeout or self.limits.timeout), "prelude": [], "seed": None}
         if session_id is not None:
             with self._lock:
                 sess = self._sessions.setdefault(session_id, _Session([], random.getrandbits(31)))
@@ -183,12 +192,14 @@ class Sandbox:
 
     def _collect(self, code: str, session_id: str | None, fut: Future) -> ExecResult:
         while True:
-            try:  # the server enforces every deadline; this only guards against a hung server
-                result = fut.result(timeout=self.limits.timeout * 20 + 60)
+            try:
+                result = fut.result(timeout=5.0)
                 break
-            except TimeoutError:
+            except TimeoutError:  # the server enforces every deadline: this only catches a hung one
                 with self._lock:
-                    if self._proc is not None:
+                    budget = max((r["timeout"] * (1 + len(r["prelude"])) for r, *_ in self._pending.values()),
+                                 default=0.0)
+                    if self._proc is not None and time.monotonic() - self._progress > 2 * budget + 30:
                         self._proc.kill()  # its reader thread resubmits what was pending
         if session_id is not None and result.status in ("ok", "error"):
             with self._lock:
@@ -201,11 +212,14 @@ class Sandbox:
             proc = self._ensure_server_locked()
             rid, self._next_id = self._next_id, self._next_id + 1
             self._pending[rid] = (req, fut, attempt, proc)
-            data = json.dumps({**req, "id": rid}).encode()
+        data = json.dumps({**req, "id": rid}).encode()
+        # Not under self._lock: the reader must always be able to take results, or a server
+        # blocked on writing a big result would stop reading requests, and both would wait.
+        with self._write_lock:
             try:
                 proc.stdin.write(struct.pack(">I", len(data)) + data)
                 proc.stdin.flush()
-            except OSError:  # the server died; its reader thread resubmits what was pending
+            except (OSError, ValueError):  # it died (or was closed): the reader resubmits, once
                 pass
 
     def _ensure_server(self) -> subprocess.Popen:
@@ -226,7 +240,7 @@ class Sandbox:
             proc.kill()
             proc.wait()
             raise RuntimeError("sandbox server failed to start (see its stderr above)")
-        self._proc, self._hello = proc, hello
+        self._proc, self._hello, self._progress = proc, hello, time.monotonic()
         threading.Thread(target=self._reader, args=(proc,), daemon=True, name="sandbox-reader").start()
         return proc
 
@@ -235,8 +249,9 @@ class Sandbox:
         while (msg := _read_frame(proc.stdout)) is not None:
             with self._lock:
                 entry = self._pending.pop(msg.pop("id"), None)
+                self._progress = time.monotonic()
             if entry is not None:
-                entry[1].set_result(ExecResult(**msg))
+                entry[1].set_result(_result(msg, self.limits))
         proc.wait()
         with self._lock:
             if self._proc is proc:
@@ -249,6 +264,85 @@ class Sandbox:
             else:
                 fut.set_result(ExecResult("", "sandbox: the server died twice during this execution\n",
                                           "error", 0.0))
+
+
+def _result(msg: dict, limits: Limits) -> ExecResult:
+    """The status and texts of an execution from the server's raw report (see `ExecResult`)."""
+    texts, truncated = [], msg["flooded"]
+    for head, tail, total in (msg["out"], msg["err"]):
+        omitted = total - len(head.encode()) - len(tail.encode())
+        texts.append(head + (f"\n[... {omitted} bytes omitted ...]\n" if omitted > 0 else "") + tail)
+        truncated |= omitted > 0
+    stdout, stderr = texts
+    st, code = msg["wait_status"], None
+    if msg["timed_out"]:
+        status = "timeout"
+    elif msg["flooded"]:
+        status = "error"
+        stderr += f"\nOutputLimitError: more than {limits.stop_output_bytes} bytes of output; stopped\n"
+    elif st is None:  # the slot's init died before reporting
+        status, stderr = "error", stderr + "\nsandbox: the execution was lost\n"
+    elif os.WIFSIGNALED(st):  # SIGXCPU: RLIMIT_CPU, the CPU side of the time limit
+        status = "timeout" if os.WTERMSIG(st) == signal.SIGXCPU else f"signal:{os.WTERMSIG(st)}"
+    else:
+        code = os.WEXITSTATUS(st)
+        status = "ok" if code == 0 else "memory" if msg["memory_error"] else "error"
+    return ExecResult(stdout, stderr, status, msg["duration"], truncated, code)
+
+
+def run_code(code: str, prelude: list[str], seed: int | None, flags_fd: int) -> NoReturn:
+    """Inside an execution's user process (set up by `_forkserver`): run the code as `python -c`
+    would, in a fresh __main__, and leave with its exit code. Writes b"M" on `flags_fd` for an
+    uncaught MemoryError, b"P" when a session's earlier blocks have been replayed."""
+    sys.argv = ["-c"]
+    # Forked children would share the server's random states (`random` reseeds itself only after
+    # os.fork, numpy never). An int seed keeps numpy on its cheap C path: 32 bits of OS entropy.
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed % 2**32
+    for name in ("random", "numpy.random"):
+        if name in sys.modules:
+            sys.modules[name].seed(seed)
+    main = types.ModuleType("__main__")  # fresh globals; the server's __main__ stays untouched
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    if prelude:  # session replay: earlier blocks run silently, their errors ignored
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        for i, block in enumerate(prelude):
+            try:
+                exec(_compile(block, f"<block {i + 1}>"), main.__dict__)
+            except BaseException:  # noqa: BLE001 - they were reported when they first ran
+                pass
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        os.write(flags_fd, b"P")  # the server now gives this block its own deadline
+    try:
+        exec(_compile(code, "<string>"), main.__dict__)
+        rc = 0
+    except SystemExit as exc:  # as the interpreter: None -> 0, int -> itself, else print it, 1
+        rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            _safe(lambda: print(exc.code, file=sys.stderr))
+    except BaseException as exc:  # noqa: BLE001 - printed like the interpreter does
+        rc = 1
+        if isinstance(exc, MemoryError):
+            _safe(lambda: os.write(flags_fd, b"M"))
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next  # our frames: the traceback starts in the code, as with `python -c`
+        _safe(lambda: traceback.print_exception(type(exc), exc, tb, limit=-1000))  # as the C printer
+    _safe(sys.stdout.flush)
+    _safe(sys.stderr.flush)
+    os._exit(rc & 0xFF)  # no interpreter shutdown: leftover threads and atexit hooks are dropped
+
+
+def _compile(source: str, name: str) -> types.CodeType:
+    linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # traceback lines
+    return compile(source, name, "exec")
+
+
+def _safe(fn) -> None:
+    try:
+        fn()
+    except BaseException:  # noqa: BLE001 - reporting must never mask the exit code
+        pass
 
 
 def _read_frame(stream) -> dict | None:

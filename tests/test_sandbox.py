@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from minir1ci._forkserver import INIT_NAME
 from minir1ci.sandbox import Limits, Sandbox
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
@@ -39,28 +38,27 @@ def sb():
         os.environ.pop("MINIR1CI_TEST_SECRET", None)
 
 
-def _procs() -> list[tuple[int, int, str]]:
-    """(pid, uid, cmdline) of every process on the host."""
+def _procs() -> list[tuple[int, int, int, str]]:
+    """(pid, ppid, uid, cmdline) of every process on the host."""
     out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for name in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{name}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, StopIteration):
+        except OSError:
             continue
-        out.append((int(name), uid, cmd))
+        out.append((int(name), int(fields["PPid"]), int(fields["Uid"].split()[0]), cmd))
     return out
 
 
-def _strays(box: Sandbox, uid_base: int) -> list[tuple[int, int, str]]:
-    """Processes left by executions: any process of the slot uids, or a copy of the server."""
-    uids = range(uid_base, uid_base + box.workers)
-    return [p for p in _procs() if p[1] in uids or INIT_NAME in p[2]
-            or (SERVER_FILE in p[2] and p[0] != box.server_pid and str(uid_base) in p[2])]
+def _strays(box: Sandbox, uid_base: int) -> list[tuple[int, int, int, str]]:
+    """Processes left by executions: any process of the slot uids, or a copy of a server of this
+    sandbox (they carry its uid_base in their command line) that is neither it nor its slot inits."""
+    uids, server = range(uid_base, uid_base + box.workers), box.server_pid
+    return [p for p in _procs() if p[2] in uids or (
+        SERVER_FILE in p[3] and f'"uid_base": {uid_base}' in p[3] and server not in (p[0], p[1]))]
 
 
 def _host_ok(box: Sandbox, server_pid: int, uid_base: int = UID_BASE, grace: float = 2.0) -> None:
@@ -121,6 +119,13 @@ def test_run_many_returns_results_in_input_order(sb):
     results = sb.run_many(codes)
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(6)]
     assert time.monotonic() - t < sum(0.05 * (5 - i) for i in range(6))  # ran concurrently
+
+
+def test_run_is_safe_from_several_threads(sb):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: sb.run(f"print({i} * {i})").stdout, range(40)))
+    assert outs == [f"{i * i}\n" for i in range(40)]
 
 
 def test_executions_are_stateless_and_differently_seeded(sb):
@@ -190,7 +195,8 @@ def test_setsid_grandchild_does_not_outlive_the_call(sb):
 
 def test_thread_that_never_ends_does_not_hold_the_result(sb):
     pid = sb.server_pid
-    r = sb.run("import threading, time\nthreading.Thread(target=time.sleep, args=(1000,)).start()\nprint('main')")
+    r = sb.run("import threading, time\n"
+               "threading.Thread(target=time.sleep, args=(1000,)).start()\nprint('main')")
     assert (r.status, r.stdout) == ("ok", "main\n") and r.duration < 1.0
     _host_ok(sb, pid)
 
@@ -205,7 +211,8 @@ def test_eight_gigabytes_is_a_memory_error(sb, code):
 
 def test_deep_recursion_with_raised_limit_crashes_only_the_child(sb):
     pid = sb.server_pid  # recursion through repr() uses the C stack: a segfault, as in `python -c`
-    code = "import sys\nsys.setrecursionlimit(10**7)\nclass A:\n    def __repr__(self):\n        return repr(self)\nrepr(A())"
+    code = ("import sys\nsys.setrecursionlimit(10**7)\n"
+            "class A:\n    def __repr__(self):\n        return repr(self)\nrepr(A())")
     assert sb.run(code).status == f"signal:{signal.SIGSEGV}" == f"signal:{-_reference(code).returncode}"
     _host_ok(sb, pid)
 
@@ -258,11 +265,11 @@ def test_killing_the_parent_reaches_nothing_outside(sb):
     if not sb.isolation["pid_ns"] or not sb.isolation["uid"]:
         pytest.skip("no PID namespace or uid change here")
     pid = sb.server_pid
-    # The parent is outside the PID namespace, so getppid() is 0 and kill(0, 9) hits the code's own
-    # process group; the namespace's init (pid 1) is root; kill(-1) finds no one else to signal.
-    assert sb.run("import os\nos.kill(os.getppid(), 9)").status == "signal:9"
-    assert "PermissionError" in sb.run("import os\nos.kill(1, 9)").stderr
+    # The parent is the namespace's init (pid 1, root); kill(-1) finds no one else to signal.
+    r = sb.run("import os\nprint(os.getppid())\nos.kill(os.getppid(), 9)")
+    assert (r.status, r.stdout) == ("error", "1\n") and "PermissionError" in r.stderr
     assert "ProcessLookupError" in sb.run("import os\nos.kill(-1, 9)").stderr
+    assert sb.run("import os\nos.kill(0, 9)").status == "signal:9"  # its own process group only
     _host_ok(sb, pid)
 
 
