@@ -1,0 +1,119 @@
+"""Sampler throughput against HF transformers' generate, same random weights and settings.
+
+For each model shape (the tiny preset; the Qwen2.5-0.5B shape) and batch size, both sides
+generate `--new-tokens` tokens after random `--prompt-len`-token prompts at temperature 1 with
+top-k and top-p off and no eos, so every row produces exactly the same number of tokens. HF's
+model is built from our state dict with `assign=True`, so both read the very same weight tensors.
+Each side gets one untimed warm-up call per batch size (our CUDA graphs are captured when the
+Sampler is built, also untimed); the timed calls alternate between the two sides, and the
+median of `--reps` is reported. tokens/s = batch x new tokens / wall time of one call, prefill
+included.
+
+    python bench/sampler.py                                   # CPU, fp32, all threads
+    python bench/sampler.py --device cuda --dtype bfloat16    # a GPU run
+    python bench/sampler.py --shapes tiny --batches 32 --reps 5
+
+Prints a table, then one JSON line with both sides and their ratio per row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import transformers
+
+from minir1ci.engine import Sampler, SamplingParams
+from minir1ci.model import ModelConfig, Qwen2ForCausalLM
+from minir1ci.presets import tiny_dir
+
+QWEN_0_5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True, max_position_embeddings=32768)
+
+
+def build(shape: str, device: str, dtype: torch.dtype) -> tuple[Qwen2ForCausalLM, transformers.PreTrainedModel]:
+    cfg = ModelConfig.from_json(tiny_dir()) if shape == "tiny" else ModelConfig(**QWEN_0_5B)
+    ours = Qwen2ForCausalLM(cfg)
+    ours.init_weights(seed=0)
+    ours = ours.to(device=device, dtype=dtype).eval()
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "torch_dtype"})
+    hf = transformers.Qwen2ForCausalLM(hf_cfg)
+    hf.load_state_dict(ours.state_dict(), assign=True)  # the same tensors, not copies
+    hf.tie_weights()
+    return ours, hf.to(device).eval()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_hf(hf, prompts: torch.Tensor, new_tokens: int, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0,
+                          top_p=1.0, eos_token_id=None, pad_token_id=0)
+    sync(device)
+    assert out.shape == (prompts.shape[0], prompts.shape[1] + new_tokens)
+    return time.perf_counter() - t0
+
+
+def time_ours(sampler: Sampler, prompts: list[list[int]], new_tokens: int, device: str) -> float:
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens, ignore_eos=True)
+    sync(device)
+    t0 = time.perf_counter()
+    outs = sampler.generate(prompts, params)
+    sync(device)
+    assert all(len(o.token_ids) == new_tokens for o in outs)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="tiny,qwen2.5-0.5b")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"prompt={args.prompt_len} new={args.new_tokens} reps={args.reps}")
+    print(f"{'shape':<14}{'batch':>6}{'HF tok/s':>12}{'ours tok/s':>12}{'ratio':>8}")
+    for shape in args.shapes.split(","):
+        ours, hf = build(shape, args.device, dtype)
+        sampler = Sampler(ours, None, max_num_seqs=max(batches), max_model_len=4096)
+        gen = torch.Generator().manual_seed(0)
+        for batch in batches:
+            prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=gen)
+            ids = prompts.tolist()
+            prompts = prompts.to(args.device)
+            time_hf(hf, prompts, args.new_tokens, args.device)            # warm-up, untimed
+            time_ours(sampler, ids, args.new_tokens, args.device)
+            hf_t, our_t = [], []
+            for _ in range(args.reps):
+                hf_t.append(time_hf(hf, prompts, args.new_tokens, args.device))
+                our_t.append(time_ours(sampler, ids, args.new_tokens, args.device))
+            hf_tps = batch * args.new_tokens / statistics.median(hf_t)
+            our_tps = batch * args.new_tokens / statistics.median(our_t)
+            rows.append(dict(shape=shape, batch=batch, hf_tok_s=round(hf_tps, 1), ours_tok_s=round(our_tps, 1),
+                             ratio=round(our_tps / hf_tps, 2)))
+            print(f"{shape:<14}{batch:>6}{hf_tps:>12.1f}{our_tps:>12.1f}{our_tps / hf_tps:>8.2f}", flush=True)
+        del sampler, ours, hf
+    print(json.dumps(dict(bench="sampler", device=args.device, dtype=args.dtype, threads=torch.get_num_threads(),
+                          prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, results=rows)))
+
+
+if __name__ == "__main__":
+    main()
