@@ -13,10 +13,10 @@ install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-		echo "GPU found: installing torch from the index"; $(BIN)/pip install -q -e '.[dev]'; \
+		echo "GPU found: installing torch from the index"; $(BIN)/pip install -q -e '.[dev,gym]'; \
 	else \
 		echo "no GPU: installing the CPU build $(TORCH_CPU)"; $(BIN)/pip install -q '$(TORCH_CPU)' && \
-		$(BIN)/pip install -q -e '.[dev]' '$(TORCH_CPU)'; \
+		$(BIN)/pip install -q -e '.[dev,gym]' '$(TORCH_CPU)'; \
 	fi
 
 test:
