@@ -207,7 +207,9 @@ class _Capture:
                 del self.tail[:len(self.tail) - self.half]
 
     def parts(self) -> tuple[str, str, int]:
-        return self.head.decode("utf-8", "replace"), self.tail.decode("utf-8", "replace"), self.total
+        """(head, tail, bytes omitted between them)."""
+        omitted = self.total - len(self.head) - len(self.tail)
+        return self.head.decode("utf-8", "replace"), self.tail.decode("utf-8", "replace"), omitted
 
 
 class _Job:

@@ -38,13 +38,15 @@ and other processes (an unprivileged uid per slot, `uid_base + slot`, no capabil
 /proc showing only the slot's namespace), secrets in the environment (the server starts with a minimal
 environment, which is all the code sees), network (a network namespace with no interface up), SysV
 IPC left behind (an IPC namespace per execution). The workdir vanishes with its tmpfs.
-Not covered: this is not a VM. Code shares the host kernel (no seccomp filter: a kernel exploit
-escapes), can read every world-readable file (the project, its data and answers included), and may
-find traces of the same client's requests in the memory it inherits. Memory is limited per process,
-not per tree: `processes` x `memory_bytes` is the bound (a cgroup would be tighter). CPU and memory
-bandwidth are shared with concurrent executions. Without root or namespaces the fallbacks are weaker:
-no uid change, a process group plus a sweep of orphans instead of a PID namespace, no network
-isolation and the workdir under the host's /tmp.
+Not covered: this is not a VM. Code shares the host kernel (no seccomp filter, and unprivileged user
+namespaces stay reachable where the kernel allows them: a kernel exploit escapes), can read every
+world-readable file (the project, its data and answers included), and may find traces of the same
+client's requests in the memory it inherits. Memory is bounded per process, not per execution: a
+tree of `processes` processes of `memory_bytes` each, memfd files, or a tmpfs mounted inside a user
+namespace can outgrow the host's RAM (a memory cgroup per slot would close this; creating cgroups is
+left to the deployment). CPU and memory bandwidth are shared with concurrent executions. Without
+root or namespaces the fallbacks are weaker: no uid change, a process group plus a sweep of orphans
+instead of a PID namespace, no network isolation and the workdir under the host's /tmp.
 """
 from __future__ import annotations
 
@@ -105,7 +107,13 @@ class _Session:
 
 
 class Sandbox:
-    """A lazily started fork server. Thread-safe: `run` may be called from several threads."""
+    """A lazily started fork server; thread-safe (`run` may be called from several threads).
+
+    `limits` per execution (`timeout=` overrides its timeout); `workers` concurrent executions
+    (default: the CPU count); `preload` modules imported once by the server; `namespaces=False`
+    forces the fallback without namespaces; slot i runs as uid `uid_base + i` (sandboxes running
+    at the same time should use disjoint ranges); `python` is the server's interpreter.
+    """
 
     def __init__(self, limits: Limits | None = None, *, timeout: float | None = None,
                  workers: int | None = None, preload: Sequence[str] = DEFAULT_PRELOAD,
@@ -259,18 +267,20 @@ class Sandbox:
             lost = [rid for rid, entry in self._pending.items() if entry[3] is proc]
             lost = [self._pending.pop(rid) for rid in lost]
         for req, fut, attempt, _ in lost:
-            if attempt < 2:
-                self._send(req, fut, attempt + 1)
-            else:
-                fut.set_result(ExecResult("", "sandbox: the server died twice during this execution\n",
-                                          "error", 0.0))
+            try:
+                if attempt < 2:
+                    self._send(req, fut, attempt + 1)
+                    continue
+                reason = "the server died twice during this execution"
+            except Exception as exc:  # noqa: BLE001 - e.g. it cannot start again: report, never hang
+                reason = f"cannot restart the server: {exc}"
+            fut.set_result(ExecResult("", f"sandbox: {reason}\n", "error", 0.0))
 
 
 def _result(msg: dict, limits: Limits) -> ExecResult:
     """The status and texts of an execution from the server's raw report (see `ExecResult`)."""
     texts, truncated = [], msg["flooded"]
-    for head, tail, total in (msg["out"], msg["err"]):
-        omitted = total - len(head.encode()) - len(tail.encode())
+    for head, tail, omitted in (msg["out"], msg["err"]):
         texts.append(head + (f"\n[... {omitted} bytes omitted ...]\n" if omitted > 0 else "") + tail)
         truncated |= omitted > 0
     stdout, stderr = texts
