@@ -148,7 +148,7 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
                 tr.code_blocks.append({"code": code, "stdout": res.stdout, "stderr": res.stderr,
                                        "status": res.status, "truncated": res.truncated})
                 ids = render_for_model(tokenizer, res, params.max_output_tokens)
-                c = sampler.completion(sid)
+                c = sampler.result(sid)
                 if len(c.token_ids) + len(ids) >= params.max_new_tokens:
                     _finish(tr, c, "length", tokenizer, params.temperature)
                     sampler.release(sid)

@@ -64,10 +64,10 @@ class ScriptedSampler:
             elif len(s.tokens) >= p.max_new_tokens:
                 s.finish = "length"
             if s.finish is not None:
-                events.append(self.completion(s.sid))
+                events.append(self.result(s.sid))
         return events
 
-    def completion(self, sid):
+    def result(self, sid):
         from minir1ci.engine import Completion
         s = self.seqs[sid]
         return Completion(sid, list(s.prompt), list(s.tokens), list(s.logp), list(s.logp), list(s.mask),
@@ -82,6 +82,7 @@ class ScriptedSampler:
 
     def release(self, sid):
         self.seqs[sid].paused = False
+        return self.result(sid)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,91 @@
+"""rollout.py and evaluate.py end to end on CPU with a tiny random model, and prefix sharing in rollouts."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate as evaluate_script
+import rollout as rollout_script
+from minir1ci import checkpoint
+from minir1ci.engine import Sampler
+from minir1ci.interpreter import RolloutParams, run_rollouts
+from minir1ci.presets import tiny_dir
+from minir1ci.sandbox import Sandbox
+
+KEYS = {"prompt_ids", "response_ids", "loss_mask", "logprobs", "reward", "task", "id", "num_code_calls",
+        "finish_reason", "text"}
+DATA = Path(os.environ.get("MINIR1CI_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    model, tok = checkpoint.init_from_config(tiny_dir(), seed=0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    checkpoint.save_pretrained(model, tok, path)
+    return path
+
+
+def test_rollout_script_writes_valid_jsonl(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    rc = rollout_script.main(["--model", str(tiny_ckpt), "--tasks", "builtin:mul,builtin:letters", "--n", "2",
+                              "--limit", "2", "--max_new_tokens", "24", "--out", str(out), "--exec_timeout", "2"])
+    assert rc == 0
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(lines) == 2 * 2 * 2                       # tasks x questions x samples
+    for rec in lines:
+        assert KEYS <= rec.keys()
+        assert len(rec["response_ids"]) == len(rec["loss_mask"]) == len(rec["logprobs"]) <= 24
+        assert rec["finish_reason"] in ("eos", "answer", "max_code_calls", "length")
+        assert all(lp <= 0.0 for lp in rec["logprobs"])
+    assert lines[0]["prompt_ids"] == lines[1]["prompt_ids"] and lines[0]["id"] == lines[1]["id"]
+    summary = capsys.readouterr().out
+    assert "tokens/s" in summary and "code calls" in summary and "accuracy" in summary
+
+
+def test_group_samples_share_the_prompt_pages(tiny_ckpt):
+    model, tok = checkpoint.load_pretrained(tiny_ckpt)
+    sampler = Sampler(model, tok, kv_cache_bytes=64 << 20)
+    cached = []
+    allocate = sampler.block_manager.allocate
+
+    def spy(seq):
+        fresh = not seq.block_table
+        ok = allocate(seq)
+        if ok and fresh:
+            cached.append(seq.num_cached)
+        return ok
+
+    sampler.block_manager.allocate = spy
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 * 34?"}], add_generation_prompt=True)
+    with Sandbox(timeout=2.0) as sb:
+        trajs = run_rollouts(model, tok, sb, [prompt], 3, RolloutParams(max_new_tokens=8), sampler=sampler)
+    full = (len(prompt) // sampler.block_manager.block_size) * sampler.block_manager.block_size
+    assert len(trajs) == 3 and full > 0
+    assert cached[0] == 0 and cached[1:] == [full, full]   # samples 2 and 3 reuse the prompt's pages
+
+
+def test_evaluate_script_writes_table_and_json(tiny_ckpt, tmp_path, capsys):
+    spec = "builtin:mul,builtin:sort"
+    if (DATA / "bbh").is_dir():
+        spec += ",bbh:navigate"
+    out = tmp_path / "eval.json"
+    rc = evaluate_script.main(["--model", str(tiny_ckpt), "--tasks", spec, "--split", "all", "--data", str(DATA),
+                               "--limit", "2", "--max_new_tokens", "16", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    names = {t.strip() for t in spec.split(",")}
+    assert set(res["tasks"]) == names
+    for m in res["tasks"].values():
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["questions"] == 2 and m["truncated"] <= 1.0
+    assert res["average"]["accuracy"] == pytest.approx(sum(m["accuracy"] for m in res["tasks"].values()) / len(names))
+    table = capsys.readouterr().out
+    assert "AVERAGE" in table and "builtin:mul" in table
+    rc = evaluate_script.main(["--compare", str(out), str(out)])
+    assert rc == 0 and "+0.000" in capsys.readouterr().out
+
+
+def test_evaluate_reports_a_bad_model_path(tmp_path):
+    with pytest.raises(SystemExit, match="cannot load model"):
+        evaluate_script.main(["--model", str(tmp_path / "missing"), "--tasks", "builtin:mul", "--limit", "1"])
