@@ -343,12 +343,28 @@ def _decode_reduce_kernel(part_o_ptr, part_m_ptr, part_l_ptr, o_ptr, stride_ob, 
 
 def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                            context_lens: Tensor, scale: float, num_splits: int | None = None) -> Tensor:
-    """Twin of the Triton decode: each sequence's one query attends to all its cached keys."""
-    out = torch.empty_like(q)
-    for b, len_k in enumerate(context_lens.tolist()):
-        k_b, v_b = _gather_pages(k_cache, block_table[b], len_k), _gather_pages(v_cache, block_table[b], len_k)
-        out[b] = _attend(q[b:b + 1], k_b, v_b, scale, causal=False)[0]
-    return out
+    """Twin of the Triton decode: each sequence's one query attends to all its cached keys.
+
+    Batched rather than a loop over sequences, since this is also the CPU sampler's decode path:
+    gather every sequence's pages into [B, K, Hkv, D] (K = the longest context, rounded up to
+    whole pages), hide keys past each context length, one softmax in fp32.
+    """
+    B, Hq, D = q.shape
+    page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if B == 0:
+        return torch.empty_like(q)
+    n_pages = max(-(-int(context_lens.max()) // page_size), 1)
+    pages = block_table[:, :n_pages].long()                                    # [B, P]
+    k = k_cache[pages].flatten(1, 2).float()                                   # [B, K, Hkv, D]
+    v = v_cache[pages].flatten(1, 2).float()
+    qg = q.float().view(B, Hkv, Hq // Hkv, D)                                  # [B, Hkv, G, D]
+    s = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale                         # [B, Hkv, G, K]
+    visible = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens[:, None].to(q.device)  # [B, K]
+    s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
+    v = v.masked_fill(~visible[:, :, None, None], 0.0)                         # stale slots may hold anything
+    p = torch.nan_to_num(s.softmax(-1))                                        # a context of 0 gives zeros
+    out = torch.einsum("bhgk,bkhd->bhgd", p, v)                                # [B, Hkv, G, D]
+    return out.reshape(B, Hq, D).to(q.dtype)
 
 
 def _default_num_splits(x: Tensor, batch: int, kv_heads: int, max_keys: int, block_n: int) -> int:
