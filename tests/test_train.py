@@ -1,0 +1,122 @@
+"""train.py end to end on CPU with the tiny preset: SFT, then GRPO and PPO from its checkpoint;
+resuming an interrupted run reproduces the uninterrupted metrics; bad runs stop cleanly."""
+import dataclasses
+import json
+
+import pytest
+
+import train as train_script
+from minir1ci import sft, trainutil
+from minir1ci.config import resolve
+
+TINY = ["--max_seq_len=320", "--num_train_examples=16", "--batch_size=4", "--micro_batch_size=2", "--save_every=2",
+        "--warmup_steps=1", "--tasks=builtin:mul,builtin:letters"]
+RL = ["--prompts_per_step=2", "--n_samples=2", "--batch_size=4", "--micro_batch_size=2", "--max_new_tokens=24",
+      "--save_every=2", "--exec_timeout=2", "--tasks=builtin:mul,builtin:letters"]
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if k not in ("tok_s", "step_s")} for r in rows]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def run_interrupted(cfg, runner, monkeypatch, after_saves: int = 1):
+    """Run until `after_saves` checkpoints are written, then die as a killed process would."""
+    real = trainutil.save_run_checkpoint
+    count = {"n": 0}
+
+    def save_then_die(*a, **k):
+        out = real(*a, **k)
+        count["n"] += 1
+        if count["n"] == after_saves:
+            raise Interrupt
+        return out
+
+    for mod in (sft, __import__("minir1ci.grpo", fromlist=["x"]), __import__("minir1ci.ppo", fromlist=["x"])):
+        monkeypatch.setattr(mod, "save_run_checkpoint", save_then_die)
+    with pytest.raises(Interrupt):
+        runner(cfg)
+    monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sft"
+    assert train_script.main(["--stage=sft", "--steps=4", f"--out={out}", *TINY]) == 0
+    return out
+
+
+def test_sft_runs_and_writes_a_loadable_checkpoint(sft_run):
+    from minir1ci.checkpoint import load_pretrained
+    rows = metrics(sft_run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert json.loads((sft_run / "config.json").read_text())["stage"] == "sft"
+    model, tok = load_pretrained(trainutil.latest_checkpoint(sft_run))
+    assert model.num_params() > 1e6 and tok is not None
+
+
+def test_sft_resume_reproduces_the_uninterrupted_metrics(sft_run, tmp_path, monkeypatch):
+    cfg = resolve(["--stage=sft", "--steps=4", f"--out={tmp_path / 'sft'}", *TINY])
+    run_interrupted(cfg, sft.train_sft, monkeypatch)
+    assert [r["step"] for r in metrics(tmp_path / "sft")] == [0, 1]
+    sft.train_sft(dataclasses.replace(cfg, resume=True))
+    assert comparable(metrics(tmp_path / "sft")) == comparable(metrics(sft_run))
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_rl_stages_run_from_the_sft_checkpoint_and_resume_exactly(stage, sft_run, tmp_path, monkeypatch):
+    from minir1ci.grpo import train_grpo
+    from minir1ci.ppo import train_ppo
+    runner = train_grpo if stage == "grpo" else train_ppo
+    start = trainutil.latest_checkpoint(sft_run)
+    args = [f"--stage={stage}", "--steps=4", f"--model={start}", "--preset=tiny", *RL]
+    full = tmp_path / "full"
+    runner(resolve(args + [f"--out={full}"]))
+    rows = metrics(full)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["response_len"] > 0
+        assert all(v == v for v in r.values() if isinstance(v, float))      # no NaN
+    if stage == "grpo":
+        assert rows[0]["logprob_gap"] < 1e-3                                  # sampler and trainer agree
+    cfg = resolve(args + [f"--out={tmp_path / 'cut'}"])
+    run_interrupted(cfg, runner, monkeypatch)
+    runner(dataclasses.replace(cfg, resume=True))
+    assert comparable(metrics(tmp_path / "cut")) == comparable(rows)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = sft.sft_step_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss, n = real(*a, **k)
+        return (float("nan") if calls["n"] > 4 else loss), n      # steps 0-1 fine (2 micro-batches each)
+
+    monkeypatch.setattr(sft, "sft_step_loss", poisoned)
+    out = tmp_path / "bad"
+    rc = train_script.main(["--stage=sft", "--steps=4", f"--out={out}", *TINY])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step-000001" in err
+    assert trainutil.latest_checkpoint(out).name == "step-000001"
+
+
+def test_unknown_options_and_missing_data_are_refused(tmp_path, capsys):
+    assert train_script.main(["--stage=sft", "--lerning_rate=1"]) == 2
+    assert "unknown option --lerning_rate" in capsys.readouterr().err
+    assert train_script.main(["--stage=sft", f"--sft_data={tmp_path / 'none.jsonl'}", f"--out={tmp_path}"]) == 1
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+    assert train_script.main(["--stage=sft", f"--sft_data={bad}", f"--out={tmp_path / 'o'}"]) == 1
+    assert f"{bad}:2" in capsys.readouterr().err
