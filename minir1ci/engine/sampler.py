@@ -57,7 +57,7 @@ class Sampler:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  use_cuda_graphs: bool = True, eos_token_ids: SequenceABC[int] | None = None, seed: int = 0):
         cfg = model.config
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         param = next(model.parameters())
         block_bytes = kv_block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, block_size,
