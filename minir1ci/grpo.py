@@ -23,11 +23,11 @@ import torch
 from . import distributed as dist
 from .interpreter import RolloutParams, run_rollouts
 from .losses import aggregate, global_denominator, grpo_advantages, kl_penalty, masked_mean, policy_loss, step_denominator
-from .rl import batch_logprobs, curriculum_pools, pick_prompts, rollout_stats, score_trajectories, to_batch
+from .rl import minibatches, batch_logprobs, curriculum_pools, pick_prompts, rollout_stats, score_trajectories, to_batch
 from .sandbox import Sandbox
 from .tasks import load_tasks
 from .trainutil import (MetricsLog, autocast_for, check_finite, frozen_reference, load_start_model, load_trainer_state, lr_factor,
-                        make_optimizer, resolve_device, restore_optimizers, save_run_checkpoint, set_lr, step_seed)
+                        make_optimizer, restore_optimizers, save_run_checkpoint, set_lr, setup_run, step_seed)
 
 
 def rollout_params(cfg, seed: int, temperature: float | None = None) -> RolloutParams:
@@ -47,56 +47,45 @@ def measure_success(model, tokenizer, sandbox, examples, cfg) -> list[float]:
 def policy_update(model, opt, batch, adv_tok, old_logp, ref_logp, cfg, device, amp, seed: int) -> dict:
     """`ppo_epochs` passes over mini-batches; one optimizer step per mini-batch. Returns metrics."""
     B = len(batch)
-    mini = cfg.mini_batch_size or B
-    g = torch.Generator().manual_seed(seed)
     sums = {"pg_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     updates = 0
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=g).tolist() if cfg.ppo_epochs > 1 or mini < B else list(range(B))
-        for s in range(0, B, mini):
-            rows = order[s:s + mini]
-            mb = batch.rows(rows)
-            # Denominator for the whole mini-batch on every rank, not per micro-batch.
-            denom = global_denominator(step_denominator(mb.mask, cfg.loss_agg, max_len=cfg.max_new_tokens))
-            for m in range(0, len(rows), cfg.micro_batch_size):
-                sl = slice(m, m + cfg.micro_batch_size)
-                ids, attn = mb.ids[sl].to(device), mb.attn[sl].to(device)
-                mask = mb.mask[sl].to(device)
-                with amp:
-                    logp, ent = model(ids, attention_mask=attn, targets=mb.targets[sl].to(device), target_mask=mask,
-                                      temperature=cfg.temperature, with_entropy=cfg.entropy_coef > 0,
-                                      chunk_size=cfg.loss_chunk_size)
-                idx = torch.as_tensor(rows[m:m + cfg.micro_batch_size])
-                pl, pm = policy_loss(logp, old_logp[idx].to(device), adv_tok[idx].to(device), mask,
-                                     cfg.clip_low, cfg.clip_high, cfg.dual_clip)
-                loss_tok = pl
-                if cfg.kl_coef > 0:
-                    kl = kl_penalty(logp, ref_logp[idx].to(device), cfg.kl_estimator)
-                    loss_tok = loss_tok + cfg.kl_coef * kl
-                    sums["kl"] += float(masked_mean(kl.detach(), mask)) * len(idx) / B
-                if ent is not None:
-                    loss_tok = loss_tok - cfg.entropy_coef * ent
-                    sums["entropy"] += float(masked_mean(ent.detach(), mask)) * len(idx) / B
-                loss = aggregate(loss_tok, mask, cfg.loss_agg, denom)
-                loss.backward()
-                sums["pg_loss"] += float(aggregate(pl.detach(), mask, cfg.loss_agg, denom))
-                sums["clipfrac"] += float(pm["clipfrac"]) * len(idx) / B
-            dist.sync_grads(model)
-            sums["grad_norm"] += dist.clip_grad_norm(model, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            updates += 1
+    for rows in minibatches(B, cfg, seed):
+        mb = batch.rows(rows)
+        # Denominator for the whole mini-batch on every rank, not per micro-batch.
+        denom = global_denominator(step_denominator(mb.mask, cfg.loss_agg, max_len=cfg.max_new_tokens))
+        for m in range(0, len(rows), cfg.micro_batch_size):
+            sl = slice(m, m + cfg.micro_batch_size)
+            ids, attn = mb.ids[sl].to(device), mb.attn[sl].to(device)
+            mask = mb.mask[sl].to(device)
+            with amp:
+                logp, ent = model(ids, attention_mask=attn, targets=mb.targets[sl].to(device), target_mask=mask,
+                                  temperature=cfg.temperature, with_entropy=cfg.entropy_coef > 0,
+                                  chunk_size=cfg.loss_chunk_size)
+            idx = torch.as_tensor(rows[m:m + cfg.micro_batch_size])
+            pl, pm = policy_loss(logp, old_logp[idx].to(device), adv_tok[idx].to(device), mask,
+                                 cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+            loss_tok = pl
+            if cfg.kl_coef > 0:
+                kl = kl_penalty(logp, ref_logp[idx].to(device), cfg.kl_estimator)
+                loss_tok = loss_tok + cfg.kl_coef * kl
+                sums["kl"] += float(masked_mean(kl.detach(), mask)) * len(idx) / B
+            if ent is not None:
+                loss_tok = loss_tok - cfg.entropy_coef * ent
+                sums["entropy"] += float(masked_mean(ent.detach(), mask)) * len(idx) / B
+            loss = aggregate(loss_tok, mask, cfg.loss_agg, denom)
+            loss.backward()
+            sums["pg_loss"] += float(aggregate(pl.detach(), mask, cfg.loss_agg, denom))
+            sums["clipfrac"] += float(pm["clipfrac"]) * len(idx) / B
+        dist.sync_grads(model)
+        sums["grad_norm"] += dist.clip_grad_norm(model, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        updates += 1
     return {k: v / (updates if k in ("grad_norm", "pg_loss") else cfg.ppo_epochs) for k, v in sums.items()}
 
 
 def train_grpo(cfg) -> dict:
-    dist.init()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        cfg.save(run_dir / "config.json")
+    device, run_dir = setup_run(cfg)
     model, tokenizer, source, resume_dir = load_start_model(cfg, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     ref = frozen_reference(model, cfg, resume_dir, device) if cfg.kl_coef > 0 else None

@@ -29,12 +29,12 @@ from .interpreter import run_rollouts
 from .losses import (aggregate, gae, global_denominator, kl_penalty, masked_mean, masked_whiten, policy_loss,
                      step_denominator, value_loss)
 from .model import Qwen2Model
-from .rl import batch_logprobs, pick_prompts, rollout_stats, score_trajectories, to_batch
+from .rl import minibatches, batch_logprobs, pick_prompts, rollout_stats, score_trajectories, to_batch
 from .sandbox import Sandbox
 from .tasks import load_tasks
 from .trainutil import (MetricsLog, autocast_for, check_finite, frozen_reference, load_start_model,
-                        load_trainer_state, lr_factor, make_optimizer, resolve_device, restore_optimizers,
-                        save_run_checkpoint, set_lr, step_seed)
+                        load_trainer_state, lr_factor, make_optimizer, restore_optimizers,
+                        save_run_checkpoint, set_lr, setup_run, step_seed)
 
 
 class Critic(nn.Module):
@@ -77,57 +77,46 @@ def token_rewards(batch, old_logp: Tensor, ref_logp: Tensor | None, kl_coef: flo
 def ppo_update(model, critic, opt, copt, batch, adv, returns, old_logp, old_values, cfg, device, amp, seed,
                train_policy: bool) -> dict:
     B = len(batch)
-    mini = cfg.mini_batch_size or B
-    g = torch.Generator().manual_seed(seed)
     sums = {"pg_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0, "grad_norm": 0.0}
     updates = 0
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=g).tolist() if cfg.ppo_epochs > 1 or mini < B else list(range(B))
-        for s in range(0, B, mini):
-            rows = order[s:s + mini]
-            mb = batch.rows(rows)
-            denom = global_denominator(step_denominator(mb.mask, cfg.loss_agg, max_len=cfg.max_new_tokens))
-            vdenom = global_denominator(step_denominator(mb.mask, "token-mean"))
-            for m in range(0, len(rows), cfg.micro_batch_size):
-                sl = slice(m, m + cfg.micro_batch_size)
-                idx = torch.as_tensor(rows[m:m + cfg.micro_batch_size])
-                ids, attn, mask = mb.ids[sl].to(device), mb.attn[sl].to(device), mb.mask[sl].to(device)
-                with amp:
-                    values = critic(ids, attn)
-                vl, vm = value_loss(values, old_values[idx].to(device), returns[idx].to(device), cfg.value_clip, mask)
-                aggregate(vl, mask, "token-mean", vdenom).backward()
-                sums["value_loss"] += float(aggregate(vl.detach(), mask, "token-mean", vdenom))
-                sums["vf_clipfrac"] += float(vm["vf_clipfrac"]) * len(idx) / B
-                if train_policy:
-                    with amp:
-                        logp, _ = model(ids, attention_mask=attn, targets=mb.targets[sl].to(device), target_mask=mask,
-                                        temperature=cfg.temperature, chunk_size=cfg.loss_chunk_size)
-                    pl, pm = policy_loss(logp, old_logp[idx].to(device), adv[idx].to(device), mask,
-                                         cfg.clip_low, cfg.clip_high, cfg.dual_clip)
-                    aggregate(pl, mask, cfg.loss_agg, denom).backward()
-                    sums["pg_loss"] += float(aggregate(pl.detach(), mask, cfg.loss_agg, denom))
-                    sums["clipfrac"] += float(pm["clipfrac"]) * len(idx) / B
-            dist.sync_grads(critic)
-            dist.clip_grad_norm(critic, cfg.grad_clip)
-            copt.step()
-            copt.zero_grad(set_to_none=True)
+    for rows in minibatches(B, cfg, seed):
+        mb = batch.rows(rows)
+        denom = global_denominator(step_denominator(mb.mask, cfg.loss_agg, max_len=cfg.max_new_tokens))
+        vdenom = global_denominator(step_denominator(mb.mask, "token-mean"))
+        for m in range(0, len(rows), cfg.micro_batch_size):
+            sl = slice(m, m + cfg.micro_batch_size)
+            idx = torch.as_tensor(rows[m:m + cfg.micro_batch_size])
+            ids, attn, mask = mb.ids[sl].to(device), mb.attn[sl].to(device), mb.mask[sl].to(device)
+            with amp:
+                values = critic(ids, attn)
+            vl, vm = value_loss(values, old_values[idx].to(device), returns[idx].to(device), cfg.value_clip, mask)
+            aggregate(vl, mask, "token-mean", vdenom).backward()
+            sums["value_loss"] += float(aggregate(vl.detach(), mask, "token-mean", vdenom))
+            sums["vf_clipfrac"] += float(vm["vf_clipfrac"]) * len(idx) / B
             if train_policy:
-                dist.sync_grads(model)
-                sums["grad_norm"] += dist.clip_grad_norm(model, cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            updates += 1
+                with amp:
+                    logp, _ = model(ids, attention_mask=attn, targets=mb.targets[sl].to(device), target_mask=mask,
+                                    temperature=cfg.temperature, chunk_size=cfg.loss_chunk_size)
+                pl, pm = policy_loss(logp, old_logp[idx].to(device), adv[idx].to(device), mask,
+                                     cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+                aggregate(pl, mask, cfg.loss_agg, denom).backward()
+                sums["pg_loss"] += float(aggregate(pl.detach(), mask, cfg.loss_agg, denom))
+                sums["clipfrac"] += float(pm["clipfrac"]) * len(idx) / B
+        dist.sync_grads(critic)
+        dist.clip_grad_norm(critic, cfg.grad_clip)
+        copt.step()
+        copt.zero_grad(set_to_none=True)
+        if train_policy:
+            dist.sync_grads(model)
+            sums["grad_norm"] += dist.clip_grad_norm(model, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        updates += 1
     return {k: v / (updates if k in ("grad_norm", "pg_loss", "value_loss") else cfg.ppo_epochs) for k, v in sums.items()}
 
 
 def train_ppo(cfg) -> dict:
-    dist.init()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        cfg.save(run_dir / "config.json")
+    device, run_dir = setup_run(cfg)
     model, tokenizer, source, resume_dir = load_start_model(cfg, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     ref = frozen_reference(model, cfg, resume_dir, device) if cfg.kl_coef > 0 else None

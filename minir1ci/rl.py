@@ -85,6 +85,20 @@ def batch_logprobs(model, batch: RLBatch, micro: int, device, amp, temperature: 
     return out
 
 
+def minibatches(num_rows: int, cfg, seed: int):
+    """Row indices of each mini-batch over `ppo_epochs` passes (shuffled unless one on-policy pass).
+
+    Every rank draws the same permutation of its own rows, so ranks step the optimizer together.
+    """
+    mini = cfg.mini_batch_size or num_rows
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(cfg.ppo_epochs):
+        shuffle = cfg.ppo_epochs > 1 or mini < num_rows
+        order = torch.randperm(num_rows, generator=g).tolist() if shuffle else list(range(num_rows))
+        for s in range(0, num_rows, mini):
+            yield order[s:s + mini]
+
+
 def rollout_stats(trajs, rewards: list[float], correct: list[float]) -> dict:
     n = max(len(trajs), 1)
     return {

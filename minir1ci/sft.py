@@ -24,7 +24,7 @@ from . import distributed as dist
 from .data import filter_by_length, load_jsonl, next_token_targets, oracle_samples, pad_batch
 from .tasks import load_tasks
 from .trainutil import (MetricsLog, autocast_for, check_finite, load_start_model, load_trainer_state, lr_factor,
-                        make_optimizer, resolve_device, restore_optimizers, save_run_checkpoint, set_lr, step_seed)
+                        make_optimizer, restore_optimizers, save_run_checkpoint, set_lr, setup_run, step_seed)
 
 
 def build_samples(cfg, tokenizer):
@@ -57,13 +57,7 @@ def sft_step_loss(model, batch, denom: float, cfg, device, amp) -> tuple[float, 
 
 
 def train_sft(cfg) -> dict:
-    dist.init()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        cfg.save(run_dir / "config.json")
+    device, run_dir = setup_run(cfg)
     model, tokenizer, source, resume_dir = load_start_model(cfg, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     samples, dropped = build_samples(cfg, tokenizer)

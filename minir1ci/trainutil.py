@@ -29,6 +29,18 @@ import torch
 from . import checkpoint, distributed as dist
 
 
+def setup_run(cfg) -> tuple[torch.device, Path]:
+    """Process group, device, seed and run directory (with the resolved config saved in it)."""
+    dist.init()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        cfg.save(run_dir / "config.json")
+    return device, run_dir
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
