@@ -212,17 +212,47 @@ def _gather_pages(cache: Tensor, pages: Tensor, length: int) -> Tensor:
 def prefill_attention_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                             max_seqlen_q: int, max_seqlen_k: int, scale: float,
                             block_table: Tensor | None = None) -> Tensor:
-    """Twin of the Triton prefill: one sequence at a time, dense causal softmax in fp32."""
-    out = torch.empty_like(q)
-    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(cu_q) - 1):
-        len_k = cu_k[i + 1] - cu_k[i]
-        if block_table is None:
-            k_i, v_i = k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
-        else:
-            k_i, v_i = _gather_pages(k, block_table[i], len_k), _gather_pages(v, block_table[i], len_k)
-        out[cu_q[i]:cu_q[i + 1]] = _attend(q[cu_q[i]:cu_q[i + 1]], k_i, v_i, scale, causal=True)
-    return out
+    """Twin of the Triton prefill: dense causal softmax in fp32, all sequences at once.
+
+    Queries and keys are scattered into padded [B, L, H, D] blocks (keys gathered from the pages
+    when `block_table` is given), padding and future keys are hidden with one mask, and the
+    result is packed back. Batched because this is also the CPU sampler's prefill path.
+    """
+    B = cu_seqlens_q.numel() - 1
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv = k.shape[-2]
+    if B == 0 or q.shape[0] == 0:
+        return torch.empty_like(q)
+    dev = q.device
+    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(dev).long()                # [B]
+    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(dev).long()
+    Lq, Lk = int(len_q.max()), max(int(len_k.max()), 1)
+    # Row b, column j of the padded query block holds packed query cu_q[b] + j.
+    qpos = torch.arange(Lq, device=dev)
+    q_valid = qpos[None, :] < len_q[:, None]                                   # [B, Lq]
+    q_idx = (cu_seqlens_q[:-1].to(dev).long()[:, None] + qpos[None, :]).clamp(max=q.shape[0] - 1)
+    qb = q.float()[q_idx]                                                      # [B, Lq, Hq, D]
+    kpos = torch.arange(Lk, device=dev)
+    if block_table is None:
+        k_idx = (cu_seqlens_k[:-1].to(dev).long()[:, None] + kpos[None, :]).clamp(max=k.shape[0] - 1)
+        kb, vb = k.float()[k_idx], v.float()[k_idx]                            # [B, Lk, Hkv, D]
+    else:
+        page = k.shape[1]
+        n_pages = -(-Lk // page)
+        pages = block_table[:, :n_pages].long()
+        kb = k[pages].flatten(1, 2)[:, :Lk].float()
+        vb = v[pages].flatten(1, 2)[:, :Lk].float()
+    k_valid = kpos[None, :] < len_k[:, None]                                   # [B, Lk]
+    vb = vb.masked_fill(~k_valid[:, :, None, None], 0.0)
+    # Bottom-right causal: query j sees keys up to len_k - len_q + j.
+    last_key = (len_k - len_q)[:, None] + qpos[None, :]                        # [B, Lq]
+    visible = (kpos[None, None, :] <= last_key[:, :, None]) & k_valid[:, None, :]  # [B, Lq, Lk]
+    G = Hq // Hkv
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qb.view(B, Lq, Hkv, G, D), kb) * scale  # [B, Hkv, G, Lq, Lk]
+    s = s.masked_fill(~visible[:, None, None], float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1))
+    out = torch.einsum("bhgqk,bkhd->bqhgd", p, vb).reshape(B, Lq, Hq, D)
+    return out[q_valid].to(q.dtype)
 
 
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
