@@ -22,6 +22,7 @@ fp32 and outputs take the input dtype.
 from __future__ import annotations  # kernel annotations stay strings, so this imports without Triton
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -385,16 +386,15 @@ def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         return torch.empty_like(q)
     n_pages = max(-(-int(context_lens.max()) // page_size), 1)
     pages = block_table[:, :n_pages].long()                                    # [B, P]
-    k = k_cache[pages].flatten(1, 2).float()                                   # [B, K, Hkv, D]
-    v = v_cache[pages].flatten(1, 2).float()
-    qg = q.float().view(B, Hkv, Hq // Hkv, D)                                  # [B, Hkv, G, D]
-    s = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale                         # [B, Hkv, G, K]
-    visible = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens[:, None].to(q.device)  # [B, K]
-    s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
-    v = v.masked_fill(~visible[:, :, None, None], 0.0)                         # stale slots may hold anything
-    p = torch.nan_to_num(s.softmax(-1))                                        # a context of 0 gives zeros
-    out = torch.einsum("bhgk,bkhd->bhgd", p, v)                                # [B, Hkv, G, D]
-    return out.reshape(B, Hq, D).to(q.dtype)
+    k = k_cache[pages].flatten(1, 2).transpose(1, 2).float()                   # [B, Hkv, K, D]
+    v = v_cache[pages].flatten(1, 2).transpose(1, 2).float()
+    visible = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None].to(q.device)  # [B, K]
+    hidden = ~visible[:, None, :, None]
+    k, v = k.masked_fill(hidden, 0.0), v.masked_fill(hidden, 0.0)              # stale slots may hold anything
+    out = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=visible[:, None, None, :],
+                                         scale=scale, enable_gqa=True)         # [B, Hq, 1, D]
+    out = torch.where(context_lens.to(q.device)[:, None, None, None] > 0, out, 0.0)  # a context of 0 gives zeros
+    return out[:, :, 0].to(q.dtype)
 
 
 def _default_num_splits(x: Tensor, batch: int, kv_heads: int, max_keys: int, block_n: int) -> int:
