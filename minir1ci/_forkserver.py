@@ -160,7 +160,7 @@ def _user_main(req: dict, slot: int, cfg: dict, iso: dict, workdir: str):
         if iso["mount_ns"]:
             libc("unshare", CLONE_NEWNS | CLONE_NEWIPC)  # the tmpfs and SysV IPC objects die with us
             opts = f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=1777"
-            libc("mount", "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+            _fresh_tmp(opts)
             libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
         lim, cpu = cfg["limits"], math.ceil(req["timeout"] * (1 + len(req["prelude"]))) + 1
         limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_CORE, (0, 0)),
@@ -399,7 +399,7 @@ def _setup_isolation(cfg: dict) -> dict:
         tmpfs = lambda: libc("mount", "tmpfs", "/tmp", "tmpfs", 0, None)  # noqa: E731
         iso["mount_ns"] = _probe(lambda: (libc("unshare", CLONE_NEWNS | CLONE_NEWIPC), tmpfs()))
         if iso["mount_ns"]:  # without per-execution tmpfs, workdirs need a writable /tmp
-            _expose([p for p in (*sys.path, sys.prefix, sys.base_prefix) if os.path.isdir(p)])
+            _expose(_interpreter_paths())
             readonly = lambda: libc("mount", None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)  # noqa: E731
             iso["readonly_root"] = _try(readonly)
     if _try(lambda: libc("unshare", CLONE_NEWPID)):
@@ -408,6 +408,27 @@ def _setup_isolation(cfg: dict) -> dict:
         libc("setns", own, CLONE_NEWPID)
         os.close(own)
     return iso
+
+
+def _interpreter_paths() -> list[str]:
+    return [p for p in (*sys.path, sys.prefix, sys.base_prefix) if os.path.isdir(p)]
+
+
+def _fresh_tmp(opts: str) -> None:
+    """Mount the execution's empty tmpfs on /tmp, keeping the interpreter's own directories that
+    live under /tmp (a checkout or virtual environment there) visible through bind mounts, or
+    lazily imported modules (sympy's, say) would vanish."""
+    keep = sorted({os.path.realpath(p) for p in _interpreter_paths()
+                   if os.path.realpath(p).startswith("/tmp/")})
+    keep = [p for p in keep if not any(p.startswith(q + "/") for q in keep)]   # outermost only
+    if keep:
+        libc("mount", "/tmp", "/dev/shm", None, MS_BIND | MS_REC, None)       # stage the original
+    libc("mount", "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    if keep:
+        for path in keep:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            libc("mount", "/dev/shm" + path[len("/tmp"):], path, None, MS_BIND | MS_REC, None)
+        libc("umount2", "/dev/shm", 2)  # MNT_DETACH; the caller mounts a fresh /dev/shm next
 
 
 def _expose(paths: list[str]) -> None:
