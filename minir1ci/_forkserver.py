@@ -415,20 +415,18 @@ def _interpreter_paths() -> list[str]:
 
 
 def _fresh_tmp(opts: str) -> None:
-    """Mount the execution's empty tmpfs on /tmp, keeping the interpreter's own directories that
-    live under /tmp (a checkout or virtual environment there) visible through bind mounts, or
-    lazily imported modules (sympy's, say) would vanish."""
-    keep = sorted({os.path.realpath(p) for p in _interpreter_paths()
-                   if os.path.realpath(p).startswith("/tmp/")})
-    keep = [p for p in keep if not any(p.startswith(q + "/") for q in keep)]   # outermost only
-    if keep:
-        libc("mount", "/tmp", "/dev/shm", None, MS_BIND | MS_REC, None)       # stage the original
+    """Mount the execution's empty tmpfs on /tmp; the interpreter's directories under /tmp (a venv
+    there) stay visible through bind mounts, or lazily imported modules would vanish."""
+    keep = sorted({q for q in map(os.path.realpath, _interpreter_paths()) if q.startswith("/tmp/")})
+    keep = [p for p in keep if not any(p.startswith(q + "/") for q in keep)]  # outermost only
+    if keep:  # stage the original /tmp on /dev/shm, which gets its own tmpfs next
+        libc("mount", "/tmp", "/dev/shm", None, MS_BIND | MS_REC, None)
     libc("mount", "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    for path in keep:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        libc("mount", "/dev/shm" + path[4:], path, None, MS_BIND | MS_REC, None)
     if keep:
-        for path in keep:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            libc("mount", "/dev/shm" + path[len("/tmp"):], path, None, MS_BIND | MS_REC, None)
-        libc("umount2", "/dev/shm", 2)  # MNT_DETACH; the caller mounts a fresh /dev/shm next
+        libc("umount2", "/dev/shm", 2)  # MNT_DETACH
 
 
 def _expose(paths: list[str]) -> None:
