@@ -45,7 +45,7 @@ from collections import deque
 
 # How code runs and how its outcome reads live with the API, in sandbox.py (stdlib imports only).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minir1ci.sandbox import run_code  # noqa: E402
+from minir1ci.sandbox import _Capture, run_code  # noqa: E402
 
 del sys.path[0]  # executions should not import this checkout by accident
 
@@ -188,29 +188,6 @@ def _user_main(req: dict, slot: int, cfg: dict, iso: dict, workdir: str):
 
 
 # ---------------------------------------------------------------- the server
-
-class _Capture:
-    """Keeps the first and the last `keep // 2` bytes of a stream and counts the rest."""
-
-    def __init__(self, keep: int):
-        self.half, self.head, self.tail, self.total = keep // 2, bytearray(), bytearray(), 0
-
-    def add(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.half - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if data:
-            self.tail += data
-            if len(self.tail) > self.half:
-                del self.tail[:len(self.tail) - self.half]
-
-    def parts(self) -> tuple[str, str, int]:
-        """(head, tail, bytes omitted between them)."""
-        omitted = self.total - len(self.head) - len(self.tail)
-        return self.head.decode("utf-8", "replace"), self.tail.decode("utf-8", "replace"), omitted
-
 
 class _Job:
     def __init__(self, req: dict, keep: int):

@@ -300,6 +300,29 @@ def _result(msg: dict, limits: Limits) -> ExecResult:
     return ExecResult(stdout, stderr, status, msg["duration"], truncated, code)
 
 
+class _Capture:
+    """Keeps the first and the last `keep // 2` bytes of a stream and counts the rest."""
+
+    def __init__(self, keep: int):
+        self.half, self.head, self.tail, self.total = keep // 2, bytearray(), bytearray(), 0
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > self.half:
+                del self.tail[:len(self.tail) - self.half]
+
+    def parts(self) -> tuple[str, str, int]:
+        """(head, tail, bytes omitted between them)."""
+        omitted = self.total - len(self.head) - len(self.tail)
+        return self.head.decode("utf-8", "replace"), self.tail.decode("utf-8", "replace"), omitted
+
+
 def run_code(code: str, prelude: list[str], seed: int | None, flags_fd: int) -> NoReturn:
     """Inside an execution's user process (set up by `_forkserver`): run the code as `python -c`
     would, in a fresh __main__, and leave with its exit code. Writes b"M" on `flags_fd` for an
