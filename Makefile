@@ -30,8 +30,8 @@ test-gpu:
 
 bench:
 	$(BIN)/python bench/sandbox.py
-	$(BIN)/python bench/sampler.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/sampler.py --reps 1
 
 demo:
 	$(BIN)/python demo.py
