@@ -51,20 +51,11 @@ def main(argv=None) -> int:
     if not args.model:
         ap.error("--model is required (or use --compare A.json B.json)")
 
-    from minir1ci.cli import ProgressBar, load_for_inference
+    from minir1ci.cli import ProgressBar, load_examples_model_params
     from minir1ci.evaluation import evaluate_examples
-    from minir1ci.interpreter import RolloutParams
     from minir1ci.sandbox import Sandbox
-    from minir1ci.tasks import load_tasks
 
-    try:
-        examples = load_tasks(args.tasks, data_dir=args.data, split=None if args.split == "all" else args.split,
-                              limit=args.limit, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
-    params = RolloutParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                           max_code_calls=args.max_code_calls, use_code=args.use_code, seed=args.seed)
+    examples, model, tokenizer, params = load_examples_model_params(args)
     with Sandbox(timeout=args.exec_timeout) as sandbox:
         summary, _ = evaluate_examples(model, tokenizer, sandbox, examples, args.n, params,
                                        progress=ProgressBar("evaluate", "traj"))

@@ -37,21 +37,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args(argv)
 
-    from minir1ci.cli import ProgressBar, load_for_inference
-    from minir1ci.interpreter import RolloutParams, run_rollouts
+    from minir1ci.cli import ProgressBar, load_examples_model_params
+    from minir1ci.interpreter import prompt_ids, run_rollouts
     from minir1ci.rewards import RewardConfig, compute_reward
     from minir1ci.sandbox import Sandbox
-    from minir1ci.tasks import load_tasks
 
-    try:
-        examples = load_tasks(args.tasks, data_dir=args.data, split=None if args.split == "all" else args.split,
-                              limit=args.limit, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
-    params = RolloutParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                           max_code_calls=args.max_code_calls, use_code=args.use_code, seed=args.seed)
-    prompts = [tokenizer.apply_chat_template(ex.messages(args.use_code), add_generation_prompt=True) for ex in examples]
+    examples, model, tokenizer, params = load_examples_model_params(args)
+    prompts = prompt_ids(tokenizer, examples, args.use_code)
     t0 = time.time()
     with Sandbox(timeout=args.exec_timeout) as sandbox:
         trajs = run_rollouts(model, tokenizer, sandbox, prompts, args.n, params,

@@ -46,6 +46,24 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
 
 
+def load_examples_model_params(args):
+    """What rollout.py and evaluate.py both start from: the tasks of `--tasks/--split/--limit`, the
+    model and tokenizer of `--model`, and the RolloutParams of the sampling flags. A bad task spec
+    or model path exits with its error message."""
+    from .interpreter import RolloutParams
+    from .tasks import load_tasks
+
+    try:
+        examples = load_tasks(args.tasks, data_dir=args.data, split=None if args.split == "all" else args.split,
+                              limit=args.limit, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
+    params = RolloutParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                           max_code_calls=args.max_code_calls, use_code=args.use_code, seed=args.seed)
+    return examples, model, tokenizer, params
+
+
 def load_for_inference(path: str, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) in eval mode; a bad path or checkpoint exits with its error message."""
     from .checkpoint import load_pretrained

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from .interpreter import RolloutParams, run_rollouts
+from .interpreter import RolloutParams, prompt_ids, run_rollouts
 
 COLUMNS = ("accuracy", "pass@k", "code_use", "code_calls", "response_tokens", "truncated")
 
@@ -53,8 +53,7 @@ def evaluate_examples(model, tokenizer, sandbox, examples, n: int = 1, params: R
                       progress=None) -> tuple[dict, list]:
     """Run rollouts on `examples` and summarise. Returns (summary, trajectories)."""
     params = params or RolloutParams(temperature=0.6)
-    prompts = [tokenizer.apply_chat_template(ex.messages(params.use_code), add_generation_prompt=True)
-               for ex in examples]
+    prompts = prompt_ids(tokenizer, examples, params.use_code)
     trajs = run_rollouts(model, tokenizer, sandbox, prompts, n, params, progress=progress)
     return summarize(examples, trajs, n), trajs
 

@@ -21,24 +21,18 @@ import time
 import torch
 
 from . import distributed as dist
-from .interpreter import RolloutParams, run_rollouts
+from .interpreter import prompt_ids, run_rollouts
 from .losses import aggregate, global_denominator, grpo_advantages, kl_penalty, masked_mean, policy_loss, step_denominator
-from .rl import minibatches, batch_logprobs, curriculum_pools, pick_prompts, rollout_stats, score_trajectories, to_batch
+from .rl import batch_logprobs, collect, curriculum_pools, minibatches, rollout_params, rollout_stats
 from .sandbox import Sandbox
 from .tasks import load_tasks
 from .trainutil import (MetricsLog, autocast_for, check_finite, frozen_reference, load_start_model, load_trainer_state, lr_factor,
                         make_optimizer, restore_optimizers, save_run_checkpoint, set_lr, setup_run, step_seed)
 
 
-def rollout_params(cfg, seed: int, temperature: float | None = None) -> RolloutParams:
-    return RolloutParams(temperature=cfg.temperature if temperature is None else temperature, top_p=cfg.top_p,
-                         max_new_tokens=cfg.max_new_tokens, max_code_calls=cfg.max_code_calls,
-                         use_code=cfg.use_code, seed=seed)
-
-
 def measure_success(model, tokenizer, sandbox, examples, cfg) -> list[float]:
     """Success rate of each question over `curriculum_samples` samples (for the curriculum)."""
-    prompts = [tokenizer.apply_chat_template(ex.messages(cfg.use_code), add_generation_prompt=True) for ex in examples]
+    prompts = prompt_ids(tokenizer, examples, cfg.use_code)
     k = cfg.curriculum_samples
     trajs = run_rollouts(model, tokenizer, sandbox, prompts, k, rollout_params(cfg, seed=cfg.seed + 17))
     return [sum(examples[i].score(t.text) for t in trajs[i * k:(i + 1) * k]) / k for i in range(len(examples))]
@@ -111,16 +105,7 @@ def train_grpo(cfg) -> dict:
         last = {}
         for step in range(start, cfg.steps):
             t0 = time.time()
-            idx = dist.shard(pick_prompts(len(examples), cfg.prompts_per_step, step, cfg.seed, cfg.steps, pools))
-            exs = [examples[i] for i in idx]
-            prompts = [tokenizer.apply_chat_template(ex.messages(cfg.use_code), add_generation_prompt=True)
-                       for ex in exs]
-            model.eval()
-            trajs = run_rollouts(model, tokenizer, sandbox, prompts, cfg.n_samples,
-                                 rollout_params(cfg, seed=step_seed(cfg.seed, step, dist.rank())))
-            model.train()
-            rewards, correct = score_trajectories(exs, trajs, cfg.n_samples, cfg)
-            batch = to_batch(trajs, rewards, [i // cfg.n_samples for i in range(len(trajs))])
+            trajs, rewards, correct, batch = collect(model, tokenizer, sandbox, examples, cfg, step, dist.rank(), pools)
             adv = grpo_advantages(batch.scores, cfg.n_samples, norm_std=cfg.norm_adv_std)   # [B]
             adv_tok = adv[:, None] * batch.mask                                                   # [B, T]
             old_logp = batch_logprobs(model, batch, cfg.micro_batch_size, device, amp, cfg.temperature,

@@ -57,6 +57,11 @@ class Trajectory:
     text: str = ""
 
 
+def prompt_ids(tokenizer, examples, use_code: bool) -> list[list[int]]:
+    """Each example's chat prompt (system + user turn + the assistant header), as token ids."""
+    return [tokenizer.apply_chat_template(ex.messages(use_code), add_generation_prompt=True) for ex in examples]
+
+
 def _tail_may_stop(tail: str) -> bool:
     return "```" in tail or ">>>" in tail
 

@@ -24,12 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist
-from .grpo import rollout_params
-from .interpreter import run_rollouts
 from .losses import (aggregate, gae, global_denominator, kl_penalty, masked_mean, masked_whiten, policy_loss,
                      step_denominator, value_loss)
 from .model import Qwen2Model
-from .rl import minibatches, batch_logprobs, pick_prompts, rollout_stats, score_trajectories, to_batch
+from .rl import batch_logprobs, collect, minibatches, rollout_stats
 from .sandbox import Sandbox
 from .tasks import load_tasks
 from .trainutil import (MetricsLog, autocast_for, check_finite, frozen_reference, load_start_model,
@@ -141,16 +139,7 @@ def train_ppo(cfg) -> dict:
     with Sandbox(timeout=cfg.exec_timeout) as sandbox:
         for step in range(start, cfg.steps):
             t0 = time.time()
-            idx = dist.shard(pick_prompts(len(examples), cfg.prompts_per_step, step, cfg.seed, cfg.steps))
-            exs = [examples[i] for i in idx]
-            prompts = [tokenizer.apply_chat_template(ex.messages(cfg.use_code), add_generation_prompt=True)
-                       for ex in exs]
-            model.eval()
-            trajs = run_rollouts(model, tokenizer, sandbox, prompts, cfg.n_samples,
-                                 rollout_params(cfg, seed=step_seed(cfg.seed, step, dist.rank())))
-            model.train()
-            rewards, correct = score_trajectories(exs, trajs, cfg.n_samples, cfg)
-            batch = to_batch(trajs, rewards, [i // cfg.n_samples for i in range(len(trajs))])
+            trajs, rewards, correct, batch = collect(model, tokenizer, sandbox, examples, cfg, step, dist.rank())
             old_logp = batch_logprobs(model, batch, cfg.micro_batch_size, device, amp, cfg.temperature,
                                       cfg.loss_chunk_size)
             ref_logp = (batch_logprobs(ref, batch, cfg.micro_batch_size, device, amp, cfg.temperature,

@@ -16,6 +16,7 @@ import torch
 
 from .data import pad_batch
 from .rewards import RewardConfig, compute_reward
+from .trainutil import step_seed
 
 
 @dataclass
@@ -55,6 +56,34 @@ def to_batch(trajs, scores: list[float], groups: list[int]) -> RLBatch:
     targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
     return RLBatch(ids, attn, targets, mask, sampler_logp, torch.tensor(scores, dtype=torch.float32),
                    torch.tensor(groups, dtype=torch.long))
+
+
+def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pools=None):
+    """One step's rollouts on this rank: pick its share of prompts (deterministic in seed and step),
+    sample `n_samples` trajectories each with the interpreter, score them.
+
+    Returns (trajectories, rewards, correctness, RLBatch)."""
+    from . import distributed as dist
+    from .interpreter import prompt_ids, run_rollouts
+
+    idx = dist.shard(pick_prompts(len(examples), cfg.prompts_per_step, step, cfg.seed, cfg.steps, pools))
+    exs = [examples[i] for i in idx]
+    was_training = model.training
+    model.eval()
+    trajs = run_rollouts(model, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), cfg.n_samples,
+                         rollout_params(cfg, seed=step_seed(cfg.seed, step, rank)))
+    model.train(was_training)
+    rewards, correct = score_trajectories(exs, trajs, cfg.n_samples, cfg)
+    batch = to_batch(trajs, rewards, [i // cfg.n_samples for i in range(len(trajs))])
+    return trajs, rewards, correct, batch
+
+
+def rollout_params(cfg, seed: int, temperature: float | None = None):
+    from .interpreter import RolloutParams
+
+    return RolloutParams(temperature=cfg.temperature if temperature is None else temperature, top_p=cfg.top_p,
+                         max_new_tokens=cfg.max_new_tokens, max_code_calls=cfg.max_code_calls,
+                         use_code=cfg.use_code, seed=seed)
 
 
 def score_trajectories(examples, trajs, n: int, cfg) -> tuple[list[float], list[float]]:
@@ -123,10 +152,11 @@ def potential(p: float) -> float:
 
 def curriculum_pools(success: list[float]) -> list[list[int]]:
     """Question indices per stage, highest-potential stage first (REFERENCE.md, curriculum)."""
-    pools = []
-    for lo, hi in CURRICULUM_STAGES:
-        pools.append([i for i, p in enumerate(success) if lo <= potential(p) <= hi and
-                      not any(i in pool for pool in pools)])
+    pools, placed = [], set()
+    for lo, hi in CURRICULUM_STAGES:          # a boundary value goes to the earlier stage
+        pool = [i for i, p in enumerate(success) if lo <= potential(p) <= hi and i not in placed]
+        placed.update(pool)
+        pools.append(pool)
     return pools
 
 

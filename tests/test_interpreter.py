@@ -10,7 +10,7 @@ import pytest
 
 from minir1ci import prompts
 from minir1ci.engine import SamplingParams
-from minir1ci.interpreter import RolloutParams, render_for_model, run_rollouts
+from minir1ci.interpreter import RolloutParams, run_rollouts
 from minir1ci.presets import tiny_dir
 from minir1ci.sandbox import Sandbox
 from minir1ci.tokenizer import Tokenizer
@@ -107,8 +107,9 @@ def rollout(tok, sandbox, turns, **kw):
     return tr
 
 
-def expected(tok, sandbox, turns, max_output_tokens=256, executed=None):
-    """ids and mask built independently: turn tokens (mask 1) and real rendered outputs (mask 0)."""
+def expected(tok, sandbox, turns, executed=None):
+    """ids and mask built independently: turn tokens (mask 1), then the tokenization of the
+    rendered *real* output of each executed block (mask 0)."""
     ids, mask = [], []
     executed = len(turns) - 1 if executed is None else executed
     for i, turn in enumerate(turns):
@@ -117,8 +118,7 @@ def expected(tok, sandbox, turns, max_output_tokens=256, executed=None):
         mask += [1] * len(t)
         if i < executed:
             res = sandbox.run(prompts.pending_code(turn))
-            out = render_for_model(tok, res, max_output_tokens)
-            assert out == tok.encode(tok.decode(out))  # the inserted ids are a plain tokenization
+            out = tok.encode(prompts.render_output(res.stdout, res.stderr, res.status))
             ids += out
             mask += [0] * len(out)
     return ids, mask
@@ -168,9 +168,14 @@ def test_megabytes_of_output_are_cut_to_the_token_budget(tok, sandbox):
     tr = rollout(tok, sandbox, turns, max_output_tokens=64)
     inserted = [t for t, m in zip(tr.response_ids, tr.loss_mask) if m == 0]
     assert 0 < len(inserted) <= 64
-    assert prompts.TRUNCATION_MARKER.strip() in tok.decode(inserted)
-    ids, mask = expected(tok, sandbox, turns, max_output_tokens=64)
-    assert tr.response_ids == ids and tr.loss_mask == mask
+    text = tok.decode(inserted)
+    assert inserted == tok.encode(text)                    # a plain tokenization of what is shown
+    assert text.startswith(f"\n{prompts.OUTPUT_HEADER}\nabab") and text.endswith("ab\n\n")
+    assert prompts.TRUNCATION_MARKER.strip() in text
+    sampled = [t for t, m in zip(tr.response_ids, tr.loss_mask) if m == 1]
+    assert sampled == tok.encode(turns[0]) + tok.encode(turns[1])
+    k = len(tok.encode(turns[0]))                          # the output sits right after the block
+    assert tr.loss_mask == [1] * k + [0] * len(inserted) + [1] * len(tok.encode(turns[1]))
 
 
 def test_unclosed_block_stops_at_the_token_budget(tok, sandbox):
