@@ -323,17 +323,11 @@ class _Capture:
         return self.head.decode("utf-8", "replace"), self.tail.decode("utf-8", "replace"), omitted
 
 
-def run_code(code: str, prelude: list[str], seed: int | None, flags_fd: int) -> NoReturn:
+def run_code(code: str, prelude: list[str], flags_fd: int) -> NoReturn:
     """Inside an execution's user process (set up by `_forkserver`): run the code as `python -c`
     would, in a fresh __main__, and leave with its exit code. Writes b"M" on `flags_fd` for an
     uncaught MemoryError, b"P" when a session's earlier blocks have been replayed."""
     sys.argv = ["-c"]
-    # Forked children would share the server's random states (`random` reseeds itself only after
-    # os.fork, numpy never). An int seed keeps numpy on its cheap C path: 32 bits of OS entropy.
-    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed % 2**32
-    for name in ("random", "numpy.random"):
-        if name in sys.modules:
-            sys.modules[name].seed(seed)
     main = types.ModuleType("__main__")  # fresh globals; the server's __main__ stays untouched
     main.__builtins__ = builtins
     sys.modules["__main__"] = main

@@ -138,6 +138,33 @@ def test_executions_are_stateless_and_differently_seeded(sb):
     assert len(set(draws)) == 3  # forked children must not share the server's random state
 
 
+LEAVE_TRACES = """
+import ctypes, os
+open('/tmp/trace', 'w').write('x')
+os.makedirs('/tmp/d/e', exist_ok=True)
+open('/tmp/d/e/f', 'w').write('x')
+open('/dev/shm/trace', 'w').write('x')
+libc = ctypes.CDLL(None)
+print(libc.shmget(0x5EED, 4096, 0o1666))  # IPC_CREAT | 0666
+"""
+FIND_TRACES = """
+import ctypes, os
+print((sorted(os.listdir('/tmp')), sorted(os.listdir('/dev/shm')), ctypes.CDLL(None).shmget(0x5EED, 4096, 0o666)))
+"""
+
+
+def test_nothing_of_one_execution_reaches_the_next_in_its_slot():
+    with Sandbox(Limits(timeout=5.0), workers=1, uid_base=UID_BASE + 8) as box:
+        if not box.isolation["mount_ns"]:
+            pytest.skip("no mount namespaces: workdirs are fresh directories, not one tmpfs")
+        left = box.run(LEAVE_TRACES)
+        assert left.ok and int(left.stdout) >= 0, left.stderr
+        found = box.run(FIND_TRACES)
+        assert found.ok, found.stderr
+        tmp, shm, shmid = eval(found.stdout)
+        assert "trace" not in tmp and "d" not in tmp and shm == [] and shmid == -1
+
+
 def test_session_replays_earlier_blocks(sb):
     sid = "trajectory-1"
     first = sb.run("import random\nr = random.random()\nx = 41\nprint(r)", session_id=sid)
