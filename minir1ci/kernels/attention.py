@@ -378,19 +378,24 @@ def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 
     Batched rather than a loop over sequences, since this is also the CPU sampler's decode path:
     gather every sequence's pages into [B, K, Hkv, D] (K = the longest context, rounded up to
-    whole pages), hide keys past each context length, one softmax in fp32.
+    whole pages), zero the slots past each context length (stale slots may hold anything, NaN
+    included, and 0 * NaN would leak through the mask), one softmax in fp32. Only those slots are
+    written, by row index: a masked_fill over the whole gather would cost more than the attention.
     """
     B, Hq, D = q.shape
     page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     if B == 0:
         return torch.empty_like(q)
     n_pages = max(-(-int(context_lens.max()) // page_size), 1)
-    pages = block_table[:, :n_pages].long()                                    # [B, P]
-    k = k_cache[pages].flatten(1, 2).transpose(1, 2).float()                   # [B, Hkv, K, D]
-    v = v_cache[pages].flatten(1, 2).transpose(1, 2).float()
-    visible = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None].to(q.device)  # [B, K]
-    hidden = ~visible[:, None, :, None]
-    k, v = k.masked_fill(hidden, 0.0), v.masked_fill(hidden, 0.0)              # stale slots may hold anything
+    pages = block_table[:, :n_pages].reshape(-1).long()                        # [B * P]
+    K = n_pages * page_size
+    k = k_cache.index_select(0, pages).view(B * K, Hkv * D).float()            # fresh copies
+    v = v_cache.index_select(0, pages).view(B * K, Hkv * D).float()
+    visible = torch.arange(K, device=q.device)[None, :] < context_lens[:, None].to(q.device)  # [B, K]
+    stale = (~visible).view(-1).nonzero().squeeze(1)
+    k.index_fill_(0, stale, 0.0)
+    v.index_fill_(0, stale, 0.0)
+    k, v = (t.view(B, K, Hkv, D).transpose(1, 2) for t in (k, v))              # [B, Hkv, K, D]
     out = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=visible[:, None, None, :],
                                          scale=scale, enable_gqa=True)         # [B, Hq, 1, D]
     out = torch.where(context_lens.to(q.device)[:, None, None, None] > 0, out, 0.0)  # a context of 0 gives zeros
