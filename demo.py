@@ -1,7 +1,9 @@
 """The whole R1-Code-Interpreter pipeline in miniature, on a CPU: `make demo`.
 
-1. SFT of the tiny preset from scratch on the built-in tasks' oracle code trajectories;
-2. the same SFT budget on text-only answers (the paper's text baseline);
+0. pretraining of the tiny preset from scratch on the synthetic copy corpus (the stand-in for the
+   pretrained checkpoint the paper starts from: the model learns to copy text, nothing of the tasks);
+1. SFT from it on the built-in tasks' oracle code trajectories;
+2. the same SFT budget, from the same start, on text-only answers (the paper's text baseline);
 3. GRPO and 4. PPO, each starting from the code SFT checkpoint;
 5. evaluation of all four on held-out questions (the built-in families' test split), with the
    interpreter for the code models and without it for the text model.
@@ -22,8 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-SFT_STEPS = 150
-RL_STEPS = 30
+PRETRAIN_STEPS = 500
+SFT_STEPS = 400
+RL_STEPS = 25
 FAMILIES = ["mul", "add", "letters", "sort", "base", "date"]
 
 
@@ -108,6 +111,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="the CPU demo")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--eval_limit", type=int, default=40, help="held-out questions per family")
+    ap.add_argument("--pretrain_steps", type=int, default=PRETRAIN_STEPS)
     ap.add_argument("--sft_steps", type=int, default=SFT_STEPS)
     ap.add_argument("--rl_steps", type=int, default=RL_STEPS)
     ap.add_argument("--no-readme", dest="readme", action="store_false")
@@ -116,11 +120,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     times = {}
-    code, text, grpo, ppo = out / "sft-code", out / "sft-text", out / "grpo", out / "ppo"
+    base, code, text = out / "pretrain", out / "sft-code", out / "sft-text"
+    grpo, ppo = out / "grpo", out / "ppo"
     common = ["--preset=tiny", "--seed=0"]
-    times["sft (code)"] = train(["--stage=sft", f"--out={code}", f"--steps={args.sft_steps}", *common])
-    times["sft (text)"] = train(["--stage=sft", f"--out={text}", f"--steps={args.sft_steps}", "--use_code=false",
-                                 *common])
+    times["pretrain"] = train(["--stage=pretrain", f"--out={base}", f"--steps={args.pretrain_steps}", *common])
+    sft = ["--stage=sft", f"--model={latest(base)}", f"--steps={args.sft_steps}", *common]
+    times["sft (code)"] = train([*sft, f"--out={code}"])
+    times["sft (text)"] = train([*sft, f"--out={text}", "--use_code=false"])
     start = latest(code)
     times["grpo"] = train(["--stage=grpo", f"--model={start}", f"--out={grpo}", f"--steps={args.rl_steps}", *common])
     times["ppo"] = train(["--stage=ppo", f"--model={start}", f"--out={ppo}", f"--steps={args.rl_steps}", *common])

@@ -1,8 +1,10 @@
-"""Train with the code interpreter: `python train.py --stage sft|grpo|ppo [--key=value ...]`.
+"""Train with the code interpreter: `python train.py --stage pretrain|sft|grpo|ppo [--key=value ...]`.
 
-With no other argument, `--stage sft` trains the tiny preset from scratch on the built-in tasks'
-oracle trajectories (CPU, minutes); `--stage grpo` and `--stage ppo` continue from the newest
-checkpoint under runs/sft. With `--model PATH` (a Qwen-2.5 checkpoint in HF format) the paper's
+With no other argument, `--stage sft` trains the tiny preset on the built-in tasks' oracle
+trajectories (CPU, minutes), from the newest checkpoint under runs/pretrain if there is one, else
+from scratch; `--stage pretrain` (tiny preset only, ~3 min) first teaches the from-scratch model to
+copy text, the stand-in for a pretrained checkpoint; `--stage grpo` and `--stage ppo` continue from
+the newest checkpoint under runs/sft. With `--model PATH` (a Qwen-2.5 checkpoint in HF format) the paper's
 settings are the defaults. Every field of minir1ci.config.TrainConfig can be overridden as
 `--field=value`; unknown keys are refused. Runs under `torchrun --nproc_per_node N train.py ...`.
 """
@@ -23,7 +25,7 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
-    if cfg.stage == "sft":
+    if cfg.stage in ("pretrain", "sft"):
         from minir1ci.sft import train_sft as run
     elif cfg.stage == "grpo":
         from minir1ci.grpo import train_grpo as run

@@ -4,6 +4,7 @@ Sources, all ending as `Sample(ids, mask)` with mask 1 exactly on the tokens the
 learn to produce (assistant content and its closing `<|im_end|>`), 0 on prompts and on inserted
 interpreter output:
 - the built-in tasks' oracle trajectories (`oracle_samples`);
+- a synthetic copy corpus (`copy_corpus`), the tiny model's stand-in for pretraining;
 - a JSONL file (`load_jsonl`) whose lines are either chat records `{"messages": [...]}` (an
   assistant `content` may be a list of `{"type": "text"|"output", "text"}` segments) or token-level
   trajectories written by rollout.py (`prompt_ids`, `response_ids`, `loss_mask`).
@@ -14,6 +15,8 @@ truncated, since a truncated trajectory would teach the model to stop mid-answer
 from __future__ import annotations
 
 import json
+import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,39 @@ def oracle_samples(examples, tokenizer, use_code: bool = True) -> list[Sample]:
         messages = ex.messages(use_code) + [{"role": "assistant", "content": ex.oracle_segments(use_code)}]
         out.append(chat_sample(tokenizer, messages))
     return out
+
+
+def copy_corpus(tokenizer, n: int, seed: int = 0, min_len: int = 120) -> list[Sample]:
+    """`n` samples of the copy task, the skill a from-scratch model lacks and every pretrained LLM has.
+
+    Each sample packs segments `TEXT\nTEXT\n` until it is `min_len` tokens long; TEXT is 3-8 random
+    pieces (numbers of 1-6 digits, letter strings, operators and brackets) and the loss covers only
+    the second TEXT and its newline. The built-in tasks' code is such a copy of the question's
+    numbers and strings, which a 1M-parameter model does not learn from a few thousand SFT samples
+    alone: copying needs induction heads, and they form within a few hundred steps of this corpus.
+    Deterministic in `seed`.
+    """
+    rng = random.Random(f"copy-corpus:{seed}")
+    newline = tokenizer.encode("\n")
+    out = []
+    for _ in range(n):
+        ids: list[int] = []
+        mask: list[int] = []
+        while len(ids) < min_len:
+            text = tokenizer.encode(" ".join(_copy_piece(rng) for _ in range(rng.randint(3, 8))))
+            ids += text + newline + text + newline
+            mask += [0] * (len(text) + len(newline)) + [1] * (len(text) + len(newline))
+        out.append(Sample(ids, mask))
+    return out
+
+
+def _copy_piece(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.5:
+        return str(rng.randint(0, 10 ** rng.randint(1, 6)))
+    if kind < 0.8:
+        return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 12)))
+    return rng.choice(["+", "*", "-", ",", "'", "[", "]", "(", ")", "?", ":", "."])
 
 
 def _record_to_sample(rec: dict, tokenizer, where: str) -> Sample:

@@ -7,7 +7,9 @@ of trained tokens in the *whole* step, step AdamW with warmup + cosine and gradi
 Data: the built-in tasks' oracle trajectories by default (prompt, reasoning, a python block, its
 real output, the answer), or `--sft_data FILE.jsonl` (chat messages or rollout.py trajectories).
 The loss covers assistant tokens only; interpreter output inside an assistant turn has mask 0.
-`--use_code=false` trains the text-only baseline on the same questions.
+`--use_code=false` trains the text-only baseline on the same questions. `--stage pretrain` is this
+same loop on the synthetic copy corpus (`data.copy_corpus`): the tiny preset's stand-in for the
+pretraining a real Qwen-2.5 checkpoint brings.
 
 Simplified against the paper's LLaMA-Factory runs: no sequence packing, no varied prompt formats;
 batches are drawn with replacement rather than in epochs (the same thing for the few-epoch budgets
@@ -21,14 +23,16 @@ import time
 import torch
 
 from . import distributed as dist
-from .data import filter_by_length, load_jsonl, next_token_targets, oracle_samples, pad_batch
+from .data import copy_corpus, filter_by_length, load_jsonl, next_token_targets, oracle_samples, pad_batch
 from .tasks import load_tasks
 from .trainutil import (MetricsLog, autocast_for, check_finite, load_start_model, load_trainer_state, lr_factor,
                         make_optimizer, restore_optimizers, save_run_checkpoint, set_lr, setup_run, step_seed)
 
 
 def build_samples(cfg, tokenizer):
-    if cfg.sft_data:
+    if cfg.stage == "pretrain":
+        samples = copy_corpus(tokenizer, cfg.num_train_examples, seed=cfg.seed)
+    elif cfg.sft_data:
         samples = load_jsonl(cfg.sft_data, tokenizer)
     else:
         examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train",
@@ -62,7 +66,7 @@ def train_sft(cfg) -> dict:
     model.gradient_checkpointing = cfg.grad_checkpointing
     samples, dropped = build_samples(cfg, tokenizer)
     if dist.is_main():
-        print(f"sft: {model.num_params() / 1e6:.2f}M params from {source}; {len(samples)} samples "
+        print(f"{cfg.stage}: {model.num_params() / 1e6:.2f}M params from {source}; {len(samples)} samples "
               f"({dropped} longer than {cfg.max_seq_len} dropped); world size {dist.world_size()}")
     model = dist.parallelize(model, device)
     opt = make_optimizer(model.parameters(), cfg)

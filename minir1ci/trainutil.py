@@ -193,19 +193,26 @@ class MetricsLog:
 def load_start_model(cfg, device: torch.device):
     """(model, tokenizer, source, resume_dir) to train from: a resumed run, --model, or the default.
 
-    Defaults: SFT starts the tiny preset from scratch; GRPO and PPO start from the newest SFT
+    Defaults: pretrain starts the tiny preset from scratch; SFT starts from the newest checkpoint
+    under runs/pretrain, or from scratch if there is none; GRPO and PPO start from the newest SFT
     checkpoint under runs/sft. `resume_dir` is the checkpoint whose trainer state to restore.
     """
     from . import presets
 
     resumed = latest_checkpoint(cfg.run_dir()) if cfg.resume else None
+    pretrained = latest_checkpoint(Path("runs") / "pretrain") if cfg.stage == "sft" else None
     if resumed is not None:
         source = resumed
     elif cfg.model:
         source = Path(cfg.model)
-    elif cfg.stage == "sft":
+    elif cfg.stage == "pretrain" or (cfg.stage == "sft" and pretrained is None):
+        if cfg.stage == "sft" and dist.is_main():
+            print("sft: no checkpoint under runs/pretrain, so the tiny preset starts from scratch; "
+                  "`python train.py --stage pretrain` first teaches it to copy, which the tasks need")
         model, tokenizer = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed, device=device)
         return model, tokenizer, "tiny preset (from scratch)", None
+    elif cfg.stage == "sft":
+        source = pretrained
     else:
         source = find_latest_run_checkpoint("sft")
     model, tokenizer = checkpoint.load_pretrained(source, dtype=torch.float32, device=device)

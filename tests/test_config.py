@@ -29,10 +29,10 @@ def test_bad_values_name_the_field():
 
 
 def test_preset_follows_the_model_argument():
-    assert resolve(["--stage=grpo"]).lr == 2e-5                         # tiny preset: CPU default
+    assert resolve(["--stage=grpo"]).lr == 4e-5                         # tiny preset: CPU default
     paper = resolve(["--stage=grpo", "--model=/ckpt"])                  # a real checkpoint: paper settings
     assert (paper.lr, paper.n_samples, paper.kl_coef, paper.kl_estimator) == (1e-6, 5, 0.001, "k3")
-    assert resolve(["--stage=grpo", "--model=/ckpt", "--preset=tiny"]).lr == 2e-5
+    assert resolve(["--stage=grpo", "--model=/ckpt", "--preset=tiny"]).lr == 4e-5
 
 
 def test_resolved_config_round_trips_through_json(tmp_path):

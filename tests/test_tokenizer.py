@@ -301,7 +301,7 @@ def test_tiny_config_is_a_qwen2_config_transformers_reads(tiny):
     assert config.model_type == "qwen2" and config.architectures == ["Qwen2ForCausalLM"]
     assert config.vocab_size == 1024 and config.vocab_size % 64 == 0
     assert config.vocab_size >= tiny.vocab_size
-    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (256, 768, 4)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (128, 384, 4)
     assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
     assert config.tie_word_embeddings and not config.use_sliding_window
     assert config.bos_token_id == tiny.endoftext_id and config.eos_token_id == tiny.im_end_id

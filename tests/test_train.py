@@ -53,6 +53,44 @@ def sft_run(tmp_path_factory):
     return out
 
 
+def test_copy_corpus_trains_exactly_the_copies():
+    from minir1ci.data import copy_corpus
+    from minir1ci.tokenizer import Tokenizer
+    from minir1ci.presets import tiny_dir
+
+    tok = Tokenizer.from_pretrained(tiny_dir())
+    samples = copy_corpus(tok, 20, seed=3, min_len=60)
+    assert [s.ids for s in samples] == [s.ids for s in copy_corpus(tok, 20, seed=3, min_len=60)]
+    assert samples[0].ids != copy_corpus(tok, 1, seed=4, min_len=60)[0].ids
+    newline = tok.encode("\n")
+    for s in samples:
+        assert len(s.ids) >= 60 and len(s.mask) == len(s.ids)
+        text = tok.decode(s.ids)
+        lines = text.split("\n")[:-1]
+        assert len(lines) % 2 == 0 and all(a == b for a, b in zip(lines[::2], lines[1::2]))
+        # the trained tokens are exactly the second copy of each line, with its newline
+        trained = tok.decode([t for t, m in zip(s.ids, s.mask) if m])
+        assert trained == "".join(b + "\n" for b in lines[1::2])
+        assert s.ids[-len(newline):] == newline
+
+
+def test_pretrain_stage_then_sft_from_it(tmp_path):
+    pre = tmp_path / "pretrain"
+    assert train_script.main(["--stage=pretrain", "--steps=2", f"--out={pre}", "--num_train_examples=8",
+                              "--batch_size=4", "--micro_batch_size=4", "--save_every=2"]) == 0
+    assert json.loads((pre / "config.json").read_text())["stage"] == "pretrain"
+    start = trainutil.latest_checkpoint(pre)
+    out = tmp_path / "sft"
+    assert train_script.main(["--stage=sft", "--steps=1", f"--model={start}", "--preset=tiny", f"--out={out}",
+                              *TINY]) == 0
+    assert metrics(out)[0]["loss"] > 0
+
+
+def test_pretrain_refuses_the_paper_preset():
+    with pytest.raises(ValueError, match="pretrained already"):
+        resolve(["--stage=pretrain", "--preset=paper"])
+
+
 def test_sft_runs_and_writes_a_loadable_checkpoint(sft_run):
     from minir1ci.checkpoint import load_pretrained
     rows = metrics(sft_run)
@@ -60,7 +98,7 @@ def test_sft_runs_and_writes_a_loadable_checkpoint(sft_run):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert json.loads((sft_run / "config.json").read_text())["stage"] == "sft"
     model, tok = load_pretrained(trainutil.latest_checkpoint(sft_run))
-    assert model.num_params() > 1e6 and tok is not None
+    assert model.num_params() > 5e5 and tok is not None
 
 
 def test_sft_resume_reproduces_the_uninterrupted_metrics(sft_run, tmp_path, monkeypatch):

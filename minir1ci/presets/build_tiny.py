@@ -168,20 +168,25 @@ def train_tokenizer(texts: list[str]) -> tokenizers.Tokenizer:
 
 
 def model_config(n_tokens: int, tokenizer: Tokenizer) -> dict[str, object]:
-    """A standard HF Qwen2 config.json; vocab rounded up to a multiple of 64 like Qwen's."""
+    """A standard HF Qwen2 config.json; vocab rounded up to a multiple of 64 like Qwen's.
+
+    0.92M parameters: at this width a CPU step takes ~0.4 s, so the copy corpus forms induction
+    heads (~400 steps) and SFT converges (~400 steps) within the demo's minutes. RoPE base 10,000
+    instead of Qwen's 1,000,000: with 32-dim heads the larger base leaves only two or three
+    rotating frequencies to tell neighbouring positions apart, which copying needs."""
     layers = 4
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "vocab_size": -(-n_tokens // 64) * 64,
-        "hidden_size": 256,
-        "intermediate_size": 768,
+        "hidden_size": 128,
+        "intermediate_size": 384,
         "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "hidden_act": "silu",
         "max_position_embeddings": 4096,
-        "rope_theta": 1000000.0,
+        "rope_theta": 10000.0,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": True,
         "use_sliding_window": False,

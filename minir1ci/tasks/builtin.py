@@ -2,7 +2,7 @@
 
 The families are chosen so that code clearly beats text for a small model: the
 question is one fixed template, the oracle's python is a near-copy of the numbers
-or words in the question (learnable by a ~3M-parameter model), while answering in
+or words in the question (learnable by a ~1M-parameter model that can copy), while answering in
 text needs the real computation.
 
   mul      product of two 3-4 digit numbers
