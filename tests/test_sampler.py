@@ -253,6 +253,25 @@ def test_sampling_frequencies_follow_the_processed_distribution():
     torch.testing.assert_close(samp_logp, expected.log()[tokens])
 
 
+def test_both_drawing_methods_pick_tokens_with_their_probability():
+    from minir1ci.engine.sampling import exponential_noise, inverse_cdf
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])  # zero mass inside and at the end
+    n = 40000
+    gen = torch.Generator().manual_seed(1)
+    by_race = (probs / exponential_noise((n, 6), [None] * n, list(range(n)), gen, probs.device)).argmax(-1)
+    by_cdf = inverse_cdf(probs.expand(n, 6), [None] * n, list(range(n)), gen)
+    for tokens in (by_race, by_cdf):
+        freq = torch.bincount(tokens, minlength=6).float() / n
+        torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+        assert not probs[tokens].eq(0).any()
+    # seeded rows: the same seed gives the same token wherever the row sits
+    seeded = [torch.Generator().manual_seed(7) for _ in range(2)]
+    a = inverse_cdf(probs.expand(2, 6), [seeded[0], None], [0, 1], gen)[0]
+    b = inverse_cdf(probs.expand(3, 6), [None, None, seeded[1]], [0, 1, 2], gen)[2]
+    assert a == b
+
+
 def test_stop_token_eos_and_max_new_tokens(models, prompts, hf_greedy):
     _, ours = models
     ref = hf_greedy[3]
