@@ -85,7 +85,7 @@ def prctl(option: int, arg: int) -> None:
 def fork() -> int:
     """fork(2) without os.fork's after-fork work (thread and lock re-initialisation, at-fork hooks),
     which dirties some 200 shared pages, about 0.7 ms here. Safe only in a single-threaded process
-    that holds the GIL across the call; the user process reseeds `random` itself."""
+    that holds the GIL across the call; the slot init reseeds `random` before each fork."""
     pid = _pyfork()
     if pid < 0:
         raise OSError(ctypes.get_errno(), "fork failed")
@@ -103,16 +103,24 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
     os.closerange(6, os.sysconf("SC_OPEN_MAX"))
     os.setsid()
     keep: list[str] = []
-    if iso["mount_ns"]:  # the slot's own /tmp (the workdir) and /dev/shm, emptied after each run
-        libc("unshare", CLONE_NEWNS)
-        if iso["pid_ns"]:  # a /proc that shows only this namespace
-            libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-        opts = f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=1777"
-        keep = _fresh_tmp(opts)
-        libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    failed = None
+    try:
+        if iso["mount_ns"]:  # the slot's own /tmp (the workdir) and /dev/shm, emptied after each run
+            libc("unshare", CLONE_NEWNS)
+            if iso["pid_ns"]:  # a /proc that shows only this namespace
+                libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            opts = f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=1777"
+            keep = _fresh_tmp(opts)
+            libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    except OSError:  # every request then fails with the reason (a respawn would fail the same way)
+        failed = f"sandbox set-up failed:\n{traceback.format_exc()}".encode()
     if not iso["pid_ns"]:
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us instead of the host's init
     while (req := _read_frame(REQ_FD)) is not None:
+        if failed:
+            os.write(2, failed)
+            os.write(STATUS_FD, struct.pack("<i", 71 << 8))  # exit code 71, as a failed user set-up
+            continue
         workdir = "/tmp" if iso["mount_ns"] else tempfile.mkdtemp(dir=cfg["scratch"])
         # Forked children would share one random state (`random` reseeds only after os.fork, numpy
         # never): reseed here, before the fork, so the user process touches none of those pages.
@@ -136,25 +144,32 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
             _ignore(os.killpg, pid, signal.SIGKILL)
             _sweep(set())
         if iso["mount_ns"]:  # every writer is dead: nothing of this run reaches the next one
-            _empty("/tmp", keep)
-            _empty("/dev/shm", [])
+            try:
+                clean = _empty("/tmp", keep) and _empty("/dev/shm", [])
+            except BaseException:  # noqa: BLE001 - e.g. RecursionError on a very deep tree
+                clean = False
+            if not clean:  # retire the slot: the server reports this run as lost, then mounts new tmpfs
+                os._exit(0)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
         os.write(STATUS_FD, struct.pack("<i", status))
     os._exit(0)
 
 
-def _empty(root: str, keep: list[str]) -> None:
+def _empty(root: str, keep: list[str]) -> bool:
     """Delete everything in `root` but the directories leading to the bind mounts in `keep`
-    (root-owned, mode 755: an execution cannot write there)."""
+    (root-owned, mode 755: an execution cannot write there). False if anything else is left."""
+    def kept(path: str) -> bool:
+        return any(k == path or k.startswith(path + "/") for k in keep)
     with os.scandir(root) as entries:
         for entry in entries:
-            if any(k == entry.path or k.startswith(entry.path + "/") for k in keep):
+            if kept(entry.path):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 _ignore(os.unlink, entry.path)
+    return all(kept(os.path.join(root, name)) for name in os.listdir(root))
 
 
 def _sweep(keep: set[int]) -> None:
@@ -190,8 +205,9 @@ def _user_main(req: dict, slot: int, cfg: dict, iso: dict, workdir: str):
         os.setsid()  # kill(0, sig) reaches only this process group
         if not iso["pid_ns"]:
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # no namespace to take us along
-        if iso["mount_ns"]:
-            libc("unshare", CLONE_NEWIPC)  # SysV IPC objects and POSIX queues die with us
+        if iso["mount_ns"]:  # SysV IPC objects and POSIX queues die with us; so do the mount changes
+            # of code still running as root (no uid to drop to), which could otherwise outlive it
+            libc("unshare", CLONE_NEWIPC | (0 if iso["uid"] else CLONE_NEWNS))
         lim, cpu = cfg["limits"], math.ceil(req["timeout"] * (1 + len(req["prelude"]))) + 1
         limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_CORE, (0, 0)),
                   (resource.RLIMIT_AS, (lim["memory_bytes"],) * 2),
@@ -430,9 +446,11 @@ def _fresh_tmp(opts: str) -> list[str]:
     if keep:  # stage the original /tmp on /dev/shm, which gets its own tmpfs next
         libc("mount", "/tmp", "/dev/shm", None, MS_BIND | MS_REC, None)
     libc("mount", "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    umask = os.umask(0o022)  # every directory on the way is 755, so executions cannot write there
     for path in keep:
         os.makedirs(path, mode=0o755, exist_ok=True)
         libc("mount", "/dev/shm" + path[4:], path, None, MS_BIND | MS_REC, None)
+    os.umask(umask)
     if keep:
         libc("umount2", "/dev/shm", 2)  # MNT_DETACH
     return keep

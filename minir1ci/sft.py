@@ -43,7 +43,7 @@ def build_samples(cfg, tokenizer):
         samples = oracle_samples(examples, tokenizer, use_code=cfg.use_code)
     kept, dropped = filter_by_length(samples, cfg.max_seq_len)
     if not kept:
-        raise ValueError(f"no SFT sample fits max_seq_len={cfg.max_seq_len}")
+        raise ValueError(f"no {cfg.stage} sample fits max_seq_len={cfg.max_seq_len}")
     return kept, dropped
 
 

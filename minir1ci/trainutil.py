@@ -146,9 +146,14 @@ def restore_optimizers(state: dict, optimizers: dict) -> None:
     torch.set_rng_state(state["rng"]["torch"])
 
 
+def shared_latest(run_dir: str | Path) -> Path | None:
+    """`latest_checkpoint` as rank 0 sees it, on every rank (a run may save while ranks look)."""
+    return dist.broadcast_object(latest_checkpoint(run_dir) if dist.is_main() else None)
+
+
 def find_latest_run_checkpoint(stage: str = "sft", root: str | Path = "runs") -> Path:
-    """The newest complete checkpoint of `runs/<stage>` (how RL stages find their SFT start)."""
-    found = latest_checkpoint(Path(root) / stage)
+    """The newest complete checkpoint of `<root>/<stage>` (how RL stages find their SFT start)."""
+    found = shared_latest(Path(root) / stage)
     if found is None:
         raise FileNotFoundError(f"no {stage} checkpoint under {Path(root) / stage}; run "
                                 f"`python train.py --stage {stage}` first or pass --model PATH")
@@ -194,27 +199,28 @@ def load_start_model(cfg, device: torch.device):
     """(model, tokenizer, source, resume_dir) to train from: a resumed run, --model, or the default.
 
     Defaults: pretrain starts the tiny preset from scratch; SFT starts from the newest checkpoint
-    under runs/pretrain, or from scratch if there is none; GRPO and PPO start from the newest SFT
-    checkpoint under runs/sft. `resume_dir` is the checkpoint whose trainer state to restore.
+    of the pretrain run beside its own (runs/pretrain for runs/sft), or from scratch if there is
+    none; GRPO and PPO start from the newest checkpoint of the SFT run beside theirs. Rank 0 picks
+    and every rank loads the same one. `resume_dir` is the checkpoint whose trainer state to restore.
     """
     from . import presets
 
-    resumed = latest_checkpoint(cfg.run_dir()) if cfg.resume else None
-    pretrained = latest_checkpoint(Path("runs") / "pretrain") if cfg.stage == "sft" else None
+    resumed = shared_latest(cfg.run_dir()) if cfg.resume else None
+    pretrained = shared_latest(cfg.run_dir().parent / "pretrain") if cfg.stage == "sft" and not cfg.model else None
     if resumed is not None:
         source = resumed
     elif cfg.model:
         source = Path(cfg.model)
     elif cfg.stage == "pretrain" or (cfg.stage == "sft" and pretrained is None):
         if cfg.stage == "sft" and dist.is_main():
-            print("sft: no checkpoint under runs/pretrain, so the tiny preset starts from scratch; "
-                  "`python train.py --stage pretrain` first teaches it to copy, which the tasks need")
+            print(f"sft: no checkpoint under {cfg.run_dir().parent / 'pretrain'}, so the tiny preset starts from "
+                  "scratch; `python train.py --stage pretrain` first teaches it to copy, which the tasks need")
         model, tokenizer = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed, device=device)
         return model, tokenizer, "tiny preset (from scratch)", None
     elif cfg.stage == "sft":
         source = pretrained
     else:
-        source = find_latest_run_checkpoint("sft")
+        source = find_latest_run_checkpoint("sft", cfg.run_dir().parent)
     model, tokenizer = checkpoint.load_pretrained(source, dtype=torch.float32, device=device)
     return model, tokenizer, str(source), resumed
 
@@ -226,6 +232,6 @@ def frozen_reference(model, cfg, resume_dir, device):
     if resume_dir is None:
         ref = copy.deepcopy(model)
     else:
-        source = Path(cfg.model) if cfg.model else find_latest_run_checkpoint("sft")
+        source = Path(cfg.model) if cfg.model else find_latest_run_checkpoint("sft", cfg.run_dir().parent)
         ref = checkpoint.load_model(source, dtype=torch.float32, device=device)
     return ref.eval().requires_grad_(False)

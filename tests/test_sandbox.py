@@ -165,6 +165,16 @@ def test_nothing_of_one_execution_reaches_the_next_in_its_slot():
         assert "trace" not in tmp and "d" not in tmp and shm == [] and shmid == -1
 
 
+def test_a_tree_too_deep_to_delete_retires_the_slot_instead_of_leaking():
+    deep = "import os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\nopen('secret', 'w').write('x')"
+    with Sandbox(Limits(timeout=10.0), workers=1, uid_base=UID_BASE + 9) as box:
+        if not box.isolation["mount_ns"]:
+            pytest.skip("no mount namespaces: workdirs are fresh directories, not one tmpfs")
+        box.run(deep)  # ok, or lost if the slot had to be retired
+        found = box.run("import os\nprint(os.listdir('/tmp'))")
+        assert found.ok and "'d'" not in found.stdout, found
+
+
 def test_session_replays_earlier_blocks(sb):
     sid = "trajectory-1"
     first = sb.run("import random\nr = random.random()\nx = 41\nprint(r)", session_id=sid)
