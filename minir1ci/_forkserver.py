@@ -29,7 +29,6 @@ Simplified: one uid per slot (`uid_base + slot`), so RLIMIT_NPROC bounds each ex
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import importlib
 import json
@@ -48,50 +47,17 @@ from collections import deque
 
 # How code runs and how its outcome reads live with the API, in sandbox.py (stdlib imports only).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minir1ci._isolation import (CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, MS_NODEV, MS_NOEXEC,  # noqa: E402
+                                 MS_NOSUID, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG,
+                                 fork, fresh_tmp, huge_pages, libc, prctl, setup_isolation, try_call)
 from minir1ci.sandbox import _Capture, run_code  # noqa: E402
 
 del sys.path[0]  # executions should not import this checkout by accident
 
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 CTRL_IN, CTRL_OUT = 3, 4  # the server's request and result fds
 FLAGS_FD, REQ_FD, STATUS_FD = 3, 4, 5  # in a slot init (0-2 are stdin, stdout, stderr)
 USER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "HOME": "/tmp",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-_libc = ctypes.CDLL(None, use_errno=True)
-_str, _int, _ulong = ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
-for _name, _args in (("unshare", [_int]), ("setns", [_int, _int]), ("umount2", [_str, _int]),
-                     ("mount", [_str, _str, _str, _ulong, _str]), ("prctl", [_int] + [_ulong] * 4),
-                     ("madvise", [ctypes.c_void_p, ctypes.c_size_t, _int])):
-    getattr(_libc, _name).argtypes = _args  # also checks the argument count
-_pyfork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: called with the GIL held
-
-
-def libc(name: str, *args) -> int:
-    """Call a libc function that fails with -1 and errno (os.unshare and os.setns need 3.12)."""
-    ret = getattr(_libc, name)(*(a.encode() if isinstance(a, str) else a for a in args))
-    if ret == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}{args}: {os.strerror(err)}")
-    return ret
-
-
-def prctl(option: int, arg: int) -> None:
-    libc("prctl", option, arg, 0, 0, 0)  # unused arguments must be 0
-
-
-def fork() -> int:
-    """fork(2) without os.fork's after-fork work (thread and lock re-initialisation, at-fork hooks),
-    which dirties some 200 shared pages, about 0.7 ms here. Safe only in a single-threaded process
-    that holds the GIL across the call; the slot init reseeds `random` before each fork."""
-    pid = _pyfork()
-    if pid < 0:
-        raise OSError(ctypes.get_errno(), "fork failed")
-    return pid
-
-
 # ---------------------------------------------------------------- a slot's init (forked once)
 
 def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
@@ -110,7 +76,7 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
             if iso["pid_ns"]:  # a /proc that shows only this namespace
                 libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
             opts = f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=1777"
-            keep = _fresh_tmp(opts)
+            keep = fresh_tmp(opts)
             libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
     except OSError:  # every request then fails with the reason (a respawn would fail the same way)
         failed = f"sandbox set-up failed:\n{traceback.format_exc()}".encode()
@@ -408,115 +374,6 @@ def _write_frame(fd: int, obj: dict) -> None:
         data = data[os.write(fd, data):]
 
 
-def _setup_isolation(cfg: dict) -> dict:
-    """Enable each shared layer the kernel allows, and probe the per-execution ones in a child."""
-    iso = dict(uid=False, net_ns=False, mount_ns=False, readonly_root=False, pid_ns=False)
-    if os.geteuid() != 0:
-        return iso
-    iso["uid"] = _probe(lambda: (os.setgid(cfg["uid_base"]), os.setuid(cfg["uid_base"])))
-    if not cfg["namespaces"]:
-        return iso
-    iso["net_ns"] = _try(lambda: libc("unshare", CLONE_NEWNET))
-    private = lambda: libc("mount", None, "/", None, MS_REC | MS_PRIVATE, None)  # noqa: E731
-    if _try(lambda: (libc("unshare", CLONE_NEWNS), private())):  # our mounts never reach the host
-        tmpfs = lambda: libc("mount", "tmpfs", "/tmp", "tmpfs", 0, None)  # noqa: E731
-        iso["mount_ns"] = _probe(lambda: (libc("unshare", CLONE_NEWNS | CLONE_NEWIPC), tmpfs()))
-        if iso["mount_ns"]:  # without per-execution tmpfs, workdirs need a writable /tmp
-            _expose(_interpreter_paths())
-            readonly = lambda: libc("mount", None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)  # noqa: E731
-            iso["readonly_root"] = _try(readonly)
-    if _try(lambda: libc("unshare", CLONE_NEWPID)):
-        own = os.open(f"/proc/{os.getpid()}/ns/pid", os.O_RDONLY)
-        iso["pid_ns"] = _probe(lambda: os.getpid() == 1 or os._exit(1))
-        libc("setns", own, CLONE_NEWPID)
-        os.close(own)
-    return iso
-
-
-def _interpreter_paths() -> list[str]:
-    return [p for p in (*sys.path, sys.prefix, sys.base_prefix) if os.path.isdir(p)]
-
-
-def _fresh_tmp(opts: str) -> list[str]:
-    """Mount the slot's empty tmpfs on /tmp; the interpreter's directories under /tmp (a venv
-    there) stay visible through bind mounts, or lazily imported modules would vanish. Returns
-    those mount points."""
-    keep = sorted({q for q in map(os.path.realpath, _interpreter_paths()) if q.startswith("/tmp/")})
-    keep = [p for p in keep if not any(p.startswith(q + "/") for q in keep)]  # outermost only
-    if keep:  # stage the original /tmp on /dev/shm, which gets its own tmpfs next
-        libc("mount", "/tmp", "/dev/shm", None, MS_BIND | MS_REC, None)
-    libc("mount", "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
-    umask = os.umask(0o022)  # every directory on the way is 755, so executions cannot write there
-    for path in keep:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-        libc("mount", "/dev/shm" + path[4:], path, None, MS_BIND | MS_REC, None)
-    os.umask(umask)
-    if keep:
-        libc("umount2", "/dev/shm", 2)  # MNT_DETACH
-    return keep
-
-
-def _expose(paths: list[str]) -> None:
-    """Let the slot uids reach the interpreter when a parent directory is closed to them: cover
-    that parent with a tmpfs that holds only bind mounts of the children on the way."""
-    while True:
-        blocked: dict[str, set[str]] = {}
-        for path in paths:
-            parts = os.path.abspath(path).split("/")
-            for i in range(2, len(parts)):
-                parent = "/".join(parts[:i])
-                if not os.stat(parent).st_mode & 0o001:
-                    blocked.setdefault(parent, set()).add(parts[i])
-                    break
-        if not blocked:
-            return
-        for parent, children in blocked.items():
-            libc("mount", parent, "/dev/shm", None, MS_BIND | MS_REC, None)  # stage the original
-            libc("mount", "tmpfs", parent, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
-            for child in children:
-                os.mkdir(f"{parent}/{child}")
-                libc("mount", f"/dev/shm/{child}", f"{parent}/{child}", None, MS_BIND | MS_REC, None)
-            libc("umount2", "/dev/shm", 2)  # MNT_DETACH
-
-
-def _huge_pages() -> None:
-    """Back the preloaded heap (~50 MB with numpy and sympy) with 2 MB pages, so that each fork
-    copies some 25 page-directory entries instead of ~13,000 page-table entries: fork plus exit
-    costs about 1 ms less CPU per execution here (measured alternating with and without).
-    A child's first write to a shared huge page splits only its own mapping and copies 4 KB
-    (Linux >= 5.8; older kernels copied the whole 2 MB, so they are left alone). Best effort."""
-    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2] if x.isdigit())
-    if release < (5, 8):
-        return
-    huge = 2 << 20
-    with open("/proc/self/maps") as f:
-        regions = [line.split() for line in f]
-    for fields in regions:  # the brk heap and anonymous mappings (obmalloc arenas) that are writable
-        if not fields[1].startswith("rw") or (len(fields) > 5 and fields[5] != "[heap]"):
-            continue
-        lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        lo, hi = -(-lo // huge) * huge, hi // huge * huge
-        if hi > lo:
-            _libc.madvise(lo, hi - lo, 14)  # MADV_HUGEPAGE: eligible where THP is "madvise"
-            _libc.madvise(lo, hi - lo, 25)  # MADV_COLLAPSE (Linux 6.1): now; fails harmlessly
-
-
-def _try(fn) -> bool:
-    try:
-        fn()
-        return True
-    except OSError:
-        return False
-
-
-def _probe(fn) -> bool:
-    """Run fn in a child; True when it returns without raising."""
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0 if _try(fn) else 1)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-
-
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     # BLAS pools must be single-threaded before numpy is imported: fork copies only the calling
@@ -538,10 +395,10 @@ def main() -> None:
             pass
     os.environ.clear()  # the client passed a minimal environment; executions inherit exactly this
     os.environ.update(USER_ENV)
-    iso = _setup_isolation(cfg)
+    iso = setup_isolation(cfg)
     if len(os.listdir("/proc/self/task")) != 1:
         raise RuntimeError("the fork server must be single-threaded (see `fork`)")
-    _try(lambda: prctl(PR_SET_NO_NEW_PRIVS, 1))  # inherited by every execution: no setuid gains
+    try_call(lambda: prctl(PR_SET_NO_NEW_PRIVS, 1))  # inherited by every execution: no setuid gains
     if not iso["pid_ns"]:
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # a dead init's orphans come to us (see `_on_status`)
     cfg["scratch"] = None
@@ -550,7 +407,7 @@ def main() -> None:
         os.chmod(cfg["scratch"], 0o711)  # slot uids may enter their own workdir, not list others
     gc.collect()
     gc.freeze()  # executions share the heap copy-on-write; a collection would touch every page
-    _huge_pages()
+    huge_pages()
     server = Server(cfg, iso)
     _write_frame(CTRL_OUT, {"ready": True, "isolation": iso, "preloaded": preloaded, "pid": os.getpid()})
     server.serve()
