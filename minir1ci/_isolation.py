@@ -59,7 +59,7 @@ def setup_isolation(cfg: dict) -> dict:
     if try_call(lambda: (libc("unshare", CLONE_NEWNS), private())):  # our mounts never reach the host
         tmpfs = lambda: libc("mount", "tmpfs", "/tmp", "tmpfs", 0, None)  # noqa: E731
         iso["mount_ns"] = probe(lambda: (libc("unshare", CLONE_NEWNS | CLONE_NEWIPC), tmpfs()))
-        if iso["mount_ns"]:  # without per-execution tmpfs, workdirs need a writable /tmp
+        if iso["mount_ns"]:  # without a tmpfs per slot, workdirs need a writable /tmp
             expose(interpreter_paths())
             readonly = lambda: libc("mount", None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)  # noqa: E731
             iso["readonly_root"] = try_call(readonly)

@@ -81,7 +81,7 @@ class Limits:
     output_bytes: int = 64 << 10  # kept per stream: first half + last half
     stop_output_bytes: int = 8 << 20  # both streams together; past this the execution is stopped
     file_bytes: int = 64 << 20  # RLIMIT_FSIZE
-    disk_bytes: int = 128 << 20  # size of each fresh tmpfs (/tmp, /dev/shm)
+    disk_bytes: int = 128 << 20  # size of each slot tmpfs (/tmp, /dev/shm), emptied after every run
     open_files: int = 256  # RLIMIT_NOFILE
     processes: int = 64  # RLIMIT_NPROC (threads count), per slot uid
 
