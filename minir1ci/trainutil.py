@@ -205,22 +205,22 @@ def load_start_model(cfg, device: torch.device):
     """
     from . import presets
 
+    runs = cfg.run_dir().parent  # stages find each other as siblings: runs/pretrain, runs/sft
     resumed = shared_latest(cfg.run_dir()) if cfg.resume else None
-    pretrained = shared_latest(cfg.run_dir().parent / "pretrain") if cfg.stage == "sft" and not cfg.model else None
     if resumed is not None:
         source = resumed
     elif cfg.model:
         source = Path(cfg.model)
-    elif cfg.stage == "pretrain" or (cfg.stage == "sft" and pretrained is None):
-        if cfg.stage == "sft" and dist.is_main():
-            print(f"sft: no checkpoint under {cfg.run_dir().parent / 'pretrain'}, so the tiny preset starts from "
-                  "scratch; `python train.py --stage pretrain` first teaches it to copy, which the tasks need")
-        model, tokenizer = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed, device=device)
-        return model, tokenizer, "tiny preset (from scratch)", None
-    elif cfg.stage == "sft":
-        source = pretrained
+    elif cfg.stage in ("grpo", "ppo"):
+        source = find_latest_run_checkpoint("sft", runs)
     else:
-        source = find_latest_run_checkpoint("sft", cfg.run_dir().parent)
+        source = shared_latest(runs / "pretrain") if cfg.stage == "sft" else None
+        if source is None:
+            if cfg.stage == "sft" and dist.is_main():
+                print(f"sft: no checkpoint under {runs / 'pretrain'}, so the tiny preset starts from scratch; "
+                      "`python train.py --stage pretrain` first teaches it to copy, which the tasks need")
+            model, tokenizer = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed, device=device)
+            return model, tokenizer, "tiny preset (from scratch)", None
     model, tokenizer = checkpoint.load_pretrained(source, dtype=torch.float32, device=device)
     return model, tokenizer, str(source), resumed
 

@@ -74,7 +74,7 @@ def test_copy_corpus_trains_exactly_the_copies():
         assert s.ids[-len(newline):] == newline
 
 
-def test_pretrain_stage_then_sft_from_it(tmp_path):
+def test_pretrain_stage_then_sft_from_it(tmp_path, capsys):
     pre = tmp_path / "pretrain"
     assert train_script.main(["--stage=pretrain", "--steps=2", f"--out={pre}", "--num_train_examples=8",
                               "--batch_size=4", "--micro_batch_size=4", "--save_every=2"]) == 0
@@ -84,6 +84,11 @@ def test_pretrain_stage_then_sft_from_it(tmp_path):
     assert train_script.main(["--stage=sft", "--steps=1", f"--model={start}", "--preset=tiny", f"--out={out}",
                               *TINY]) == 0
     assert metrics(out)[0]["loss"] > 0
+    # without --model, SFT finds the pretrain run beside its own run directory
+    capsys.readouterr()
+    assert train_script.main(["--stage=sft", "--steps=1", f"--out={tmp_path / 'sft2'}", *TINY]) == 0
+    assert f"from {start}" in capsys.readouterr().out
+    assert metrics(tmp_path / "sft2")[0]["loss"] == metrics(out)[0]["loss"]
 
 
 def test_pretrain_refuses_the_paper_preset():
