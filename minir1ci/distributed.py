@@ -1,7 +1,8 @@
 """Multi-process training under `torchrun`, applied from outside the model.
 
 - `init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) once, at the edge, and
-  starts NCCL on GPUs or gloo on CPU. Without torchrun everything here is a no-op (world size 1).
+  starts NCCL on GPUs or gloo on CPU, even for one rank (so `torchrun --nproc_per_node 1` runs the
+  same FSDP2 code as eight). Without torchrun everything here is a no-op (world size 1).
 - `parallelize(model, device)`: on CUDA, FSDP2 — `fully_shard` on every decoder layer, then on the
   root — with a bf16 compute / fp32 reduce mixed-precision policy; on CPU (gloo), plain data
   parallelism: every rank holds the whole model and `sync_grads` sums gradients.
@@ -42,12 +43,13 @@ def is_main() -> bool:
 
 
 def init() -> None:
-    """Start the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    if is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+    """Start the process group when launched by torchrun (which sets RANK and WORLD_SIZE)."""
+    if is_initialized() or "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-        tdist.init_process_group("nccl")
+        # NCCL for CUDA tensors; gloo beside it for the small CPU tensors (loss sums, counts).
+        tdist.init_process_group("cuda:nccl,cpu:gloo")
     else:
         tdist.init_process_group("gloo")
 

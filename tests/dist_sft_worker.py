@@ -1,8 +1,9 @@
 """Worker for test_distributed.py: one SFT optimizer step's loss and gradients, under torchrun or alone.
 
-Writes {"loss": float, "grads": {name: tensor}} (rank 0) to the path in argv[1]. Uses the trainer's
-own pieces: the step denominator over the global batch, `dist.shard`, `sft_step_loss`,
-`dist.sync_grads`.
+Writes {"loss": float, "grads": {name: tensor}, "params": {name: tensor}} (rank 0) to the path in
+argv[1]. Uses the trainer's own pieces: the step denominator over the global batch, `dist.shard`,
+`sft_step_loss`, `dist.parallelize` (FSDP2 on CUDA), `dist.sync_grads`, `dist.full_state_dict`.
+With argv[2] == "cuda" it runs on the GPU of its local rank with the trainer's bf16 autocast.
 """
 import random
 import sys
@@ -14,15 +15,18 @@ from minir1ci.config import TrainConfig
 from minir1ci.data import Sample
 from minir1ci.model import ModelConfig, Qwen2ForCausalLM
 from minir1ci.sft import sft_step_loss
+from minir1ci.trainutil import autocast_for
 
 
-def main(out: str) -> None:
+def main(out: str, device_name: str = "cpu") -> None:
     dist.init()
+    device = torch.device("cuda", dist.local_rank()) if device_name == "cuda" else torch.device("cpu")
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     model = Qwen2ForCausalLM(cfg)
     model.init_weights(seed=0)
+    model = dist.parallelize(model.to(device), device)
     rng = random.Random(0)
     batch = []
     for _ in range(8):                      # ragged sequences, masks with holes (interpreter output)
@@ -35,16 +39,19 @@ def main(out: str) -> None:
     mine = dist.shard(batch)
     loss_sum = 0.0
     for i in range(0, len(mine), tcfg.micro_batch_size):
-        l, _ = sft_step_loss(model, mine[i:i + tcfg.micro_batch_size], denom, tcfg, torch.device("cpu"),
-                             torch.autocast("cpu", enabled=False))
+        l, _ = sft_step_loss(model, mine[i:i + tcfg.micro_batch_size], denom, tcfg, device,
+                             autocast_for(device, "auto"))
         loss_sum += l
     loss = float(dist.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64))) / denom
     dist.sync_grads(model)
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().cpu()
+             for n, p in model.named_parameters()}     # a sharded gradient is gathered on every rank
+    params = dist.full_state_dict(model)
     if dist.is_main():
-        torch.save({"loss": loss, "world": dist.world_size(),
-                    "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}, out)
+        torch.save({"loss": loss, "world": dist.world_size(), "sharded": dist.is_sharded(model),
+                    "grads": grads, "params": params}, out)
     dist.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

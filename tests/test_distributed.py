@@ -1,4 +1,10 @@
-"""Two CPU ranks under torchrun (gloo) give the loss and gradients of one process on the same batch."""
+"""Ranks under torchrun give the loss and gradients of one process on the same batch.
+
+On CPU: two gloo ranks, replicated, exact to fp32 rounding. On CUDA (marked gpu): one rank per GPU
+under FSDP2 with the bf16 mixed-precision policy against one plain process under bf16 autocast; the
+two round differently (FSDP2 casts every parameter to bf16, autocast only the matmul inputs), so
+the comparison is loose, but a wrong gradient divisor or a lost shard is off by far more.
+"""
 import os
 import shutil
 import subprocess
@@ -17,15 +23,38 @@ def run(args: list[str], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def test_two_ranks_match_one_process(tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
+def torchrun() -> str:
+    path = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if path is None:
         pytest.skip("torchrun not found next to the interpreter")
+    return path
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    launcher = torchrun()
     run([sys.executable, str(WORKER), str(tmp_path / "one.pt")], tmp_path)
-    run([torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "two.pt")], tmp_path)
+    run([launcher, "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "two.pt")], tmp_path)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert one["world"] == 1 and two["world"] == 2
+    assert one["world"] == 1 and two["world"] == 2 and not two["sharded"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6, abs=1e-7)
     assert one["grads"].keys() == two["grads"].keys()
     for name in one["grads"]:
         torch.testing.assert_close(two["grads"][name], one["grads"][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp2_ranks_match_one_process(tmp_path):
+    launcher = torchrun()
+    n = torch.cuda.device_count()
+    run([sys.executable, str(WORKER), str(tmp_path / "one.pt"), "cuda"], tmp_path)
+    run([launcher, "--standalone", "--nproc_per_node", str(n), str(WORKER), str(tmp_path / "fsdp.pt"), "cuda"], tmp_path)
+    one, fsdp = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "fsdp.pt")
+    assert one["world"] == 1 and not one["sharded"] and fsdp["world"] == n and fsdp["sharded"]
+    assert fsdp["loss"] == pytest.approx(one["loss"], rel=2e-2)
+    for name in one["grads"]:
+        a, b = fsdp["grads"][name], one["grads"][name]
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-6, name
+    assert fsdp["params"].keys() == one["params"].keys()     # the gathered state dict is the plain layout
+    for name, p in one["params"].items():
+        torch.testing.assert_close(fsdp["params"][name].float(), p.float().cpu(), msg=name)
