@@ -34,11 +34,20 @@ def chat_sample(tokenizer, messages: list[dict]) -> Sample:
     return Sample(list(ids), list(mask))
 
 
-def oracle_samples(examples, tokenizer, use_code: bool = True) -> list[Sample]:
-    """One SFT sample per built-in example: its prompt, then its oracle answer as the assistant turn."""
+def oracle_samples(examples, tokenizer, use_code: bool = True, text_fraction: float = 0.0,
+                   seed: int = 0) -> list[Sample]:
+    """One SFT sample per built-in example: its prompt, then its oracle answer as the assistant turn.
+
+    With `use_code`, a seeded `text_fraction` of the questions keep the code prompt but get the
+    text-only answer, as in the paper's SFT set, where GPT-4o answers many questions without code.
+    """
+    if not 0.0 <= text_fraction <= 1.0:
+        raise ValueError(f"text_fraction must lie in [0, 1], got {text_fraction}")
+    rng = random.Random(f"text_fraction:{seed}")
     out = []
     for ex in examples:
-        messages = ex.messages(use_code) + [{"role": "assistant", "content": ex.oracle_segments(use_code)}]
+        answer_with_code = use_code and rng.random() >= text_fraction
+        messages = ex.messages(use_code) + [{"role": "assistant", "content": ex.oracle_segments(answer_with_code)}]
         out.append(chat_sample(tokenizer, messages))
     return out
 

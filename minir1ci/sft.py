@@ -40,7 +40,7 @@ def build_samples(cfg, tokenizer):
         if not all(hasattr(ex, "oracle_segments") for ex in examples):
             raise ValueError(f"--tasks {cfg.tasks!r} has tasks without oracle trajectories; "
                              "pass --sft_data FILE.jsonl for them")
-        samples = oracle_samples(examples, tokenizer, use_code=cfg.use_code)
+        samples = oracle_samples(examples, tokenizer, cfg.use_code, cfg.text_fraction, cfg.seed)
     kept, dropped = filter_by_length(samples, cfg.max_seq_len)
     if not kept:
         raise ValueError(f"no {cfg.stage} sample fits max_seq_len={cfg.max_seq_len}")

@@ -74,6 +74,35 @@ def test_copy_corpus_trains_exactly_the_copies():
         assert s.ids[-len(newline):] == newline
 
 
+def test_text_fraction_mixes_text_answers_under_the_code_prompt():
+    from minir1ci.data import oracle_samples
+    from minir1ci.presets import tiny_dir
+    from minir1ci.tasks import load_tasks
+    from minir1ci.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tiny_dir())
+    examples = load_tasks("builtin:mul,builtin:date", split="train", limit=100, seed=0)
+    code = oracle_samples(examples, tok, use_code=True)
+    text = oracle_samples(examples, tok, use_code=False)
+    mixed = oracle_samples(examples, tok, use_code=True, text_fraction=0.4, seed=5)
+    assert [s.ids for s in mixed] == [s.ids for s in oracle_samples(examples, tok, True, 0.4, 5)]
+    assert [s.ids for s in mixed] != [s.ids for s in oracle_samples(examples, tok, True, 0.4, 6)]
+    n_text = 0
+    for ex, c, t, m in zip(examples, code, text, mixed):
+        prompt_len = c.mask.index(1)                   # the code prompt, as in every code sample
+        assert m.ids[:prompt_len] == c.ids[:prompt_len]
+        if m.ids == c.ids:
+            continue
+        n_text += 1                                    # the text-only answer, after the code prompt
+        answer = tok.decode([i for i, k in zip(m.ids, m.mask) if k])
+        assert answer.startswith(ex.oracle.text_only) and "```" not in answer
+        assert tok.decode([i for i, k in zip(t.ids, t.mask) if k]) == answer
+    assert 60 <= n_text <= 100                          # 40% of 200 questions, binomial sd ~7
+    assert [s.ids for s in oracle_samples(examples, tok, True, 1.0)] != [s.ids for s in text]  # prompts differ
+    with pytest.raises(ValueError, match="text_fraction"):
+        oracle_samples(examples, tok, True, 1.5)
+
+
 def test_pretrain_stage_then_sft_from_it(tmp_path, capsys):
     pre = tmp_path / "pretrain"
     assert train_script.main(["--stage=pretrain", "--steps=2", f"--out={pre}", "--num_train_examples=8",
