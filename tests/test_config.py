@@ -45,3 +45,24 @@ def test_resolved_config_round_trips_through_json(tmp_path):
 def test_parse_rejects_positional_arguments():
     with pytest.raises(ValueError, match="unexpected argument"):
         parse_overrides(["sft"])
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_tiny_rl_budget_fits_every_oracle_answer(stage):
+    """The response budget counts the inserted interpreter output. A budget below the oracle's own
+    answers cuts every correct code answer of that family short, the reward scores it malformed,
+    and RL learns to stop using code there (this happened to sort at 96 tokens)."""
+    from minir1ci.config import tiny
+    from minir1ci.data import oracle_samples
+    from minir1ci.presets import tiny_dir
+    from minir1ci.tasks import load_tasks
+    from minir1ci.tokenizer import Tokenizer
+
+    cfg = tiny(stage)
+    tok = Tokenizer.from_pretrained(tiny_dir())
+    examples = load_tasks(cfg.tasks, split="train", limit=300, seed=0)
+    longest = {}
+    for ex, s in zip(examples, oracle_samples(examples, tok, use_code=True)):
+        response = len(s.ids) - s.mask.index(1)            # from the first answer token to the end
+        longest[ex.task] = max(longest.get(ex.task, 0), response)
+    assert max(longest.values()) <= cfg.max_new_tokens, longest
