@@ -92,9 +92,12 @@ def inverse_cdf(probs: Tensor, generators: list[torch.Generator | None], rows: l
     cdf = probs.double().cumsum(-1)                                        # [B, V]
     target = (u * cdf[:, -1])[:, None]
     tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
-    # u * total can round up to total: step back to the last token with mass.
-    last = (probs > 0).long().cumsum(-1).argmax(-1)
-    return torch.minimum(tokens, last)
+    # The first index whose cdf exceeds the target always has mass (its cdf grew). Only when
+    # u * total rounds up to total is there none (index V): step back to the last token with mass.
+    over = (tokens >= probs.shape[1]).nonzero()[:, 0]
+    if len(over):
+        tokens[over] = (probs[over] > 0).long().cumsum(-1).argmax(-1)
+    return tokens
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
