@@ -31,7 +31,7 @@ class TrainConfig:
     data: str = ""             # root holding symbench/ and bbh/ ("" = $MINIR1CI_DATA or ../shared/data)
     sft_data: str = ""         # SFT JSONL (chat messages or rollout.py trajectories); "" = built-in oracle trajectories
     use_code: bool = True      # False: text-only SFT/RL (the paper's baseline)
-    text_fraction: float = 0.0  # built-in SFT with code: this share of questions gets the text-only answer
+    text_fraction: float = 0.0  # SFT with code on built-in oracles: this share of questions gets the text-only answer
     resume: bool = False       # continue from <out>/last if present
     seed: int = 0
     # budget and batching
@@ -227,4 +227,10 @@ def resolve(argv: list[str]) -> TrainConfig:
     if family not in ("tiny", "paper"):
         raise ValueError(f"unknown preset {family!r}; choose tiny or paper")
     base = tiny(stage) if family == "tiny" else paper(stage)
-    return apply_overrides(base, overrides)
+    cfg = apply_overrides(base, overrides)
+    if cfg.text_fraction and (cfg.stage != "sft" or not cfg.use_code or cfg.sft_data):
+        if "text_fraction" in overrides:
+            raise ValueError("--text_fraction applies only to --stage sft with code on the built-in oracle "
+                             "trajectories (not with --use_code=false or --sft_data)")
+        cfg = dataclasses.replace(cfg, text_fraction=0.0)   # the preset's value does not apply: record what ran
+    return cfg

@@ -42,11 +42,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init() -> None:
-    """Start the process group when launched by torchrun (which sets RANK and WORLD_SIZE)."""
-    if is_initialized() or "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+def init(device: str = "auto") -> None:
+    """Start the process group when launched by torchrun (RANK, WORLD_SIZE and MASTER_ADDR set).
+
+    `device` is the run's device option: NCCL (with gloo for CPU tensors) when it may be CUDA and
+    a GPU is visible, gloo alone for a CPU run."""
+    if is_initialized() or any(k not in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
         return
-    if torch.cuda.is_available():
+    if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
         # NCCL for CUDA tensors; gloo beside it for the small CPU tensors (loss sums, counts).
         tdist.init_process_group("cuda:nccl,cpu:gloo")

@@ -31,7 +31,7 @@ from . import checkpoint, distributed as dist
 
 def setup_run(cfg) -> tuple[torch.device, Path]:
     """Process group, device, seed and run directory (with the resolved config saved in it)."""
-    dist.init()
+    dist.init(cfg.device)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     run_dir = cfg.run_dir()

@@ -19,7 +19,7 @@ from minir1ci.trainutil import autocast_for
 
 
 def main(out: str, device_name: str = "cpu") -> None:
-    dist.init()
+    dist.init(device_name)
     device = torch.device("cuda", dist.local_rank()) if device_name == "cuda" else torch.device("cpu")
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -66,3 +66,15 @@ def test_tiny_rl_budget_fits_every_oracle_answer(stage):
         response = len(s.ids) - s.mask.index(1)            # from the first answer token to the end
         longest[ex.task] = max(longest.get(ex.task, 0), response)
     assert max(longest.values()) <= cfg.max_new_tokens, longest
+
+
+def test_text_fraction_only_where_it_applies():
+    assert resolve(["--stage=sft"]).text_fraction == 0.4                      # the tiny preset mixes
+    assert resolve(["--stage=sft", "--use_code=false"]).text_fraction == 0.0  # records what ran
+    assert resolve(["--stage=grpo"]).text_fraction == 0.0
+    assert resolve(["--stage=sft", "--text_fraction=0.2"]).text_fraction == 0.2
+    for argv in (["--stage=sft", "--use_code=false", "--text_fraction=0.2"], ["--stage=ppo", "--text_fraction=0.5"]):
+        with pytest.raises(ValueError, match="text_fraction applies only"):
+            resolve(argv)
+    with pytest.raises(ValueError, match=r"text_fraction must lie in \[0, 1\]"):
+        resolve(["--stage=sft", "--text_fraction=1.5"])
