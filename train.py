@@ -4,9 +4,10 @@ With no other argument, `--stage sft` trains the tiny preset on the built-in tas
 trajectories (CPU, minutes), from the newest checkpoint under runs/pretrain if there is one, else
 from scratch; `--stage pretrain` (tiny preset only, ~3 min) first teaches the from-scratch model to
 copy text, the stand-in for a pretrained checkpoint; `--stage grpo` and `--stage ppo` continue from
-the newest checkpoint under runs/sft. (With `--out DIR`, those are DIR's siblings.) With `--model PATH` (a Qwen-2.5 checkpoint in HF format) the paper's
-settings are the defaults. Every field of minir1ci.config.TrainConfig can be overridden as
-`--field=value`; unknown keys are refused. Runs under `torchrun --nproc_per_node N train.py ...`.
+the newest checkpoint under runs/sft. (With `--out DIR`, those are DIR's siblings.) With
+`--model PATH` (a Qwen-2.5 checkpoint in HF format) the paper's settings are the defaults. Every
+field of minir1ci.config.TrainConfig can be overridden as `--field=value`; unknown keys are
+refused. Runs under `torchrun --nproc_per_node N train.py ...`.
 """
 import sys
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed as dist
 from .data import pad_batch
+from .interpreter import RolloutParams, prompt_ids, run_rollouts
 from .rewards import RewardConfig, compute_reward
 from .trainutil import step_seed
 
@@ -63,9 +65,6 @@ def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pool
     sample `n_samples` trajectories each with the interpreter, score them.
 
     Returns (trajectories, rewards, correctness, RLBatch)."""
-    from . import distributed as dist
-    from .interpreter import prompt_ids, run_rollouts
-
     idx = dist.shard(pick_prompts(len(examples), cfg.prompts_per_step, step, cfg.seed, cfg.steps, pools))
     exs = [examples[i] for i in idx]
     was_training = model.training
@@ -78,9 +77,7 @@ def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pool
     return trajs, rewards, correct, batch
 
 
-def rollout_params(cfg, seed: int, temperature: float | None = None):
-    from .interpreter import RolloutParams
-
+def rollout_params(cfg, seed: int, temperature: float | None = None) -> RolloutParams:
     return RolloutParams(temperature=cfg.temperature if temperature is None else temperature, top_p=cfg.top_p,
                          max_new_tokens=cfg.max_new_tokens, max_code_calls=cfg.max_code_calls,
                          use_code=cfg.use_code, seed=seed)

@@ -27,17 +27,18 @@ that ended in timeout, memory or a signal are not replayed. Each session has a f
 that replayed `random`/`numpy.random` draws repeat; time, os.urandom and the like do not. The replay
 gets `timeout` per earlier block, the new block gets `timeout` of its own. `end_session` forgets one.
 
-Threat model. Covered (as root on Linux; each layer is listed in `Sandbox.isolation` and skipped where
-the kernel refuses it): runaway time (SIGKILL from outside at the deadline; RLIMIT_CPU with hard =
-soft + 1), memory per process (RLIMIT_AS), output floods (head/tail caps and a stop ceiling), disk
-(RLIMIT_FSIZE; /tmp and /dev/shm are the slot's tmpfs, capped at `disk_bytes` and emptied after each
-execution; the rest of the filesystem is read-only), file descriptors (RLIMIT_NOFILE), fork bombs and escaping processes (RLIMIT_NPROC per
-slot uid; each slot is a PID namespace whose init kills everything but itself after every execution,
-setsid'd processes too, and whose death at a deadline takes the whole namespace), root-only files
-and other processes (an unprivileged uid per slot, `uid_base + slot`, no capabilities, no_new_privs, a
-/proc showing only the slot's namespace), secrets in the environment (the server starts with a minimal
-environment, which is all the code sees), network (a network namespace with no interface up), SysV
-IPC left behind (an IPC namespace per execution). Nothing an execution writes reaches the next one.
+Threat model. Covered (as root on Linux; each layer is listed in `Sandbox.isolation` and skipped
+where the kernel refuses it): runaway time (SIGKILL from outside at the deadline; RLIMIT_CPU with
+hard = soft + 1), memory per process (RLIMIT_AS), output floods (head/tail caps and a stop ceiling),
+disk (RLIMIT_FSIZE; /tmp and /dev/shm are the slot's tmpfs, capped at `disk_bytes` and emptied after
+each execution; the rest of the filesystem is read-only), file descriptors (RLIMIT_NOFILE), fork
+bombs and escaping processes (RLIMIT_NPROC per slot uid; each slot is a PID namespace whose init
+kills everything but itself after every execution, setsid'd processes too, and whose death at a
+deadline takes the whole namespace), root-only files and other processes (an unprivileged uid per
+slot, `uid_base + slot`, no capabilities, no_new_privs, a /proc showing only the slot's namespace),
+secrets in the environment (the server starts with a minimal environment, which is all the code
+sees), network (a network namespace with no interface up), SysV IPC left behind (an IPC namespace
+per execution). Nothing an execution writes reaches the next one.
 Not covered: this is not a VM. Code shares the host kernel (no seccomp filter, and unprivileged user
 namespaces stay reachable where the kernel allows them: a kernel exploit escapes), can read every
 world-readable file (the project, its data and answers included), and may find traces of the same

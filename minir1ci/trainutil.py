@@ -213,14 +213,14 @@ def load_start_model(cfg, device: torch.device):
         source = Path(cfg.model)
     elif cfg.stage in ("grpo", "ppo"):
         source = find_latest_run_checkpoint("sft", runs)
-    else:
-        source = shared_latest(runs / "pretrain") if cfg.stage == "sft" else None
-        if source is None:
-            if cfg.stage == "sft" and dist.is_main():
-                print(f"sft: no checkpoint under {runs / 'pretrain'}, so the tiny preset starts from scratch; "
-                      "`python train.py --stage pretrain` first teaches it to copy, which the tasks need")
-            model, tokenizer = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed, device=device)
-            return model, tokenizer, "tiny preset (from scratch)", None
+    elif cfg.stage == "sft" and (pretrained := shared_latest(runs / "pretrain")) is not None:
+        source = pretrained
+    else:  # pretrain, or SFT with no pretrain run beside it
+        if cfg.stage == "sft" and dist.is_main():
+            print(f"sft: no checkpoint under {runs / 'pretrain'}, so the tiny preset starts from scratch; "
+                  "`python train.py --stage pretrain` first teaches it to copy, which the tasks need")
+        model, tokenizer = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed, device=device)
+        return model, tokenizer, "tiny preset (from scratch)", None
     model, tokenizer = checkpoint.load_pretrained(source, dtype=torch.float32, device=device)
     return model, tokenizer, str(source), resumed
 
