@@ -7,7 +7,9 @@ model is built from our state dict with `assign=True`, so both read the very sam
 Each side gets one untimed warm-up call per batch size (our CUDA graphs are captured when the
 Sampler is built, also untimed); the timed calls alternate between the two sides, and the
 median of `--reps` is reported. tokens/s = batch x new tokens / wall time of one call, prefill
-included.
+included. Every call, warm-up included, gets fresh random prompts (the same ones for both sides):
+the sampler keeps freed prompt pages for reuse, so repeating a prompt would let our side skip its
+prefill while HF recomputes it.
 
     python bench/sampler.py                                   # CPU, fp32, all threads
     python bench/sampler.py --device cuda --dtype bfloat16    # a GPU run
@@ -96,15 +98,14 @@ def main() -> None:
         sampler = Sampler(ours, None, max_num_seqs=max(batches), max_model_len=4096)
         gen = torch.Generator().manual_seed(0)
         for batch in batches:
-            prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=gen)
-            ids = prompts.tolist()
-            prompts = prompts.to(args.device)
-            time_hf(hf, prompts, args.new_tokens, args.device)            # warm-up, untimed
-            time_ours(sampler, ids, args.new_tokens, args.device)
             hf_t, our_t = [], []
-            for _ in range(args.reps):
-                hf_t.append(time_hf(hf, prompts, args.new_tokens, args.device))
-                our_t.append(time_ours(sampler, ids, args.new_tokens, args.device))
+            for rep in range(args.reps + 1):                              # rep 0: warm-up, untimed
+                prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=gen)
+                t_hf = time_hf(hf, prompts.to(args.device), args.new_tokens, args.device)
+                t_ours = time_ours(sampler, prompts.tolist(), args.new_tokens, args.device)
+                if rep:
+                    hf_t.append(t_hf)
+                    our_t.append(t_ours)
             hf_tps = batch * args.new_tokens / statistics.median(hf_t)
             our_tps = batch * args.new_tokens / statistics.median(our_t)
             rows.append(dict(shape=shape, batch=batch, hf_tok_s=round(hf_tps, 1), ours_tok_s=round(our_tps, 1),
