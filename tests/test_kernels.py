@@ -201,3 +201,24 @@ def test_decode_sequence_without_keys_gives_zeros(triton_backend):
     out = A.decode_attention(*args, num_splits=2)
     torch.testing.assert_close(out, A.decode_attention_torch(*args), **TOL[torch.float32])
     assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("with_negative", [True, False])
+def test_store_kvcache_twin_both_layouts(contiguous, with_negative):
+    # The twin writes a contiguous cache through a flat row view and any other by page/offset;
+    # both must equal a hand-written scatter, with and without skipped (-1) slots.
+    gen = torch.Generator().manual_seed(2)
+    k, v = torch.randn(5, 2, 16, generator=gen), torch.randn(5, 2, 16, generator=gen)
+    slots = torch.tensor([7, -1 if with_negative else 1, 0, 18, 3])
+    if contiguous:
+        k_cache, v_cache = torch.zeros(5, 4, 2, 16), torch.zeros(5, 4, 2, 16)
+    else:  # pages interleaved with unused ones: a strided view of a larger buffer
+        k_cache, v_cache = torch.zeros(10, 4, 2, 16)[::2], torch.zeros(10, 4, 2, 16)[::2]
+        assert not k_cache.is_contiguous()
+    A.store_kvcache_torch(k, v, k_cache, v_cache, slots)
+    expected_k, expected_v = torch.zeros(20, 2, 16), torch.zeros(20, 2, 16)
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            expected_k[s], expected_v[s] = k[i], v[i]
+    assert torch.equal(k_cache.reshape(20, 2, 16), expected_k) and torch.equal(v_cache.reshape(20, 2, 16), expected_v)
