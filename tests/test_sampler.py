@@ -313,3 +313,33 @@ def test_invalid_params_are_refused():
                 dict(stop_strings="stop")):
         with pytest.raises((ValueError, TypeError)):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("update", ["in_place", "load_state_dict", "assign"])
+def test_prefix_cache_dropped_when_weights_change(models, prompts, update):
+    # A sampler kept across a training step must not reuse prompt pages computed with the old
+    # weights: after the update it equals a fresh sampler, tokens and log-probs.
+    _, base = models
+    model = Qwen2ForCausalLM(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    sampler = make_sampler(model)
+    cached = []  # num_cached of each prefilled sequence: how much of its prompt came from the cache
+    prefill = sampler.runner.prefill
+    sampler.runner.prefill = lambda seqs: (cached.append([s.num_cached for s in seqs]), prefill(seqs))[1]
+    prompt = [p for p in prompts if len(p) == 40]                       # two full pages and a partial one
+    params = dataclasses.replace(GREEDY, max_new_tokens=8)
+    before = sampler.generate(prompt, params)
+    assert sampler.generate(prompt, params)[0].token_ids == before[0].token_ids
+    assert cached == [[0], [32]]                                        # same weights: both pages reused
+    new_weights = {k: v * 1.5 for k, v in base.state_dict().items()}
+    with torch.no_grad():
+        if update == "in_place":
+            for name, p in model.named_parameters():
+                p.copy_(new_weights[name])
+        else:  # copies into the parameters, or replaces them (new tensors, fresh version counters)
+            model.load_state_dict(new_weights, assign=update == "assign")
+    after = sampler.generate(prompt, params)
+    assert cached[-1] == [0]
+    fresh = make_sampler(model).generate(prompt, params)
+    assert after[0].token_ids == fresh[0].token_ids != before[0].token_ids
+    torch.testing.assert_close(torch.tensor(after[0].logprobs), torch.tensor(fresh[0].logprobs), rtol=0, atol=1e-6)

@@ -17,7 +17,8 @@ any need for copy-on-write. When every block of a prompt hits, the last prompt t
 run (its logits are needed) but its K/V is not written again (slot -1).
 
 Freed pages keep their content and key until reused, least recently freed first, so a system
-prompt shared by all requests stays cached across `generate` calls. Block tables are mirrored
+prompt shared by all requests stays cached across `generate` calls, until the weights change
+(`forget_prefixes`, called by the sampler). Block tables are mirrored
 in `tables`, an int32 [rows, max_pages] CPU tensor updated only when a page is added, so a
 decode step gathers its block table with one indexing op instead of rebuilding it.
 
@@ -63,6 +64,12 @@ class BlockManager:
     @property
     def num_free(self) -> int:
         return len(self.free)
+
+    def forget_prefixes(self) -> None:
+        """Make every cached page unfindable (its K/V came from weights that have since changed).
+        Pages in use stay with their sequences; they just can no longer be shared."""
+        self.block_of_key.clear()
+        self.key_of = [None] * self.num_blocks
 
     # ---------------------------------------------------------------- pages
 

@@ -29,6 +29,12 @@ Finish reasons: "eos" (an eos id of the tokenizer or model config, unless ignore
 (a stop token id, stop string or stop_fn; `stop_reason` names the id or string), "length"
 (max_new_tokens or max_model_len). The token that triggered a stop is kept in the response.
 
+Prompt pages stay cached after their sequences finish and are shared by later requests, but only
+while the weights are the ones that computed them: every new request compares the identity and
+in-place version counter of each parameter and buffer with those seen last (an optimizer step,
+`copy_` or `load_state_dict` changes them), and a change drops the whole prefix cache. Change
+weights only while the sampler is idle: sequences in flight keep the K/V they already have.
+
 The KV cache is sized from a byte budget (`kv_cache_bytes`; default 1 GiB on CPU, half the free
 memory on CUDA), capped at what max_num_seqs x max_model_len could use. See block_manager.py
 for paging and prefix sharing, scheduler.py for batching and preemption, runner.py for the
@@ -79,6 +85,9 @@ class Sampler:
         self.seqs: dict[int, Sequence] = {}
         self._next_id = 0
         self._pending: list[Completion] = []  # events decided outside a step (see append_tokens)
+        self._tensors: list[torch.Tensor] = []
+        self._weights_seen: tuple = ()
+        self._check_weights()
 
     @staticmethod
     def _default_eos(cfg, tokenizer) -> list[int]:
@@ -88,6 +97,19 @@ class Sampler:
         eos = cfg.eos_token_id
         ids.extend(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         return ids
+
+    def _check_weights(self) -> None:
+        """Drop the prefix cache if the weights changed: the (id, in-place version) of every
+        parameter and buffer differs from the last request's. The tensors are listed again only
+        while the sampler is idle (walking the modules costs more than reading the versions), which
+        also catches replaced tensors. Inference tensors keep no version counter, so they are left
+        out: a model whose weights were made under inference_mode must not be trained in place."""
+        if not self.has_unfinished():
+            self._tensors = [t for t in (*self.model.parameters(), *self.model.buffers()) if not t.is_inference()]
+        stamp = tuple((id(t), t._version) for t in self._tensors)
+        if stamp != self._weights_seen:  # cached prompt pages hold K/V of the old weights
+            self.block_manager.forget_prefixes()
+            self._weights_seen = stamp
 
     # ---------------------------------------------------------------- step API
 
@@ -101,6 +123,7 @@ class Sampler:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_model_len "
                              f"{self.max_model_len}")
+        self._check_weights()
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.runner.device).manual_seed(params.seed)
