@@ -11,8 +11,12 @@
 - `full_state_dict(model)` gathers a sharded model into an ordinary state dict on rank 0, so
   checkpoints are the plain HF layout and load on one machine.
 
-Simplified: no tensor or pipeline parallelism; rollouts are split across ranks by prompt and the
-sampler runs an unsharded copy of the weights on each rank (see grpo.py).
+- `unsharded_copy(model)`: the weights the sampler needs, whole, on every rank. A sharded
+  policy is all-gathered one parameter at a time into a plain model in the compute dtype (the
+  sampler cannot run FSDP2's DTensor shards); rl.py makes one for each rollout and drops it.
+
+Simplified: no tensor or pipeline parallelism; rollouts are split across ranks by prompt and each
+rank samples with its own unsharded copy of the weights.
 """
 from __future__ import annotations
 
@@ -96,6 +100,9 @@ def shard(items: list, r: int | None = None, n: int | None = None) -> list:
     return items[r::n]
 
 
+COMPUTE_DTYPE = torch.bfloat16  # FSDP2's parameter dtype in forward; unsharded copies use it too
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     return getattr(model, "_minir1ci_fsdp", False)
 
@@ -106,7 +113,7 @@ def parallelize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=COMPUTE_DTYPE, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -142,6 +149,39 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if is_main() else None
+
+
+@torch.no_grad()
+def unsharded_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A plain (unsharded) copy of a sharded model on every rank, for sampling; `model` itself when
+    it is not sharded. Every rank must call this (each parameter is all-gathered in turn, so the
+    peak is the copy plus one whole parameter). Parameters take `dtype` (default COMPUTE_DTYPE);
+    buffers (RoPE frequencies) keep theirs. Built on the meta device, so no second full set of
+    fp32 weights is ever made."""
+    if not is_sharded(model):
+        return model
+    dtype = dtype or COMPUTE_DTYPE
+    from .model import Qwen2ForCausalLM  # fully_shard swapped the class of `model` for an FSDP one
+
+    with torch.device("meta"):
+        copy = Qwen2ForCausalLM(model.config)
+    device = next(model.parameters()).device
+    copy = copy.to_empty(device=device)
+    if model.config.tie_word_embeddings:  # to_empty makes one new tensor per module: tie them again
+        copy.lm_head.weight = copy.model.embed_tokens.weight
+    for p in copy.parameters():  # tied weights are one Parameter: converted once, still tied
+        p.data = torch.empty_like(p, dtype=dtype)
+    params = dict(copy.named_parameters())
+    for name, p in model.named_parameters():
+        params[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+    buffers = dict(copy.named_buffers())
+    for name, b in model.named_buffers():
+        buffers[name].copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
+    if set(params) != {n for n, _ in model.named_parameters()} or set(buffers) != {n for n, _ in model.named_buffers()}:
+        raise RuntimeError("the unsharded copy's parameters or buffers do not match the sharded model's: "
+                           f"{sorted(set(params) ^ {n for n, _ in model.named_parameters()})} "
+                           f"{sorted(set(buffers) ^ {n for n, _ in model.named_buffers()})}")
+    return copy.eval()
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

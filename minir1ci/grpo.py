@@ -21,9 +21,10 @@ import time
 import torch
 
 from . import distributed as dist
-from .interpreter import prompt_ids, run_rollouts
+from .interpreter import prompt_ids
 from .losses import aggregate, global_denominator, grpo_advantages, kl_penalty, masked_mean, policy_loss, step_denominator
-from .rl import batch_logprobs, collect, curriculum_pools, minibatches, rollout_params, rollout_stats
+from .rl import (batch_logprobs, collect, curriculum_pools, minibatches, rollout_params, rollout_stats,
+                 sample_rollouts)
 from .sandbox import Sandbox
 from .tasks import load_tasks
 from .trainutil import (MetricsLog, autocast_for, check_finite, frozen_reference, load_start_model, load_trainer_state, lr_factor,
@@ -34,7 +35,7 @@ def measure_success(model, tokenizer, sandbox, examples, cfg) -> list[float]:
     """Success rate of each question over `curriculum_samples` samples (for the curriculum)."""
     prompts = prompt_ids(tokenizer, examples, cfg.use_code)
     k = cfg.curriculum_samples
-    trajs = run_rollouts(model, tokenizer, sandbox, prompts, k, rollout_params(cfg, seed=cfg.seed + 17))
+    trajs = sample_rollouts(model, tokenizer, sandbox, prompts, k, rollout_params(cfg, seed=cfg.seed + 17))
     return [sum(examples[i].score(t.text) for t in trajs[i * k:(i + 1) * k]) / k for i in range(len(examples))]
 
 

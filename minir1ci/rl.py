@@ -60,6 +60,19 @@ def to_batch(trajs, scores: list[float], groups: list[int]) -> RLBatch:
                    torch.tensor(groups, dtype=torch.long))
 
 
+def sample_rollouts(model, tokenizer, sandbox, prompts: list[list[int]], n: int, params: RolloutParams):
+    """run_rollouts on the policy in eval mode; an FSDP2-sharded policy is first gathered into a
+    whole copy on every rank (all ranks must call this), dropped afterwards."""
+    sampling = dist.unsharded_copy(model)
+    was_training = model.training
+    model.eval()
+    try:
+        return run_rollouts(sampling, tokenizer, sandbox, prompts, n, params)
+    finally:
+        model.train(was_training)
+        del sampling
+
+
 def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pools=None):
     """One step's rollouts on this rank: pick its share of prompts (deterministic in seed and step),
     sample `n_samples` trajectories each with the interpreter, score them.
@@ -67,11 +80,8 @@ def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pool
     Returns (trajectories, rewards, correctness, RLBatch)."""
     idx = dist.shard(pick_prompts(len(examples), cfg.prompts_per_step, step, cfg.seed, cfg.steps, pools))
     exs = [examples[i] for i in idx]
-    was_training = model.training
-    model.eval()
-    trajs = run_rollouts(model, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), cfg.n_samples,
-                         rollout_params(cfg, seed=step_seed(cfg.seed, step, rank)))
-    model.train(was_training)
+    trajs = sample_rollouts(model, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), cfg.n_samples,
+                            rollout_params(cfg, seed=step_seed(cfg.seed, step, rank)))
     rewards, correct = score_trajectories(exs, trajs, cfg.n_samples, cfg)
     batch = to_batch(trajs, rewards, [i // cfg.n_samples for i in range(len(trajs))])
     return trajs, rewards, correct, batch

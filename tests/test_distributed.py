@@ -66,3 +66,32 @@ def test_fsdp2_ranks_match_one_process(tmp_path):
     assert fsdp["params"].keys() == one["params"].keys()     # the gathered state dict is the plain layout
     for name, p in one["params"].items():
         torch.testing.assert_close(fsdp["params"][name].float(), p.float().cpu(), msg=name)
+
+
+ROLLOUT_WORKER = Path(__file__).with_name("dist_rollout_worker.py")
+
+
+def check_rollouts(found: dict, world: int) -> None:
+    assert found["world"] == world and found["sharded"]
+    assert found["mismatched"] == []                    # the fp32 copy is the pre-sharding weights, exactly
+    assert found["tied"] and found["param_dtypes"] == ["torch.bfloat16"] and found["buffer_dtypes"] == ["torch.float32"]
+    assert len(found["got"]) == 6 and all(len(ids) > 0 for ids in found["got"])
+    assert found["got"] == found["want"] and found["got_logp"] == found["want_logp"]
+
+
+def test_rollouts_from_sharded_policy_on_cpu(tmp_path):
+    # The sampler cannot run FSDP2's DTensor shards; GRPO/PPO sample from a gathered copy.
+    launcher = torchrun()
+    run([launcher, "--standalone", "--nproc_per_node", "2", str(ROLLOUT_WORKER), str(tmp_path / "r.pt")], tmp_path,
+        cpu_only=True)
+    check_rollouts(torch.load(tmp_path / "r.pt"), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rollouts_from_sharded_policy_on_gpu(tmp_path):
+    launcher = torchrun()
+    n = torch.cuda.device_count()
+    run([launcher, "--standalone", "--nproc_per_node", str(n), str(ROLLOUT_WORKER), str(tmp_path / "r.pt"), "cuda"],
+        tmp_path)
+    check_rollouts(torch.load(tmp_path / "r.pt"), n)

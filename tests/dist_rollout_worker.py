@@ -1,0 +1,66 @@
+"""Worker for test_distributed.py: rollouts from a sharded policy, under torchrun, equal rollouts
+from the same weights unsharded.
+
+Shards the tiny preset's model with FSDP2 (`dist.parallelize` on CUDA; on CPU, where parallelize
+keeps replicas, the same `fully_shard` calls by hand, over gloo), then on every rank:
+- `dist.unsharded_copy(model, fp32)` must equal the weights before sharding, exactly;
+- the default copy has bf16 parameters, fp32 buffers and a still-tied LM head;
+- `rl.sample_rollouts` on the sharded model (the trainer's path) must give the same trajectories
+  as on an unsharded model whose parameters were cast to bf16 the same way.
+Writes the findings of rank 0 to argv[1]; argv[2] == "cuda" runs on the local rank's GPU.
+"""
+import copy
+import sys
+
+import torch
+
+from minir1ci import distributed as dist
+from minir1ci.checkpoint import init_from_config
+from minir1ci.interpreter import RolloutParams
+from minir1ci.presets import tiny_dir
+from minir1ci.rl import sample_rollouts
+from minir1ci.sandbox import Sandbox
+
+
+def shard(model, device: torch.device):
+    if device.type == "cuda":
+        return dist.parallelize(model, device)
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model._minir1ci_fsdp = True
+    return model
+
+
+def main(out: str, device_name: str = "cpu") -> None:
+    dist.init(device_name)
+    device = torch.device("cuda", dist.local_rank()) if device_name == "cuda" else torch.device("cpu")
+    model, tok = init_from_config(tiny_dir(), seed=0, device=device)
+    whole = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.data = p.data.to(dist.COMPUTE_DTYPE)
+    sharded = shard(model, device)
+    exact = dist.unsharded_copy(sharded, dtype=torch.float32)
+    mismatched = [k for k, v in whole.items() if not torch.equal(exact.state_dict()[k], v)]
+    default = dist.unsharded_copy(sharded)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 900, (n,), generator=gen).tolist() for n in (5, 19, 33)]
+    params = RolloutParams(temperature=1.0, max_new_tokens=24, seed=3)
+    with Sandbox() as sandbox:
+        got = sample_rollouts(sharded, tok, sandbox, prompts, 2, params)
+        want = sample_rollouts(ref, tok, sandbox, prompts, 2, params)
+    result = dict(world=dist.world_size(), sharded=dist.is_sharded(sharded), mismatched=mismatched,
+                  tied=default.lm_head.weight is default.model.embed_tokens.weight,
+                  param_dtypes=sorted({str(p.dtype) for p in default.parameters()}),
+                  buffer_dtypes=sorted({str(b.dtype) for b in default.buffers()}),
+                  got=[t.response_ids for t in got], want=[t.response_ids for t in want],
+                  got_logp=[t.logprobs for t in got], want_logp=[t.logprobs for t in want])
+    if dist.is_main():
+        torch.save(result, out)
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
