@@ -93,6 +93,15 @@ def gather_objects(obj) -> list:
     return out
 
 
+def check_equal_shares(name: str, n: int) -> None:
+    """Refuse a per-step count that the ranks cannot split evenly: FSDP2 ranks all-gather and
+    reduce in lockstep, so a rank with one micro-batch more would wait forever."""
+    w = world_size()
+    if n % w:
+        raise ValueError(f"{name}={n} is not divisible by the world size {w}: every rank needs an equal "
+                         f"share (try {name}={n + w - n % w})")
+
+
 def shard(items: list, r: int | None = None, n: int | None = None) -> list:
     """This rank's strided share of `items`."""
     r = rank() if r is None else r

@@ -83,12 +83,12 @@ def train_grpo(cfg) -> dict:
     device, run_dir = setup_run(cfg)
     model, tokenizer, source, resume_dir = load_start_model(cfg, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    ref = frozen_reference(model, cfg, resume_dir, device) if cfg.kl_coef > 0 else None
     examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train", seed=cfg.seed)
     if dist.is_main():
         print(f"grpo: {model.num_params() / 1e6:.2f}M params from {source}; {len(examples)} training questions; "
               f"{cfg.prompts_per_step} prompts x {cfg.n_samples} samples per step")
     model = dist.parallelize(model, device)
+    ref = frozen_reference(model, cfg, resume_dir, device) if cfg.kl_coef > 0 else None
     opt = make_optimizer(model.parameters(), cfg)
     amp = autocast_for(device, cfg.dtype)
     log = MetricsLog(run_dir, cfg.steps, resume=cfg.resume)

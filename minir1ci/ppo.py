@@ -18,7 +18,9 @@ the trainer state rather than as its own HF checkpoint, no critic warm-up beyond
 """
 from __future__ import annotations
 
+import copy
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -38,17 +40,30 @@ from .trainutil import (MetricsLog, autocast_for, check_finite, frozen_reference
 class Critic(nn.Module):
     """V(prefix) for every position: a Qwen2 backbone and a linear `score` head to one scalar."""
 
-    def __init__(self, policy):
+    def __init__(self, backbone: Qwen2Model):
         super().__init__()
-        self.model = Qwen2Model(policy.config)
-        self.model.load_state_dict(policy.model.state_dict())
-        self.model.to(next(policy.parameters()).device)
-        self.score = nn.Linear(policy.config.hidden_size, 1, bias=False, device=next(policy.parameters()).device)
+        self.model = backbone
+        self.score = nn.Linear(backbone.config.hidden_size, 1, bias=False, device=next(backbone.parameters()).device)
         nn.init.zeros_(self.score.weight)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         h = self.model(input_ids, attention_mask)           # [B, T, H]
         return self.score(h).squeeze(-1).float()             # [B, T]
+
+
+def make_critic(model, resume_dir) -> Critic:
+    """The value model, whole on this rank (shard it after): a copy of the policy's backbone in fp32
+    with a zero score head, or on resume the critic saved in rank 0's trainer state. Call it after
+    `dist.parallelize(model)`, so no rank holds the whole fp32 policy and critic at once."""
+    if dist.is_sharded(model):
+        backbone = dist.unsharded_copy(model, dtype=torch.float32).model
+    else:
+        backbone = copy.deepcopy(model.model)
+    critic = Critic(backbone).train()
+    if resume_dir is not None:  # every rank reads rank 0's file: only it holds the whole critic
+        state = torch.load(Path(resume_dir) / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
+        critic.load_state_dict(state["extra"]["critic"])
+    return critic
 
 
 @torch.no_grad()
@@ -117,13 +132,14 @@ def train_ppo(cfg) -> dict:
     device, run_dir = setup_run(cfg)
     model, tokenizer, source, resume_dir = load_start_model(cfg, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    ref = frozen_reference(model, cfg, resume_dir, device) if cfg.kl_coef > 0 else None
-    critic = Critic(model)
-    critic.model.gradient_checkpointing = cfg.grad_checkpointing
     examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train", seed=cfg.seed)
     if dist.is_main():
         print(f"ppo: {model.num_params() / 1e6:.2f}M params from {source}; {len(examples)} training questions")
-    model, critic = dist.parallelize(model, device), dist.parallelize(critic, device)
+    model = dist.parallelize(model, device)
+    ref = frozen_reference(model, cfg, resume_dir, device) if cfg.kl_coef > 0 else None
+    critic = make_critic(model, resume_dir)
+    critic.model.gradient_checkpointing = cfg.grad_checkpointing
+    critic = dist.parallelize(critic, device)
     opt = make_optimizer(model.parameters(), cfg)
     copt = make_optimizer(critic.parameters(), cfg, lr=cfg.critic_lr)
     amp = autocast_for(device, cfg.dtype)
@@ -131,7 +147,6 @@ def train_ppo(cfg) -> dict:
     start = 0
     if resume_dir is not None:
         state = load_trainer_state(resume_dir, dist.is_sharded(model))
-        critic.load_state_dict(state["extra"]["critic"])
         restore_optimizers(state, {"policy": opt, "critic": copt})
         start = state["step"] + 1
         log.truncate_after(state["step"])

@@ -32,6 +32,10 @@ from . import checkpoint, distributed as dist
 def setup_run(cfg) -> tuple[torch.device, Path]:
     """Process group, device, seed and run directory (with the resolved config saved in it)."""
     dist.init(cfg.device)
+    if cfg.stage in ("grpo", "ppo"):
+        dist.check_equal_shares("prompts_per_step", cfg.prompts_per_step)
+    else:
+        dist.check_equal_shares("batch_size", cfg.batch_size)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     run_dir = cfg.run_dir()
@@ -226,12 +230,19 @@ def load_start_model(cfg, device: torch.device):
 
 
 def frozen_reference(model, cfg, resume_dir, device):
-    """The KL reference: the run's starting weights, frozen (reloaded from disk when resuming)."""
+    """The KL reference: the run's starting weights, frozen (reloaded from disk when resuming).
+
+    Call it after `dist.parallelize(model)`. A sharded policy gets a reference sharded the same
+    way, made from a bf16 copy (FSDP2 computes in bf16 anyway), so no rank ever holds two whole
+    fp32 models."""
     import copy
 
+    sharded = dist.is_sharded(model)
     if resume_dir is None:
-        ref = copy.deepcopy(model)
+        ref = dist.unsharded_copy(model) if sharded else copy.deepcopy(model)
     else:
         source = Path(cfg.model) if cfg.model else find_latest_run_checkpoint("sft", cfg.run_dir().parent)
-        ref = checkpoint.load_model(source, dtype=torch.float32, device=device)
+        ref = checkpoint.load_model(source, dtype=dist.COMPUTE_DTYPE if sharded else torch.float32, device=device)
+    if sharded:
+        ref = dist.parallelize(ref, device)
     return ref.eval().requires_grad_(False)

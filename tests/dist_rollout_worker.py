@@ -6,7 +6,9 @@ keeps replicas, the same `fully_shard` calls by hand, over gloo), then on every 
 - `dist.unsharded_copy(model, fp32)` must equal the weights before sharding, exactly;
 - the default copy has bf16 parameters, fp32 buffers and a still-tied LM head;
 - `rl.sample_rollouts` on the sharded model (the trainer's path) must give the same trajectories
-  as on an unsharded model whose parameters were cast to bf16 the same way.
+  as on an unsharded model whose parameters were cast to bf16 the same way;
+- the KL reference (`trainutil.frozen_reference`) holds those bf16 weights, frozen, and the PPO
+  critic (`ppo.make_critic`) the policy's fp32 backbone exactly, with a zero score head.
 Writes the findings of rank 0 to argv[1]; argv[2] == "cuda" runs on the local rank's GPU.
 """
 import copy
@@ -17,9 +19,11 @@ import torch
 from minir1ci import distributed as dist
 from minir1ci.checkpoint import init_from_config
 from minir1ci.interpreter import RolloutParams
+from minir1ci.ppo import make_critic
 from minir1ci.presets import tiny_dir
 from minir1ci.rl import sample_rollouts
 from minir1ci.sandbox import Sandbox
+from minir1ci.trainutil import frozen_reference
 
 
 def shard(model, device: torch.device):
@@ -45,6 +49,13 @@ def main(out: str, device_name: str = "cpu") -> None:
     exact = dist.unsharded_copy(sharded, dtype=torch.float32)
     mismatched = [k for k, v in whole.items() if not torch.equal(exact.state_dict()[k], v)]
     default = dist.unsharded_copy(sharded)
+    frozen = frozen_reference(sharded, None, None, device)
+    frozen_sd = frozen.state_dict() if not dist.is_sharded(frozen) else dist.full_state_dict(frozen)
+    ref_ok = frozen_sd is None or all(torch.equal(frozen_sd[k].cpu(), v.cpu()) for k, v in ref.state_dict().items())
+    ref_frozen = not any(p.requires_grad for p in frozen.parameters())
+    critic = make_critic(sharded, None)
+    critic_ok = (all(torch.equal(critic.model.state_dict()[k[len("model."):]], v) for k, v in whole.items()
+                     if k.startswith("model.")) and not critic.score.weight.any())
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 900, (n,), generator=gen).tolist() for n in (5, 19, 33)]
     params = RolloutParams(temperature=1.0, max_new_tokens=24, seed=3)
@@ -52,6 +63,7 @@ def main(out: str, device_name: str = "cpu") -> None:
         got = sample_rollouts(sharded, tok, sandbox, prompts, 2, params)
         want = sample_rollouts(ref, tok, sandbox, prompts, 2, params)
     result = dict(world=dist.world_size(), sharded=dist.is_sharded(sharded), mismatched=mismatched,
+                  ref_ok=ref_ok, ref_frozen=ref_frozen, critic_ok=critic_ok,
                   tied=default.lm_head.weight is default.model.embed_tokens.weight,
                   param_dtypes=sorted({str(p.dtype) for p in default.parameters()}),
                   buffer_dtypes=sorted({str(b.dtype) for b in default.buffers()}),

@@ -74,6 +74,7 @@ ROLLOUT_WORKER = Path(__file__).with_name("dist_rollout_worker.py")
 def check_rollouts(found: dict, world: int) -> None:
     assert found["world"] == world and found["sharded"]
     assert found["mismatched"] == []                    # the fp32 copy is the pre-sharding weights, exactly
+    assert found["ref_ok"] and found["ref_frozen"] and found["critic_ok"]
     assert found["tied"] and found["param_dtypes"] == ["torch.bfloat16"] and found["buffer_dtypes"] == ["torch.float32"]
     assert len(found["got"]) == 6 and all(len(ids) > 0 for ids in found["got"])
     assert found["got"] == found["want"] and found["got_logp"] == found["want_logp"]
@@ -95,3 +96,20 @@ def test_rollouts_from_sharded_policy_on_gpu(tmp_path):
     run([launcher, "--standalone", "--nproc_per_node", str(n), str(ROLLOUT_WORKER), str(tmp_path / "r.pt"), "cuda"],
         tmp_path)
     check_rollouts(torch.load(tmp_path / "r.pt"), n)
+
+
+@pytest.mark.parametrize("stage,flag", [("sft", "--batch_size=3 --micro_batch_size=1"), ("grpo", "--prompts_per_step=5")])
+def test_uneven_share_refused_before_anything_is_written(tmp_path, stage, flag):
+    # Two ranks cannot split 3 samples (or 5 prompts) evenly; under FSDP2 the rank with more
+    # micro-batches would hang in a collective, so the run stops at once with a clear error.
+    launcher = torchrun()
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent.parent), CUDA_VISIBLE_DEVICES="")
+    train = WORKER.parent.parent / "train.py"
+    proc = subprocess.run([launcher, "--standalone", "--nproc_per_node", "2", str(train), "--stage", stage, *flag.split(),
+                           "--steps=1", f"--out={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode != 0
+    name, value = flag.split()[0][2:].split("=")
+    assert f"{name}={value} is not divisible by the world size 2" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()
