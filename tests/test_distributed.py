@@ -6,6 +6,7 @@ two round differently (FSDP2 casts every parameter to bf16, autocast only the ma
 the comparison is loose. With two or more GPUs a wrong gradient divisor or a lost shard is off by
 far more; with one GPU the test exercises only the wrapping, the DTensor gradients and the gather.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -113,3 +114,31 @@ def test_uneven_share_refused_before_anything_is_written(tmp_path, stage, flag):
     name, value = flag.split()[0][2:].split("=")
     assert f"{name}={value} is not divisible by the world size 2" in proc.stdout + proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+RL_WORKER = Path(__file__).with_name("dist_rl_worker.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory) -> Path:
+    """A two-step SFT checkpoint of the tiny preset, the RL runs' start."""
+    from minir1ci import trainutil
+    out = tmp_path_factory.mktemp("sft")
+    run([sys.executable, str(WORKER.parent.parent / "train.py"), "--stage=sft", "--steps=2", "--save_every=2",
+         "--batch_size=8", "--micro_batch_size=4", f"--out={out}", "--device=cpu"], out, cpu_only=True)
+    return trainutil.latest_checkpoint(out)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_sharded_rl_runs_and_resumes_on_cpu(tmp_path, stage, tiny_sft):
+    # GRPO/PPO with an FSDP2-sharded policy (over gloo): two steps, then a resume for a third.
+    from minir1ci import trainutil
+    launcher = torchrun()
+    args = [launcher, "--standalone", "--nproc_per_node", "2", str(RL_WORKER), f"--stage={stage}", "--preset=tiny",
+            f"--model={tiny_sft}", "--prompts_per_step=2", "--n_samples=2",
+            "--max_new_tokens=24", "--kl_coef=0.01", "--save_every=1", f"--out={tmp_path / stage}", "--device=cpu"]
+    run(args + ["--steps=2"], tmp_path, cpu_only=True)
+    run(args + ["--steps=3", "--resume"], tmp_path, cpu_only=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    assert trainutil.latest_checkpoint(tmp_path / stage).name == "step-000002"
