@@ -180,16 +180,12 @@ def unsharded_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> 
         copy.lm_head.weight = copy.model.embed_tokens.weight
     for p in copy.parameters():  # tied weights are one Parameter: converted once, still tied
         p.data = torch.empty_like(p, dtype=dtype)
-    params = dict(copy.named_parameters())
-    for name, p in model.named_parameters():
-        params[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
-    buffers = dict(copy.named_buffers())
-    for name, b in model.named_buffers():
-        buffers[name].copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
-    if set(params) != {n for n, _ in model.named_parameters()} or set(buffers) != {n for n, _ in model.named_buffers()}:
-        raise RuntimeError("the unsharded copy's parameters or buffers do not match the sharded model's: "
-                           f"{sorted(set(params) ^ {n for n, _ in model.named_parameters()})} "
-                           f"{sorted(set(buffers) ^ {n for n, _ in model.named_buffers()})}")
+    dst = {**dict(copy.named_parameters()), **dict(copy.named_buffers())}
+    src = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    if dst.keys() != src.keys():
+        raise RuntimeError(f"the unsharded copy does not match the sharded model: {sorted(dst.keys() ^ src.keys())}")
+    for name, t in src.items():
+        dst[name].copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
     return copy.eval()
 
 

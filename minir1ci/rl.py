@@ -62,7 +62,7 @@ def to_batch(trajs, scores: list[float], groups: list[int]) -> RLBatch:
 
 def sample_rollouts(model, tokenizer, sandbox, prompts: list[list[int]], n: int, params: RolloutParams):
     """run_rollouts on the policy in eval mode; an FSDP2-sharded policy is first gathered into a
-    whole copy on every rank (all ranks must call this), dropped afterwards."""
+    whole copy on every rank (all ranks must call this), freed when this returns."""
     sampling = dist.unsharded_copy(model)
     was_training = model.training
     model.eval()
@@ -70,7 +70,6 @@ def sample_rollouts(model, tokenizer, sandbox, prompts: list[list[int]], n: int,
         return run_rollouts(sampling, tokenizer, sandbox, prompts, n, params)
     finally:
         model.train(was_training)
-        del sampling
 
 
 def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pools=None):
