@@ -22,8 +22,8 @@ install:
 test:
 	$(BIN)/python -m pytest -q
 
-test-slow:
-	$(BIN)/python -m pytest -q -m slow
+test-slow:  # pytest exits 5 when no test carries the mark; that is not a failure
+	$(BIN)/python -m pytest -q -m slow || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests are marked slow"; [ $$rc -eq 5 ]; }
 
 test-gpu:
 	$(BIN)/python -m pytest -q -m gpu
