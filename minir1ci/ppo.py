@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -61,8 +60,7 @@ def make_critic(model, resume_dir) -> Critic:
         backbone = copy.deepcopy(model.model)
     critic = Critic(backbone).train()
     if resume_dir is not None:  # every rank reads rank 0's file: only it holds the whole critic
-        state = torch.load(Path(resume_dir) / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
-        critic.load_state_dict(state["extra"]["critic"])
+        critic.load_state_dict(load_trainer_state(resume_dir)["extra"]["critic"])
     return critic
 
 

@@ -139,8 +139,10 @@ def save_run_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizers: 
 
 
 def load_trainer_state(ckpt_dir: Path, sharded: bool = False) -> dict:
+    """This rank's trainer state; rank 0's (the one with `extra`) unless `sharded`. Memory-mapped:
+    only the entries read are loaded."""
     fname = "trainer_state.pt" if (dist.is_main() or not sharded) else f"trainer_state.rank{dist.rank()}.pt"
-    return torch.load(Path(ckpt_dir) / fname, map_location="cpu", weights_only=False)
+    return torch.load(Path(ckpt_dir) / fname, map_location="cpu", weights_only=False, mmap=True)
 
 
 def restore_optimizers(state: dict, optimizers: dict) -> None:

@@ -15,6 +15,7 @@ import copy
 import sys
 
 import torch
+from dist_rl_worker import parallelize_on_cpu  # this file's folder is on sys.path when run as a script
 
 from minir1ci import distributed as dist
 from minir1ci.checkpoint import init_from_config
@@ -27,14 +28,7 @@ from minir1ci.trainutil import frozen_reference
 
 
 def shard(model, device: torch.device):
-    if device.type == "cuda":
-        return dist.parallelize(model, device)
-    from torch.distributed.fsdp import fully_shard
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    model._minir1ci_fsdp = True
-    return model
+    return (dist.parallelize if device.type == "cuda" else parallelize_on_cpu)(model, device)
 
 
 def main(out: str, device_name: str = "cpu") -> None:
@@ -50,7 +44,7 @@ def main(out: str, device_name: str = "cpu") -> None:
     mismatched = [k for k, v in whole.items() if not torch.equal(exact.state_dict()[k], v)]
     default = dist.unsharded_copy(sharded)
     frozen = frozen_reference(sharded, None, None, device)
-    frozen_sd = frozen.state_dict() if not dist.is_sharded(frozen) else dist.full_state_dict(frozen)
+    frozen_sd = dist.full_state_dict(frozen)  # None on ranks other than 0 when sharded
     ref_ok = frozen_sd is None or all(torch.equal(frozen_sd[k].cpu(), v.cpu()) for k, v in ref.state_dict().items())
     ref_frozen = not any(p.requires_grad for p in frozen.parameters())
     critic = make_critic(sharded, None)
