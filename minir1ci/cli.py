@@ -31,19 +31,14 @@ class ProgressBar:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from .devices import resolve_device
+    return resolve_device(name)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+    """auto: bf16 on CUDA and on CPUs with bf16 matrix units, fp32 otherwise (devices.py)."""
+    from .devices import inference_dtype
+    return inference_dtype(name, device)
 
 
 def load_examples_model_params(args):

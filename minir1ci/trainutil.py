@@ -46,18 +46,16 @@ def setup_run(cfg) -> tuple[torch.device, Path]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    from .devices import resolve_device as resolve
+    return resolve(name, dist.local_rank())
 
 
 def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA (weights stay fp32 for the optimizer); fp32 on CPU."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    """bf16 autocast on CUDA (weights stay fp32 for the optimizer); fp32 on CPU unless asked
+    (devices.train_autocast_dtype)."""
+    from .devices import train_autocast_dtype
+    amp = train_autocast_dtype(dtype, device)
+    return nullcontext() if amp is None else torch.autocast(device_type=device.type, dtype=amp)
 
 
 def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimizer:

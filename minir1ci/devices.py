@@ -1,0 +1,57 @@
+"""Device and dtype, resolved once at the edge (command line, trainer set-up); model code reads none.
+
+- `resolve_device("auto" | "cpu" | "cuda" | "cuda:N")`: CUDA when present (device `local_rank`), else CPU.
+- `inference_dtype(name, device)`: the dtype sampling and evaluation run in. `auto` is bf16 on CUDA;
+  on a CPU, bf16 only where it has bf16 matrix units (AMX-BF16 or AVX512-BF16), since without them
+  torch's bf16 products are emulated and slower than fp32 (2.4x slower for a 2048x896 -> 4864
+  linear on an AVX512 Xeon without them), else fp32.
+- `train_autocast_dtype(name, device)`: the autocast dtype for training, None for plain fp32. Weights
+  and optimizer state stay fp32 either way. `auto` is bf16 on CUDA and fp32 on a CPU: at the tiny
+  preset bf16 autocast is slower even with AMX, and larger shapes are a choice to make with
+  bench/train.py's bf16 rows (`--dtype bfloat16` turns it on).
+Log-softmax, log-probs and losses are computed in fp32 whatever the dtype (logprobs.py, sampling.py).
+"""
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cpu_has_bf16_units() -> bool:
+    """True where this CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16), as torch sees it."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` is CUDA device `local_rank` when CUDA is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def _named_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for sampling and evaluation (see the module docstring for `auto`)."""
+    if name != "auto":
+        return _named_dtype(name)
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_units()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def train_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a training step, None for fp32 (see the module docstring for `auto`)."""
+    dtype = (torch.bfloat16 if device.type == "cuda" else None) if name == "auto" else _named_dtype(name)
+    return None if dtype in (None, torch.float32) else dtype
