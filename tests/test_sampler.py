@@ -272,6 +272,25 @@ def test_both_drawing_methods_pick_tokens_with_their_probability():
     assert a == b
 
 
+def test_two_level_inverse_cdf_picks_the_token_of_the_flat_cumulative_sum():
+    """The block-then-token search lands where one cumulative sum over the whole row would: rows
+    spanning several blocks plus a partial one, with zero-mass blocks, at the row's ends too."""
+    from minir1ci.engine.sampling import _CDF_BLOCK, inverse_cdf
+
+    B, V = 64, 5 * _CDF_BLOCK + 77
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.rand(B, V, generator=gen) ** 8                      # uneven mass
+    probs[:, _CDF_BLOCK:3 * _CDF_BLOCK] = 0                           # two empty blocks inside
+    probs[:8, :-5] = 0                                                # mass only in the last 5 tokens
+    probs[8:16, 3:] = 0                                               # mass only in the first 3
+    tokens = inverse_cdf(probs, [None] * B, list(range(B)), torch.Generator().manual_seed(4))
+    u = torch.rand(B, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    want = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert tokens.tolist() == want.tolist()
+    assert probs[torch.arange(B), tokens].gt(0).all()
+
+
 def test_stop_token_eos_and_max_new_tokens(models, prompts, hf_greedy):
     _, ours = models
     ref = hf_greedy[3]

@@ -2,15 +2,16 @@
 
 Pure functions on tensors. For each row:
 - the raw log-prob of the chosen token under the model at temperature 1 (what a trainer
-  recomputes as pi_old), `log_softmax(logits)`;
+  recomputes as pi_old), its logit minus the row's logsumexp, in fp32;
 - the processed distribution it was drawn from: fp32 logits / temperature (the same scaling as
   logprobs.py, so sampler and trainer agree), then top-k, then top-p (nucleus) masking;
 - the token: argmax for temperature 0; otherwise, on a GPU, the exponential race, argmax(p / E)
   with E ~ Exp(1) drawn per vocabulary entry, which picks token i with probability p_i (it is the
   Gumbel-max trick in another form) and needs no cumulative sum or host sync; on a CPU, where
   drawing B x V exponentials costs more than the rest of a tiny model's step (and ~0.1 s a step
-  with Qwen's 151,936 entries at batch 32), the inverse CDF: one uniform per row, located in the
-  row's cumulative sum. Both pick token i with probability p_i; they draw different tokens.
+  with Qwen's 151,936 entries at batch 32), the inverse CDF: one uniform per row, located by a
+  two-level cumulative sum (blocks, then one block). Both pick token i with probability p_i;
+  they draw different tokens.
 Rows with a seed draw from their own torch.Generator, so their samples do not depend on the
 other rows; unseeded rows share one draw from the sampler's generator.
 
@@ -77,49 +78,77 @@ def exponential_noise(shape: tuple[int, int], generators: list[torch.Generator |
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
+_CDF_BLOCK = 512  # tokens per block of the two-level inverse CDF
+
+
 def inverse_cdf(probs: Tensor, generators: list[torch.Generator | None], rows: list[int],
                 default: torch.Generator | None) -> Tensor:
     """Token [B] of each row: the first whose cumulative probability exceeds u * total, u ~ U[0, 1)
-    (rows not in `rows` get u = 0; their token is replaced). A zero-probability token is never
-    picked: its cumulative sum equals its predecessor's."""
-    u = torch.zeros(probs.shape[0], dtype=torch.float64)
+    (rows not in `rows` get u = 0; their token is replaced). `probs` [B, V] may be unnormalised.
+
+    Two levels, so no cumulative sum runs over the whole vocabulary (a [32, 151936] one cost 12 ms
+    a step, the largest op after the matrix products): the mass of each block of _CDF_BLOCK
+    tokens, cumulated, finds the block holding u * total; a cumulative sum inside that block alone
+    finds the token. Block sums are fp32 (fp64 ones cost 20x more), cumulated in fp64. A zero-probability token is never picked: its cumulative sum
+    equals its predecessor's, and when rounding puts the target past a block's (or the row's) last
+    cumulative sum, the draw steps back to the last block (token) with mass."""
+    B, V = probs.shape
+    u = torch.zeros(B, dtype=torch.float64)
     shared = [i for i in rows if generators[i] is None]
     if shared:
         u[shared] = torch.rand(len(shared), generator=default, dtype=torch.float64)
     for i in rows:
         if generators[i] is not None:
             u[i] = torch.rand(1, generator=generators[i], dtype=torch.float64)
-    cdf = probs.double().cumsum(-1)                                        # [B, V]
-    target = (u * cdf[:, -1])[:, None]
-    tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
-    # The first index whose cdf exceeds the target always has mass (its cdf grew). Only when
-    # u * total rounds up to total is there none (index V): step back to the last token with mass.
-    over = (tokens >= probs.shape[1]).nonzero()[:, 0]
+    S = _CDF_BLOCK
+    full = V // S * S
+    sums = probs[:, :full].reshape(B, full // S, S).sum(-1)                              # [B, V // S]
+    if full < V:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True)], 1)                # [B, NB]
+    cdf = sums.double().cumsum(-1)
+    target = (u * cdf[:, -1])[:, None]                                                   # [B, 1]
+    block = torch.searchsorted(cdf, target, right=True)[:, 0]                            # [B]
+    past = block >= cdf.shape[1]
+    if bool(past.any()):
+        block = torch.where(past, (sums > 0).long().cumsum(-1).argmax(-1), block)
+    before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    cols = block[:, None] * S + torch.arange(S)                                          # [B, S]
+    inside = probs.gather(1, cols.clamp(max=V - 1)).double().masked_fill_(cols >= V, 0.0)
+    offset = torch.searchsorted(before[:, None] + inside.cumsum(-1), target, right=True)[:, 0]
+    over = (offset >= S).nonzero()[:, 0]
     if len(over):
-        tokens[over] = (probs[over] > 0).long().cumsum(-1).argmax(-1)
-    return tokens
+        offset[over] = (inside[over] > 0).long().cumsum(-1).argmax(-1)
+    return block * S + offset
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            default_generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """logits [B, V] fp32 -> (tokens [B] long, raw log-probs [B], sampling log-probs [B])."""
+    """logits [B, V] -> (tokens [B] long, raw log-probs [B], sampling log-probs [B]), all in fp32.
+    Log-probs are the chosen logit minus the row's logsumexp: no [B, V] log-softmax is made."""
     logits = logits.float()
-    raw = logits.log_softmax(-1)                                           # [B, V]
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled_rows:  # all greedy: the point mass has log-prob 0
         tokens = logits.argmax(-1)
-        return tokens, raw.gather(1, tokens[:, None])[:, 0], torch.zeros(len(params), device=logits.device)
+        return tokens, _pick(logits, tokens) - logits.logsumexp(-1), torch.zeros(len(params), device=logits.device)
 
     proc = processed_logits(logits, params)
-    proc_logp = raw if proc is logits else proc.log_softmax(-1)
+    top = proc.amax(-1, keepdim=True)                                      # [B, 1]
+    probs = (proc - top).exp_()                                            # [B, V] unnormalised
+    proc_lse = top[:, 0] + probs.sum(-1).log()                             # [B], the logsumexp
+    lse = proc_lse if proc is logits else logits.logsumexp(-1)
     if logits.device.type == "cpu":
-        tokens = inverse_cdf(proc_logp.exp(), generators, sampled_rows, default_generator)
+        tokens = inverse_cdf(probs, generators, sampled_rows, default_generator)
     else:
         noise = exponential_noise(tuple(logits.shape), generators, sampled_rows, default_generator, logits.device)
-        tokens = (proc_logp.exp() / noise).argmax(-1)                      # [B]
-    sampling_logp = proc_logp.gather(1, tokens[:, None])[:, 0]
+        tokens = (probs / noise).argmax(-1)                                # [B]
+    sampling_logp = _pick(proc, tokens) - proc_lse
     if len(sampled_rows) < len(params):
         greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
         tokens = torch.where(greedy, logits.argmax(-1), tokens)
         sampling_logp = sampling_logp.masked_fill(greedy, 0.0)
-    return tokens, raw.gather(1, tokens[:, None])[:, 0], sampling_logp
+    return tokens, _pick(logits, tokens) - lse, sampling_logp
+
+
+def _pick(x: Tensor, tokens: Tensor) -> Tensor:
+    """x[i, tokens[i]] for each row: [B, V], [B] -> [B]."""
+    return x.gather(1, tokens[:, None])[:, 0]
