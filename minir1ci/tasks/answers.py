@@ -1,8 +1,18 @@
-"""Parsing helpers shared by the verifiers: numbers, lists, tokens, safe arithmetic.
+"""Parsing helpers shared by the verifiers: numbers, lists, safe arithmetic.
 
-Every verifier reads a model's free-form answer; these functions make the common
-readings explicit (thousands separators, fractions, brackets and quotes around
-list items) so that one format mistake is judged the same way everywhere.
+Every verifier reads a model's free-form answer; these functions fix one strict
+reading so that a format trick is judged the same way everywhere:
+  a number is one number   '17', '-3.5', '3/4', '1.2e3', '$12', '50%', '1,234,567'.
+                           A comma is a thousands separator only in groups of exactly
+                           three digits after a first group of one to three ('1,234',
+                           not '1,7', '12,34' or '1234,567'); no other character (a
+                           space, '_', a thin space) joins digits, so '1 7' is not 17.
+  a list is its elements   brackets, parentheses and quotes around the list or an item
+                           are dropped; items are separated by commas, semicolons or
+                           whitespace; each item is then parsed on its own, so
+                           '7.5' is one item (not [7, 5]) and '1,000' in a list is [1, 0].
+  a string is a string     compared as written (leading zeros and inner spaces count);
+                           only surrounding whitespace and quotes are ignored.
 
 `eval_arith` evaluates + - * / expressions on integers with exact fractions by
 walking the `ast`, never `eval`: model answers are untrusted text.
@@ -14,38 +24,83 @@ import math
 import re
 from fractions import Fraction
 
-_INT_RE = re.compile(r"-?\d+")
-_NUMBER_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+_DECIMAL = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL_RE = re.compile(_DECIMAL)
+_INT_RE = re.compile(r"[-+]?\d+")
 _MAX_EXPR_CHARS = 4000
 
 
-def parse_number(text: str) -> float | None:
-    """'1,234.5', '$12', '-3/4', '50%' -> a float; anything else -> None."""
-    s = text.strip().strip("$").replace(",", "").replace(" ", "").rstrip(".")
-    s = s.replace("\\$", "").rstrip("%")
+def _bare(text: str) -> str:
+    """Drop what may surround one number: whitespace, \\boxed{}, '$', a final period, a '%'."""
+    s = text.strip()
     if s.startswith("\\boxed{") and s.endswith("}"):
-        s = s[len("\\boxed{"):-1]
+        s = s[len("\\boxed{"):-1].strip()
+    s = s.replace("\\$", "$").replace("\\%", "%")
+    s = s[1:].lstrip() if s.startswith("$") else s
+    s = s[:-1] if s.endswith(".") and not s.endswith("..") else s
+    return s[:-1] if s.endswith("%") else s
+
+
+def parse_number(text: str) -> float | None:
+    """'1,234.5', '$12', '-3/4', '50%', '1e3' -> a float; anything else ('1,7', '1 7', '7.5.1') -> None."""
+    s = _bare(text)
+    if _THOUSANDS_RE.fullmatch(s):
+        s = s.replace(",", "")
     if "/" in s:
         num, _, den = s.partition("/")
-        if _NUMBER_RE.match(num) and _NUMBER_RE.match(den) and float(den) != 0:
+        if _DECIMAL_RE.fullmatch(num) and _DECIMAL_RE.fullmatch(den) and float(den) != 0:
             return float(num) / float(den)
         return None
-    return float(s) if _NUMBER_RE.match(s) else None
+    return float(s) if _DECIMAL_RE.fullmatch(s) else None
 
 
 def parse_int(text: str) -> int | None:
-    """An integer of any size ('-1,234' -> -1234), exactly; None if `text` is not one."""
-    s = text.strip().strip("$").replace(",", "").replace(" ", "").rstrip(".")
-    if re.fullmatch(r"[-+]?\d+", s):
+    """An integer of any size ('-1,234' -> -1234, '12.0' -> 12), exactly; None if `text` is not one."""
+    s = _bare(text)
+    if _THOUSANDS_RE.fullmatch(s) and "." not in s:
+        s = s.replace(",", "")
+    if _INT_RE.fullmatch(s):
         return int(s)
-    value = parse_number(s)  # '1234.0' still counts
+    value = parse_number(s)
     return int(value) if value is not None and value.is_integer() and abs(value) < 2 ** 53 else None
+
+
+def strip_quotes(text: str) -> str:
+    s = text.strip()
+    while len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'`":
+        s = s[1:-1].strip()
+    return s
+
+
+def list_items(text: str) -> list[str] | None:
+    """The items of a flat or nested list, as written ('[["A", 1], [2]]' -> ['A', '1', '2']).
+
+    None when an item is empty ('1,,2') or holds a stray quote. Nested lists are read
+    row by row; brackets of any kind are only grouping.
+    """
+    s = re.sub(r"[\[\](){}]", " ", strip_quotes(text)).strip()
+    if not s:
+        return []
+    items = [strip_quotes(t) for t in re.split(r"\s*[,;]\s*|\s+", s)]
+    if any(not t or re.search(r"[\"'`\s]", t) for t in items):
+        return None
+    return items
+
+
+def int_list(text: str) -> list[int] | None:
+    """Every item an integer ('[1, -2]' -> [1, -2]; '0.7, 1' -> None; '1,7' -> [1, 7])."""
+    items = list_items(text)
+    if items is None:
+        return None
+    values = [parse_int(t) for t in items]
+    return None if any(v is None for v in values) else values
 
 
 def decimals_written(text: str) -> int:
     """How many digits follow the decimal point in a written number ('1.83' -> 2)."""
-    s = text.strip().replace(",", "")
-    return len(s.split(".", 1)[1].rstrip("%")) if "." in s and "/" not in s else 0
+    s = _bare(text)
+    return len(s.split(".", 1)[1]) if "." in s and "/" not in s and "e" not in s.lower() else 0
 
 
 def numbers_match(text: str, gold: float, rel_tol: float = 1e-9) -> bool:
@@ -61,29 +116,6 @@ def numbers_match(text: str, gold: float, rel_tol: float = 1e-9) -> bool:
         return True
     places = decimals_written(text)
     return places >= 2 and abs(value - gold) <= 0.5 * 10 ** -places + 1e-12
-
-
-def numbers_in(text: str) -> list[str]:
-    """Every number written in `text`, as written ('[7.89, -1]' -> ['7.89', '-1'])."""
-    return re.findall(r"-?\d+(?:\.\d+)?", text)
-
-
-def ints_in(text: str) -> list[int]:
-    """Every integer written in `text`, in order ('[[1, -2], [3]]' -> [1, -2, 3])."""
-    return [int(m) for m in _INT_RE.findall(text)]
-
-
-def tokens(text: str) -> list[str]:
-    """List items without brackets, quotes and separators ('["A", "B"]' -> ['A', 'B'])."""
-    cleaned = re.sub(r"[\[\]()\"'`]", " ", text)
-    return [t for t in re.split(r"[\s,;]+", cleaned) if t]
-
-
-def strip_quotes(text: str) -> str:
-    s = text.strip()
-    while len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'`":
-        s = s[1:-1].strip()
-    return s
 
 
 def normalize_text(text: str) -> str:
@@ -112,11 +144,12 @@ def _walk(node: ast.AST, leaves: list[int]) -> Fraction:
 def eval_arith(expr: str) -> tuple[Fraction, list[int]] | None:
     """Exact value and the integers used (left to right) of a + - * / expression.
 
-    Unary minus, powers, names and calls are rejected (None), as is division by zero.
-    '×' and '÷' are read as * and /.
+    Unary minus, powers, names, calls and numbers not written as plain decimal integers
+    are rejected (None), as is division by zero. '×' and '÷' are read as * and /.
     """
     expr = expr.replace("×", "*").replace("÷", "/").replace("\\times", "*").replace("\\div", "/").strip()
-    if not expr or len(expr) > _MAX_EXPR_CHARS:
+    # plain decimal integers only: python would also read '0x10', '1_0' or '1e1' as numbers
+    if not expr or len(expr) > _MAX_EXPR_CHARS or not re.fullmatch(r"[\d\s+\-*/()]+", expr):
         return None
     try:
         tree = ast.parse(expr, mode="eval")

@@ -26,10 +26,11 @@ import datetime
 import functools
 import hashlib
 import random
+import re
 import string
 
 from minir1ci.tasks import Example, Oracle
-from minir1ci.tasks.answers import expression_reaches, ints_in, parse_int, strip_quotes
+from minir1ci.tasks.answers import expression_reaches, int_list, parse_int, strip_quotes
 
 FAMILIES = ("mul", "add", "letters", "sort", "base", "date", "game24")
 DEFAULT_COUNT = 500
@@ -73,19 +74,25 @@ def check_integer(answer: str, ex: Example) -> float:
 
 
 def check_int_list(answer: str, ex: Example) -> float:
-    return float(ints_in(answer) == ints_in(ex.answer) and any(ch.isdigit() for ch in answer))
+    """Integer items in order: '[7, 52]' or '7, 52'; '7.52' is one (wrong) item."""
+    return float(int_list(answer) == int_list(ex.answer))
 
 
 def check_base(answer: str, ex: Example) -> float:
+    """The digits in the asked base, optionally after python's prefix ('0xff'); case ignored."""
     base = ex.metadata["base"]
-    digits = strip_quotes(answer).lower().replace(" ", "")
+    digits = strip_quotes(answer).lower()
     prefix = {2: "0b", 8: "0o", 16: "0x"}[base]
     digits = digits[len(prefix):] if digits.startswith(prefix) else digits
-    return float(bool(digits) and int(digits, base) == ex.metadata["n"])  # ValueError -> 0
+    # int() alone would also take '_', spaces and a sign ('f_f', '+ff')
+    return float(re.fullmatch(r"[0-9a-f]+", digits) is not None and int(digits, base) == ex.metadata["n"])
 
 
 def check_date(answer: str, ex: Example) -> float:
-    return float(datetime.date.fromisoformat(strip_quotes(answer)) == datetime.date.fromisoformat(ex.answer))
+    """YYYY-MM-DD only: date.fromisoformat would also take '20240301' or week dates."""
+    s = strip_quotes(answer)
+    return float(re.fullmatch(r"\d{4}-\d{2}-\d{2}", s) is not None
+                 and datetime.date.fromisoformat(s) == datetime.date.fromisoformat(ex.answer))
 
 
 def check_game24(answer: str, ex: Example) -> float:

@@ -94,7 +94,7 @@ _SAMPLE_TASKS = {
                                   lambda q, s: "[" + ", ".join(s["solution"]) + "]", None),
     "constrained_linear_arrangement": ("constrained_linear_arrangement", v.check_card_game,
                                        lambda q, s: ",".join(s["solution"]), None),
-    "cryptanalysis": ("cryptanalysis", v.check_joined, lambda q, s: json.dumps(s["answer"]), None),
+    "cryptanalysis": ("cryptanalysis", v.check_tokens, lambda q, s: json.dumps(s["answer"]), None),
     "eight_queens": ("eight_queens_dataset", v.check_queens,
                      lambda q, s: ", ".join(f"{r} {c}" for r, c in s["solution"]), None),
     "letter_logic_diagram": ("letter_logic_diagram", v.check_letter_grid,
@@ -120,7 +120,7 @@ _SAMPLE_TASKS = {
                                          lambda q, s: s["final_string"], None),
     "string_insertion": ("string_insertion", v.check_string, lambda q, s: s["modified_string"], None),
     "string_splitting": ("string_splitting", v.check_ints, lambda q, s: json.dumps(s["expected_answer"]), None),
-    "string_synthesis": ("string_synthesis", v.check_ints, lambda q, s: " ".join(map(str, s["final_counts"])), None),
+    "string_synthesis": ("string_synthesis", v.check_digit_string, lambda q, s: " ".join(map(str, s["final_counts"])), None),
     "synthesis_decomposition": ("synthesis_decomposition_dataset", v.check_ints,
                                 lambda q, s: str(_synthesis_target(q, s)), None),
 }
@@ -166,8 +166,8 @@ def _load_samples(root: Path, name: str) -> list[Example]:
             meta.update(extra(question, sol) if extra else {})
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise ValueError(f"{sample}: question.txt / solution.json not as expected ({err!r})") from err
-        if check is v.check_ints:
-            meta["target_ints"] = v.ints_in(answer)
+        if check in (v.check_ints, v.check_digit_string):
+            meta["target_ints"] = v.int_list(answer)
         out.append(Example(f"symbench:{name}:{sample.parent.name}/{sample.name}" if folder else
                            f"symbench:{name}:{sample.name}", f"symbench:{name}", question, answer, meta, check))
     if name == "pattern_recognition":
@@ -185,7 +185,7 @@ def _pattern_json(root: Path) -> list[Example]:
         sol = item["solution"]
         answer = f"[{sol['row']}, {sol['column']}]"
         out.append(Example(f"symbench:pattern_recognition:json_{i}", "symbench:pattern_recognition",
-                           item["question"].strip(), answer, {"solution": sol, "target_ints": v.ints_in(answer),
+                           item["question"].strip(), answer, {"solution": sol, "target_ints": v.int_list(answer),
                                                               "source": f"{path.name}[{i}]"}, v.check_ints))
     return out
 

@@ -148,7 +148,9 @@ def check_boxlift(answer: str, ex: Example) -> float:
     for step in steps:
         used: set[int] = set()
         for weight, who in ast.literal_eval(step):
-            who = list(who)
+            # literal_eval also yields bools, floats, strings and sets: True is not lifter 1
+            if type(weight) is not int or not isinstance(who, (list, tuple)) or any(type(k) is not int for k in who):
+                return 0.0
             if remaining[weight] <= 0 or not who or len(set(who)) != len(who) or used & set(who):
                 return 0.0
             if any(not (0 <= k < len(lifters)) for k in who) or sum(lifters[k] for k in who) < weight:

@@ -19,27 +19,39 @@ import re
 from fractions import Fraction
 
 from minir1ci.tasks import Example
-from minir1ci.tasks.answers import (expression_reaches, ints_in, normalize_text, numbers_in, numbers_match,
-                                    parse_int, parse_number, strip_quotes, tokens)
+from minir1ci.tasks.answers import (expression_reaches, int_list, list_items, normalize_text, numbers_match, parse_int,
+                                    parse_number, strip_quotes)
 
 # ---- exact answers ------------------------------------------------------------------------
 
 
 def check_ints(answer: str, ex: Example) -> float:
-    """The integers written, in order, equal the gold list (matrices read row by row).
+    """The integer items, in order, equal the gold list (matrices read row by row).
 
-    A single-number gold is read as one number instead, so '-514,828' counts.
+    A single-number gold also takes one number with thousands separators ('-514,828');
+    '7.5' is never [7, 5] and '1,7' or '1 7' is never 17 (answers.py).
     """
     target = ex.metadata["target_ints"]
-    if len(target) == 1:
-        return float(parse_int(strip_quotes(answer)) == target[0])
-    return float(ints_in(answer) == target)
+    if len(target) == 1 and parse_int(strip_quotes(answer)) == target[0]:
+        return 1.0
+    return float(int_list(answer) == target)
+
+
+def check_digit_string(answer: str, ex: Example) -> float:
+    """The counts as one string of digits ('201100000'), or as a list of integers (string_synthesis).
+
+    The question asks for "a string of the number of certain block": the string is
+    compared as written, so its leading zeros count.
+    """
+    target = ex.metadata["target_ints"]
+    return float(strip_quotes(answer) == "".join(map(str, target)) or int_list(answer) == target)
 
 
 def check_number_list(answer: str, ex: Example) -> float:
     """Numbers in order, each equal to the gold or to it rounded to the digits written (pooling)."""
-    written, target = numbers_in(answer), ex.metadata["target_numbers"]
-    return float(len(written) == len(target) and all(numbers_match(w, t) for w, t in zip(written, target)))
+    written, target = list_items(answer), ex.metadata["target_numbers"]
+    return float(written is not None and len(written) == len(target)
+                 and all(numbers_match(w, t) for w, t in zip(written, target)))
 
 
 def check_number(answer: str, ex: Example) -> float:
@@ -47,27 +59,31 @@ def check_number(answer: str, ex: Example) -> float:
 
 
 def check_tokens(answer: str, ex: Example) -> float:
-    """List items equal, ignoring brackets, quotes, commas and case."""
-    return float([t.upper() for t in tokens(answer)] == [t.upper() for t in tokens(ex.answer)])
-
-
-def check_joined(answer: str, ex: Example) -> float:
-    """Items equal once joined: '["5", "3", "F", "A"]' == '53FA' (cryptanalysis)."""
-    return float("".join(tokens(answer)).upper() == "".join(tokens(ex.answer)).upper())
+    """List items equal one for one, ignoring brackets, quotes and case ('J,Q,H,R')."""
+    items = list_items(answer)
+    return float(items is not None and [t.upper() for t in items] == [t.upper() for t in list_items(ex.answer)])
 
 
 def check_string(answer: str, ex: Example) -> float:
-    return float(strip_quotes(answer).replace(" ", "") == ex.answer)
+    """The string as written: only surrounding whitespace and quotes are ignored."""
+    return float(strip_quotes(answer) == ex.answer)
 
 
 # ---- constraint checks ----------------------------------------------------------------------
 
 
+_PAIR = r"[\(\[]\s*(\d+)\s*,\s*(\d+)\s*[\)\]]"
+
+
 def _pairs(answer: str) -> list[tuple[int, int]] | None:
-    nums = ints_in(answer)
-    if len(nums) % 2:
-        return None
-    return list(zip(nums[::2], nums[1::2]))
+    """Cells written 'r c, r c' (the questions' format), or '(r, c), (r, c)' / '[[r, c], [r, c]]'."""
+    s = strip_quotes(answer)
+    if re.fullmatch(rf"\[?\s*{_PAIR}(?:\s*[,;]?\s*{_PAIR})*\s*\]?", s):
+        return [(int(r), int(c)) for r, c in re.findall(_PAIR, s)]
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+    cells = [re.fullmatch(r"\s*(\d+)\s+(\d+)\s*", item) for item in re.split(r"[,;\n]", s)]
+    return None if not all(cells) else [(int(m.group(1)), int(m.group(2))) for m in cells]
 
 
 def check_queens(answer: str, ex: Example) -> float:
@@ -132,8 +148,8 @@ def check_letter_grid(answer: str, ex: Example) -> float:
     """7x7 Latin square over a..g that keeps the givens and has one letter on the minor diagonal."""
     grid = ex.metadata["solution"]["grid"]
     n = len(grid)
-    letters = [t.lower() for t in re.findall(r"[A-Za-z]+", answer)]
-    if len(letters) != n * n or any(len(t) != 1 for t in letters):
+    letters = [t.lower() for t in list_items(answer) or []]
+    if len(letters) != n * n:
         return 0.0
     rows = [letters[i * n:(i + 1) * n] for i in range(n)]
     alphabet = set("abcdefg"[:n])
@@ -146,7 +162,7 @@ def check_letter_grid(answer: str, ex: Example) -> float:
 
 def check_sudoku(answer: str, ex: Example) -> float:
     puzzle = ex.metadata["solution"]["puzzle"]
-    digits = ints_in(answer)
+    digits = int_list(answer) or []
     if len(digits) != 81:
         return 0.0
     rows = [digits[i * 9:(i + 1) * 9] for i in range(9)]
@@ -169,7 +185,10 @@ def _term(term: str, values: dict[str, Fraction]) -> Fraction:
 def check_equations(answer: str, ex: Example) -> float:
     """Letters take distinct values from the given set and satisfy every listed relation."""
     meta = ex.metadata
-    nums = [Fraction(t) for t in re.findall(r"-?\d+(?:\.\d+)?", answer)]
+    items = list_items(answer) or []
+    if not all(re.fullmatch(r"[-+]?\d+(?:\.\d+)?", t) for t in items):
+        return 0.0
+    nums = [Fraction(t) for t in items]
     if sorted(nums) != sorted(Fraction(v) for v in meta["values"]):
         return 0.0
     values = dict(zip(meta["letters"], nums))
@@ -198,7 +217,7 @@ _BOOK_RULES = [
 def check_arrangement(answer: str, ex: Example) -> float:
     """A permutation of the books that satisfies every shelving constraint."""
     sol = ex.metadata["solution"]
-    order = [t.upper() for t in tokens(answer)]
+    order = [t.upper() for t in list_items(answer) or []]
     if sorted(order) != sorted(sol["items"]):
         return 0.0
     pos = {book: i + 1 for i, book in enumerate(order)}
@@ -246,7 +265,7 @@ def solve_card_game(ex: Example) -> str | None:
 def check_card_game(answer: str, ex: Example) -> float:
     """Opponent cards, each used once, that give every announced round result."""
     sol = ex.metadata["solution"]
-    cards = [t.upper() for t in tokens(answer)]
+    cards = [t.upper() for t in list_items(answer) or []]
     pieces = {"elements": "ABCDE", "stick_game": "ABCD", "animal": "ABCDEFGH"}[sol["game_type"]]
     if len(cards) != len(sol["player_moves"]) or len(set(cards)) != len(cards) or not set(cards) <= set(pieces):
         return 0.0
@@ -255,13 +274,19 @@ def check_card_game(answer: str, ex: Example) -> float:
 
 
 def check_arithmetic_list(answer: str, ex: Example) -> float:
-    """'[6, /, 2, +, 7]' (or '6/2+7'): the numbers in the given order, reaching the target."""
+    """'[6, /, 2, +, 7]' (or '6/2+7'): the numbers in the given order, reaching the target.
+
+    In the list form each item is one number, operator or parenthesis: '[1, 2, +, 3]'
+    does not read as 12+3.
+    """
     sol = ex.metadata["solution"]
-    body = answer.strip()
+    body = strip_quotes(answer)
     if body.startswith("[") and body.endswith("]"):
         body = body[1:-1]
-    expr = "".join(strip_quotes(t) for t in body.split(","))
-    return float(expression_reaches(expr, sol["numbers"], sol["target"], ordered=True))
+    items = [strip_quotes(t) for t in body.split(",")]
+    if len(items) > 1 and not all(re.fullmatch(r"\d+|[-+*/()×÷]", t) for t in items):
+        return 0.0
+    return float(expression_reaches(" ".join(items), sol["numbers"], sol["target"], ordered=True))
 
 
 def check_game24(answer: str, ex: Example) -> float:
@@ -270,12 +295,12 @@ def check_game24(answer: str, ex: Example) -> float:
 
 def check_letters(answer: str, ex: Example) -> float:
     """'Count: 2, Positions: [1, 3]' with 1-based positions."""
-    m = re.search(r"count\s*[:=]?\s*(\d+).*?positions?\s*[:=]?\s*\[([^\]]*)\]", answer, re.I | re.S)
+    m = re.fullmatch(r"\s*count\s*[:=]?\s*(\d+)\s*[,;]?\s*positions?\s*[:=]?\s*(\[[^\]]*\])\s*\.?\s*", answer, re.I)
     if not m:
         return 0.0
     word, letter = ex.metadata["word"], ex.metadata["letter"]
     positions = [i + 1 for i, ch in enumerate(word) if ch == letter]
-    return float(int(m.group(1)) == len(positions) and ints_in(m.group(2)) == positions)
+    return float(int(m.group(1)) == len(positions) and int_list(m.group(2)) == positions)
 
 
 # ---- MATH ------------------------------------------------------------------------------------------
@@ -303,6 +328,7 @@ def normalize_latex(text: str) -> str:
     s = s.strip().strip("$").strip()
     s = re.sub(r"\\text\{\s*[a-zA-Z ]*(units?|degrees?|cm|inches|feet|meters?)\s*\}", "", s)
     s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"(?<=\d)\s+(?=\d)", "~", s)  # '1 7' is two numbers, not 17: keep a mark
     for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""),
                      ("dfrac", "frac"), ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""),
                      ("%", ""), ("\\$", ""), (" ", "")):
