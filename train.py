@@ -28,10 +28,8 @@ def main(argv: list[str]) -> int:
         return 2
     if cfg.stage in ("pretrain", "sft"):
         from minir1ci.sft import train_sft as run
-    elif cfg.stage == "grpo":
-        from minir1ci.grpo import train_grpo as run
     else:
-        from minir1ci.ppo import train_ppo as run
+        from minir1ci.rl import train_rl as run
     try:
         run(cfg)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:

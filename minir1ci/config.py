@@ -19,6 +19,12 @@ from pathlib import Path
 from typing import get_type_hints
 
 STAGES = ("pretrain", "sft", "grpo", "ppo")
+CHOICES = {"kl_estimator": ("k1", "k2", "k3"), "policy_loss": ("ppo", "gspo", "cispo"),
+           "old_logprobs": ("trainer", "sampler"), "rollout_dtype": ("float32", "bfloat16", "auto")}
+# RL options that only one of the two RL stages reads; given to another stage they are refused.
+ONLY_FOR = {"grpo": ("norm_adv_std", "kl_estimator", "dynamic_sampling", "dynamic_sampling_rounds", "gspo_clip_low",
+                     "gspo_clip_high"),
+            "ppo": ("critic_lr", "value_clip", "gamma", "lam", "critic_warmup_steps")}
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,6 @@ class TrainConfig:
     # logging and checkpoints
     log_every: int = 1
     save_every: int = 50
-    eval_every: int = 0        # 0 = only at the end
-    eval_limit: int = 64
     # RL: rollouts
     prompts_per_step: int = 8
     n_samples: int = 5
@@ -69,7 +73,20 @@ class TrainConfig:
     reward_plain: bool = False
     curriculum: bool = False
     curriculum_samples: int = 20
+    rollout_dtype: str = "float32"  # float32 | bfloat16 | auto (bf16 on CUDA): a bf16 copy of the policy samples
+    dynamic_sampling: bool = False  # GRPO: groups of equal rewards are replaced by newly sampled ones (DAPO)
+    dynamic_sampling_rounds: int = 3  # at most this many extra rounds of prompts per step
+    filter_void_turns: bool = False  # drop trajectories with a turn holding no closed code block nor answer
+    mask_truncated: bool = False     # drop trajectories cut by max_new_tokens
+    # RL: sampler/trainer mismatch
+    old_logprobs: str = "trainer"  # trainer (recompute pi_old) | sampler (reuse the sampler's; one update per step)
+    tis_cap: float = 2.0       # token weights min(pi_old / pi_sampler, cap); 0 = off
+    mis_low: float = 0.5       # drop a trajectory whose geometric-mean pi_old / pi_sampler is outside
+    mis_high: float = 2.0      # [mis_low, mis_high]; 0 leaves that side open
     # RL: policy loss
+    policy_loss: str = "ppo"   # ppo (clipped) | gspo (GRPO only) | cispo
+    gspo_clip_low: float = 3e-4
+    gspo_clip_high: float = 4e-4
     ppo_epochs: int = 1
     mini_batch_size: int = 0   # 0 = whole step is one mini-batch (on-policy)
     clip_low: float = 0.2
@@ -97,8 +114,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.text_fraction <= 1.0:
             raise ValueError(f"text_fraction must lie in [0, 1], got {self.text_fraction}")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.policy_loss == "gspo" and self.stage != "grpo":
+            raise ValueError("--policy_loss=gspo needs one advantage per trajectory: only --stage grpo has it")
+        if self.old_logprobs == "sampler" and (self.ppo_epochs > 1 or self.mini_batch_size):
+            raise ValueError("--old_logprobs=sampler is exact only with one update per step: "
+                             "--ppo_epochs=1 --mini_batch_size=0")
 
     def run_dir(self) -> Path:
         return Path(self.out or f"runs/{self.stage}")
@@ -228,6 +251,10 @@ def resolve(argv: list[str]) -> TrainConfig:
         raise ValueError(f"unknown preset {family!r}; choose tiny or paper")
     base = tiny(stage) if family == "tiny" else paper(stage)
     cfg = apply_overrides(base, overrides)
+    for only, names in ONLY_FOR.items():
+        for name in names:
+            if name in overrides and cfg.stage != only:
+                raise ValueError(f"--{name} applies only to --stage {only}")
     if cfg.text_fraction and (cfg.stage != "sft" or not cfg.use_code or cfg.sft_data):
         if "text_fraction" in overrides:
             raise ValueError("--text_fraction applies only to --stage sft with code on the built-in oracle "

@@ -13,7 +13,7 @@
 
 - `unsharded_copy(model)`: the weights the sampler needs, whole, on every rank. A sharded
   policy is all-gathered one parameter at a time into a plain model in the compute dtype (the
-  sampler cannot run FSDP2's DTensor shards); rl.py makes one for each rollout and drops it.
+  sampler cannot run FSDP2's DTensor shards); rl.py makes one for each step's rollouts and drops it.
 
 Simplified: no tensor or pipeline parallelism; rollouts are split across ranks by prompt and each
 rank samples with its own unsharded copy of the weights.
@@ -163,11 +163,11 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 @torch.no_grad()
 def unsharded_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A plain (unsharded) copy of a sharded model on every rank, for sampling; `model` itself when
-    it is not sharded. Every rank must call this (each parameter is all-gathered in turn, so the
-    peak is the copy plus one whole parameter). Parameters take `dtype` (default COMPUTE_DTYPE);
-    buffers (RoPE frequencies) keep theirs. Built on the meta device, so no second full set of
-    fp32 weights is ever made."""
-    if not is_sharded(model):
+    it is not sharded and `dtype` is None or its own. Every rank must call this (each parameter is
+    all-gathered in turn, so the peak is the copy plus one whole parameter). Parameters take `dtype`
+    (default COMPUTE_DTYPE); buffers (RoPE frequencies) keep theirs. Built on the meta device, so
+    no second full set of fp32 weights is ever made."""
+    if not is_sharded(model) and dtype in (None, next(model.parameters()).dtype):
         return model
     dtype = dtype or COMPUTE_DTYPE
     from .model import Qwen2ForCausalLM  # fully_shard swapped the class of `model` for an FSDP one

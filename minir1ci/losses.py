@@ -39,6 +39,7 @@ batch of one rank; no cross-rank statistics); metrics are per-call token means f
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -104,7 +105,10 @@ def grpo_advantages(scores: Tensor, groups: Tensor | int, norm_std: bool = True,
     num = int(ids.max()) + 1 if n else 0
     count = torch.zeros(num, device=s.device).index_add_(0, ids, torch.ones_like(s))  # [G]
     mean = torch.zeros(num, device=s.device).index_add_(0, ids, s) / count  # [G]
-    dev = s - mean[ids]  # [N]
+    lo = torch.full((num,), math.inf, device=s.device).scatter_reduce(0, ids, s, "amin")  # [G]
+    hi = torch.full((num,), -math.inf, device=s.device).scatter_reduce(0, ids, s, "amax")
+    # equal rewards carry no signal: exactly 0, not the mean's rounding divided by a tiny std
+    dev = torch.where((lo == hi)[ids], torch.zeros_like(s), s - mean[ids])  # [N]
     var = torch.zeros(num, device=s.device).index_add_(0, ids, dev**2) / (count - 1).clamp(min=1)
     single = count[ids] == 1  # [N]
     centred = torch.where(single, s, dev)  # group of one: mean 0
@@ -185,6 +189,65 @@ def policy_loss(
     return loss, metrics
 
 
+def gspo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 3e-4,
+              eps_high: float = 4e-4) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO: one ratio per sequence, s_i = exp(mean over its mask-1 tokens of log(pi / pi_old)), and
+    l_i = max(-A_i s_i, -A_i clip(s_i, 1 - eps_low, 1 + eps_high)), A_i the row's mean advantage.
+
+    [B, T] inputs; returns l_i on every mask-1 token of row i ([B, T]; seq-mean-token-mean
+    aggregation gives the paper's mean over sequences) and clipfrac (tokens of clipped rows).
+    """
+    m = mask.bool()
+    s = torch.exp(masked_mean(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), m, dim=-1))  # [B]
+    adv = masked_mean(advantages, m, dim=-1)  # [B]
+    unclipped, clipped = -adv * s, -adv * torch.clamp(s, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.where(m, torch.maximum(unclipped, clipped)[:, None], torch.zeros((), device=logp.device))
+    with torch.no_grad():
+        frac = masked_mean((clipped > unclipped)[:, None].expand_as(m).float(), m)
+    return loss, {"clipfrac": frac}
+
+
+def cispo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 0.2,
+               eps_high: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO: l_t = -sg(clip(rho_t, 1 - eps_low, 1 + eps_high)) * A_t * log pi_t, [B, T] -> [B, T].
+
+    The clipped weight is detached, so every token keeps the gradient -w_t A_t grad log pi_t
+    (the clipped PPO loss gives a clipped token none). clipfrac: tokens whose rho is clipped.
+    """
+    ratio = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).detach()
+    loss = -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages * logp
+    frac = masked_mean(((ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)).float(), mask)
+    return loss, {"clipfrac": frac}
+
+
+# ----------------------------------------------------------------------------- sampler/trainer mismatch
+# mu = the sampler's probability of the sampled token, pi_old the trainer's (REFERENCE.md 3b).
+
+def tis_weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights min(pi_old / mu, cap) per token, [B, T], detached; 0 off the
+    mask. Multiply the per-token policy loss by them (token-level TIS)."""
+    w = torch.exp(torch.clamp(old_logp - sampler_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=cap)
+    return torch.where(mask.bool(), w, torch.zeros_like(w)).detach()
+
+
+def sequence_in_bounds(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, low: float, high: float) -> Tensor:
+    """[B] bool: the row's geometric-mean ratio exp(mean_t log(pi_old / mu)) lies in [low, high]
+    (a bound of 0 leaves that side open). Rows outside are dropped from the loss (sequence-level MIS)."""
+    rho = torch.exp(masked_mean(old_logp - sampler_logp, mask, dim=-1))  # [B]; 1 for an empty row
+    return (rho >= low) & ((rho <= high) if high > 0 else True)
+
+
+def mismatch_sums(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
+    """[4] float64 sums over mask-1 tokens: k3 of KL(mu || pi_old), |log pi_old - log mu|, ratios
+    pi_old / mu outside [0.5, 2], and the token count. Sum over ranks, then divide by the count."""
+    m = mask.bool()
+    d = old_logp - sampler_logp
+    ratio = torch.exp(torch.clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    out = ((ratio < 0.5) | (ratio > 2.0)).float()
+    k3 = kl_penalty(sampler_logp, old_logp, "k3")  # samples come from mu: k3 = r - 1 - log r, r = pi_old / mu
+    return torch.stack([masked_sum(k3, m), masked_sum(d.abs(), m), masked_sum(out, m), m.sum().float()]).double()
+
+
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     """Per-token KL(pi || pi_ref) estimate from sampled tokens, [B, T] -> [B, T].
 
@@ -212,7 +275,7 @@ def value_loss(
     (loss_tok [B, T], metrics). vf_clipfrac is the fraction of tokens (of mask-1 tokens when a
     mask is given) where the clipped term is the larger one. Aggregate loss_tok with the mask.
     """
-    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    v_clipped = torch.clamp(values, old_values - clip, old_values + clip)  # V itself: old + (V - old) != V in fp32
     err = (values - returns) ** 2
     err_clipped = (v_clipped - returns) ** 2
     loss = 0.5 * torch.maximum(err, err_clipped)
@@ -276,8 +339,9 @@ def aggregate(loss_tok: Tensor, mask: Tensor, mode: str, denom: Tensor | float) 
         numer = per_seq.sum()  # empty rows add 0 and are not in denom
     else:
         numer = masked_sum(loss_tok, mask)
+    # Any positive denominator as given (a count divided by the world size may be < 1); a zero
+    # one (no loss token anywhere) leaves the loss 0, as its numerator is 0 too.
+    tiny = torch.finfo(numer.dtype).tiny
     if isinstance(denom, Tensor):
-        denom = denom.to(numer.device, numer.dtype).clamp(min=1)
-    else:
-        denom = max(float(denom), 1.0)
-    return numer / denom
+        return numer / denom.to(numer.device, numer.dtype).clamp(min=tiny)
+    return numer / max(float(denom), tiny)

@@ -1,0 +1,69 @@
+"""PPO's value model: a Qwen2 backbone with a scalar head named `score` (as HF's
+Qwen2ForTokenClassification with one label), initialised from the policy; its head starts at zero,
+so the first values are 0 for every state. Also the per-token rewards PPO's GAE runs on.
+
+Simplified against veRL: critic and policy on the same device in one process, the critic saved
+inside the trainer state rather than as its own HF checkpoint, no warm-up beyond
+`critic_warmup_steps` (steps that train only the critic).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed as dist
+from .losses import kl_penalty
+from .model import Qwen2Model
+from .trainutil import load_trainer_state
+
+
+class Critic(nn.Module):
+    """V(prefix) for every position: a Qwen2 backbone and a linear `score` head to one scalar."""
+
+    def __init__(self, backbone: Qwen2Model):
+        super().__init__()
+        self.model = backbone
+        self.score = nn.Linear(backbone.config.hidden_size, 1, bias=False, device=next(backbone.parameters()).device)
+        nn.init.zeros_(self.score.weight)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        h = self.model(input_ids, attention_mask)           # [B, T, H]
+        return self.score(h).squeeze(-1).float()             # [B, T]
+
+
+def make_critic(model, resume_dir) -> Critic:
+    """The value model, whole on this rank (shard it after): a copy of the policy's backbone in fp32
+    with a zero score head, or on resume the critic saved in rank 0's trainer state. Call it after
+    `dist.parallelize(model)`, so no rank holds the whole fp32 policy and critic at once."""
+    if dist.is_sharded(model):
+        backbone = dist.unsharded_copy(model, dtype=torch.float32).model
+    else:
+        backbone = copy.deepcopy(model.model)
+    critic = Critic(backbone).train()
+    if resume_dir is not None:  # every rank reads rank 0's file: only it holds the whole critic
+        critic.load_state_dict(load_trainer_state(resume_dir)["extra"]["critic"])
+    return critic
+
+
+@torch.no_grad()
+def batch_values(critic, batch, micro: int, device, amp) -> Tensor:
+    """V [B, T] at every loss position of an RLBatch (0 elsewhere)."""
+    out = torch.zeros(batch.ids.shape, dtype=torch.float32)
+    for i in range(0, len(batch), micro):
+        with amp:
+            out[i:i + micro] = critic(batch.ids[i:i + micro].to(device), batch.attn[i:i + micro].to(device)).cpu()
+    return out * batch.mask
+
+
+def token_rewards(batch, old_logp: Tensor, ref_logp: Tensor | None, kl_coef: float) -> Tensor:
+    """[B, T]: -kl_coef * k1 on sampled tokens, plus the sequence reward on the last sampled one."""
+    r = torch.zeros_like(old_logp)
+    if ref_logp is not None and kl_coef > 0:
+        r = -kl_coef * kl_penalty(old_logp, ref_logp, "k1") * batch.mask
+    pos = torch.arange(batch.mask.shape[1]).expand_as(batch.mask)
+    last = torch.where(batch.mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values   # [B]
+    has = last >= 0
+    r[has, last[has]] += batch.scores[has]
+    return r
