@@ -56,13 +56,16 @@ def parse_number(text: str) -> float | None:
 
 
 def parse_int(text: str) -> int | None:
-    """An integer of any size ('-1,234' -> -1234, '12.0' -> 12), exactly; None if `text` is not one."""
+    """An integer of any size ('-1,234' -> -1234, '12.0' -> 12), exactly; None if `text` is not one.
+
+    No fractions: '-23040/2' is a sum left undone, not the integer -11520.
+    """
     s = _bare(text)
-    if _THOUSANDS_RE.fullmatch(s) and "." not in s:
+    if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", "")
     if _INT_RE.fullmatch(s):
         return int(s)
-    value = parse_number(s)
+    value = float(s) if _DECIMAL_RE.fullmatch(s) else None
     return int(value) if value is not None and value.is_integer() and abs(value) < 2 ** 53 else None
 
 
@@ -79,7 +82,9 @@ def list_items(text: str) -> list[str] | None:
     None when an item is empty ('1,,2') or holds a stray quote. Nested lists are read
     row by row; brackets of any kind are only grouping.
     """
-    s = re.sub(r"[\[\](){}]", " ", strip_quotes(text)).strip()
+    s = strip_quotes(text)
+    s = s[:-1] if re.search(r"[\])}]\.$", s) else s  # '[1, 2].' ends a sentence
+    s = re.sub(r"[\[\](){}]", " ", s).strip()
     if not s:
         return []
     items = [strip_quotes(t) for t in re.split(r"\s*[,;]\s*|\s+", s)]
@@ -89,12 +94,11 @@ def list_items(text: str) -> list[str] | None:
 
 
 def int_list(text: str) -> list[int] | None:
-    """Every item an integer ('[1, -2]' -> [1, -2]; '0.7, 1' -> None; '1,7' -> [1, 7])."""
+    """Every item an integer ('[1, -2]' -> [1, -2], '[3.0]' -> [3]; '0.7, 1' -> None; '1,7' -> [1, 7])."""
     items = list_items(text)
-    if items is None:
+    if items is None or not all(re.fullmatch(r"[-+]?\d+(?:\.0*)?", t) for t in items):
         return None
-    values = [parse_int(t) for t in items]
-    return None if any(v is None for v in values) else values
+    return [int(t.split(".")[0]) for t in items]
 
 
 def decimals_written(text: str) -> int:

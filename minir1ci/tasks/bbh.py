@@ -5,7 +5,7 @@ Each question is the file's `input` plus one line asking for the answer inside
 target:
   choice    "(B)": accepts "(B)", "B", "B)", "(B) <option B text>", or the option text alone
   yes/no    "Yes", "True", "valid": case, quotes and a final period ignored
-  number    "-50": compared as integers ("1,024" reads as 1024)
+  number    "-50": compared as integers (answers.py: "1,024" is 1024, "1,7", "1 7" and "-100/2" are refused)
   dyck      "] ) >": whitespace ignored
   words     word_sorting: the same words in the same order, spaces or commas between
   text      anything else (e.g. the rare free-text target in a choice task): normalised text
@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from minir1ci.tasks import Example
-from minir1ci.tasks.answers import normalize_text, parse_number, strip_quotes
+from minir1ci.tasks.answers import normalize_text, parse_int, strip_quotes
 
 _CHOICE_RE = re.compile(r"^\(([A-R])\)$")
 _OPTION_LINE_RE = re.compile(r"^\(([A-R])\)\s*(.+)$", re.M)
@@ -77,8 +77,7 @@ def check_bbh(answer: str, ex: Example) -> float:
     if kind == "choice":
         return float(_choice_letter(answer, ex.metadata["options"]) == _CHOICE_RE.match(target).group(1))
     if kind == "number":
-        value = parse_number(strip_quotes(answer))
-        return float(value is not None and value == int(target))
+        return float(parse_int(strip_quotes(answer)) == int(target))
     if kind == "dyck":
         return float("".join(answer.split()) == "".join(target.split()))
     if kind == "words":

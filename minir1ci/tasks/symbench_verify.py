@@ -47,11 +47,14 @@ def check_digit_string(answer: str, ex: Example) -> float:
     return float(strip_quotes(answer) == "".join(map(str, target)) or int_list(answer) == target)
 
 
+_PLAIN_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"  # a list item: no '$', '%', fraction or exponent
+
+
 def check_number_list(answer: str, ex: Example) -> float:
     """Numbers in order, each equal to the gold or to it rounded to the digits written (pooling)."""
     written, target = list_items(answer), ex.metadata["target_numbers"]
     return float(written is not None and len(written) == len(target)
-                 and all(numbers_match(w, t) for w, t in zip(written, target)))
+                 and all(re.fullmatch(_PLAIN_NUMBER, w) and numbers_match(w, t) for w, t in zip(written, target)))
 
 
 def check_number(answer: str, ex: Example) -> float:
@@ -186,7 +189,7 @@ def check_equations(answer: str, ex: Example) -> float:
     """Letters take distinct values from the given set and satisfy every listed relation."""
     meta = ex.metadata
     items = list_items(answer) or []
-    if not all(re.fullmatch(r"[-+]?\d+(?:\.\d+)?", t) for t in items):
+    if not all(re.fullmatch(_PLAIN_NUMBER, t) for t in items):
         return 0.0
     nums = [Fraction(t) for t in items]
     if sorted(nums) != sorted(Fraction(v) for v in meta["values"]):
