@@ -4,18 +4,21 @@ For each model shape (the tiny preset; the Qwen2.5-0.5B shape) and batch size, b
 generate `--new-tokens` tokens after random `--prompt-len`-token prompts at temperature 1 with
 top-k and top-p off and no eos, so every row produces exactly the same number of tokens. HF's
 model is built from our state dict with `assign=True`, so both read the very same weight tensors.
-Each side gets one untimed warm-up call per batch size (our CUDA graphs are captured when the
-Sampler is built, also untimed); the timed calls alternate between the two sides, and the
-median of `--reps` is reported. tokens/s = batch x new tokens / wall time of one call, prefill
+Each side runs in every dtype of `--dtypes` (default fp32 and bf16), so four runs per row: HF
+fp32, HF bf16, ours fp32, ours bf16. Each gets one untimed warm-up call per batch size (our CUDA
+graphs are captured when the Sampler is built, also untimed); the timed calls alternate between
+the four, and the median of `--reps` is reported. `ratio_best` is our best dtype's tokens/s over
+HF's best dtype's. tokens/s = batch x new tokens / wall time of one call, prefill
 included. Every call, warm-up included, gets fresh random prompts (the same ones for both sides):
 the sampler keeps freed prompt pages for reuse, so repeating a prompt would let our side skip its
 prefill while HF recomputes it.
 
-    python bench/sampler.py                                   # CPU, fp32, all threads
-    python bench/sampler.py --device cuda --dtype bfloat16    # a GPU run
+    python bench/sampler.py                                   # CPU, fp32 and bf16, all threads
+    python bench/sampler.py --device cuda --dtypes bfloat16   # a GPU run
     python bench/sampler.py --shapes tiny --batches 32 --reps 5
 
-Prints a table, then one JSON line with both sides and their ratio per row.
+Prints a table (and the dtype `auto` picks here), then one JSON line: every side and dtype per row,
+ending with `ratio_best` per shape/batch.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import time
 import torch
 import transformers
 
+from minir1ci.devices import cpu_has_bf16_units, inference_dtype
 from minir1ci.engine import Sampler, SamplingParams
 from minir1ci.model import ModelConfig, Qwen2ForCausalLM
 from minir1ci.presets import tiny_dir
@@ -82,38 +86,53 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="each side runs in each of these")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtypes = args.dtypes.split(",")
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        ap.error(f"unknown dtype {bad[0]!r}; use float32, bfloat16 or float16")
     batches = [int(b) for b in args.batches.split(",")]
+    auto = inference_dtype("auto", torch.device(args.device))
     rows = []
-    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"prompt={args.prompt_len} new={args.new_tokens} reps={args.reps}")
-    print(f"{'shape':<14}{'batch':>6}{'HF tok/s':>12}{'ours tok/s':>12}{'ratio':>8}")
+    print(f"device={args.device} threads={torch.get_num_threads()} prompt={args.prompt_len} new={args.new_tokens} "
+          f"reps={args.reps} auto dtype={str(auto).removeprefix('torch.')} (bf16 units: {cpu_has_bf16_units()})")
+    order = [(side, d) for side in ("HF", "ours") for d in dtypes]
+    print(f"{'shape':<14}{'batch':>6}" + "".join(f"{side + ' ' + d:>17}" for side, d in order) + f"{'best/best':>11}")
     for shape in args.shapes.split(","):
-        ours, hf = build(shape, args.device, dtype)
-        sampler = Sampler(ours, None, max_num_seqs=max(batches), max_model_len=4096)
+        sides = {}  # (side, dtype) -> callable(prompts) -> seconds; all four share one random init
+        for d in dtypes:
+            ours, hf = build(shape, args.device, getattr(torch, d))
+            sampler = Sampler(ours, None, max_num_seqs=max(batches), max_model_len=4096)
+            sides["HF", d] = lambda p, hf=hf: time_hf(hf, p.to(args.device), args.new_tokens, args.device)
+            sides["ours", d] = lambda p, s=sampler: time_ours(s, p.tolist(), args.new_tokens, args.device)
+        vocab = ours.config.vocab_size
         gen = torch.Generator().manual_seed(0)
         for batch in batches:
-            hf_t, our_t = [], []
+            times = {k: [] for k in sides}
             for rep in range(args.reps + 1):                              # rep 0: warm-up, untimed
-                prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=gen)
-                t_hf = time_hf(hf, prompts.to(args.device), args.new_tokens, args.device)
-                t_ours = time_ours(sampler, prompts.tolist(), args.new_tokens, args.device)
-                if rep:
-                    hf_t.append(t_hf)
-                    our_t.append(t_ours)
-            hf_tps = batch * args.new_tokens / statistics.median(hf_t)
-            our_tps = batch * args.new_tokens / statistics.median(our_t)
-            rows.append(dict(shape=shape, batch=batch, hf_tok_s=round(hf_tps, 1), ours_tok_s=round(our_tps, 1),
-                             ratio=round(our_tps / hf_tps, 2)))
-            print(f"{shape:<14}{batch:>6}{hf_tps:>12.1f}{our_tps:>12.1f}{our_tps / hf_tps:>8.2f}", flush=True)
-        del sampler, ours, hf
-    print(json.dumps(dict(bench="sampler", device=args.device, dtype=args.dtype, threads=torch.get_num_threads(),
-                          prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, results=rows)))
+                prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen)
+                for k, run in sides.items():                              # alternating, same prompts
+                    t = run(prompts)
+                    if rep:
+                        times[k].append(t)
+            tps = {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}
+            best = {side: max(v for (s, _), v in tps.items() if s == side) for side in ("HF", "ours")}
+            row = dict(shape=shape, batch=batch)
+            row.update({f"{side.lower()}_{d}_tok_s": round(tps[side, d], 1) for side, d in order})
+            row.update(hf_best_tok_s=round(best["HF"], 1), ours_best_tok_s=round(best["ours"], 1),
+                       ratio_best=round(best["ours"] / best["HF"], 2))
+            rows.append(row)
+            print(f"{shape:<14}{batch:>6}" + "".join(f"{tps[k]:>17.1f}" for k in order)
+                  + f"{row['ratio_best']:>11.2f}", flush=True)
+        del sides, sampler, ours, hf
+    print(json.dumps(dict(bench="sampler", device=args.device, dtypes=dtypes, auto_dtype=str(auto).removeprefix("torch."),
+                          threads=torch.get_num_threads(), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                          reps=args.reps, results=rows,
+                          ratio_best={f"{r['shape']}/{r['batch']}": r["ratio_best"] for r in rows})))
 
 
 if __name__ == "__main__":
