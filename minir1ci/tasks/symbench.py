@@ -120,7 +120,8 @@ _SAMPLE_TASKS = {
                                          lambda q, s: s["final_string"], None),
     "string_insertion": ("string_insertion", v.check_string, lambda q, s: s["modified_string"], None),
     "string_splitting": ("string_splitting", v.check_ints, lambda q, s: json.dumps(s["expected_answer"]), None),
-    "string_synthesis": ("string_synthesis", v.check_digit_string, lambda q, s: " ".join(map(str, s["final_counts"])), None),
+    "string_synthesis": ("string_synthesis", v.check_digit_string,
+                         lambda q, s: " ".join(map(str, s["final_counts"])), None),
     "synthesis_decomposition": ("synthesis_decomposition_dataset", v.check_ints,
                                 lambda q, s: str(_synthesis_target(q, s)), None),
 }
