@@ -1,7 +1,7 @@
 """SFT training throughput and peak memory: our loop against a plain loop over HF Qwen2ForCausalLM.
 
-Both sides train the same random weights on the same batches (CPU, fp32, the real 151,936-token
-vocabulary) with AdamW: forward, masked next-token loss, backward, step. HF computes the loss the
+Both sides train the same random weights on the same batches (CPU, the real 151,936-token
+vocabulary), in fp32 and with bf16 autocast over fp32 weights and optimizer state, with AdamW: forward, masked next-token loss, backward, step. HF computes the loss the
 usual way (`labels=` -> full [B, T, V] logits); ours computes it through the LM head in chunks
 (minir1ci/logprobs.py) inside the model's forward. Each side runs in its own fresh process so
 its peak resident memory is its own; the peak (VmHWM) is reset after the models are built, so it
@@ -9,9 +9,11 @@ covers training only. The weights are built from one seed in both.
 
     python bench/train.py [--hidden 256 --layers 4 --batch 4 --seq 512 --steps 4]
 
-Prints a table and a final JSON line with both sides; the ratios come last.
+Prints a table and a final JSON line with every side and dtype; last, our best dtype against HF's
+best in tokens/s (`tok_s_ratio`) and peak memory (`peak_mem_ratio`).
 """
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -72,7 +74,18 @@ def run_side(args, side: str) -> dict:
     reset_peak_rss()          # building the models (ours copies HF's weights) is not training
     base = rss_mb("VmRSS")
 
+    def amp():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
+
     def step(ids, mask):
+        with amp():
+            loss = forward_loss(ids, mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def forward_loss(ids, mask):
         if side == "hf":
             labels = ids.masked_fill(mask == 0, -100)
             loss = model(input_ids=ids, labels=labels).loss
@@ -80,11 +93,8 @@ def run_side(args, side: str) -> dict:
             targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
             tmask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
             logp, _ = model(ids, targets=targets, target_mask=tmask, chunk_size=args.chunk)
-            loss = -(logp * tmask).sum() / tmask.sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+            loss = -(logp.float() * tmask).sum() / tmask.sum()
+        return loss
 
     data = list(batches(args, args.steps + 1))
     first = step(*data[0])                      # warm-up (also allocates the optimizer state)
@@ -105,27 +115,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="fp32, and bf16 autocast over fp32 weights")
     ap.add_argument("--side", choices=["hf", "ours"])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
     if args.side:
         print(json.dumps(run_side(args, args.side)))
         return
     res = {}
-    for side in ("hf", "ours"):
-        cmd = [sys.executable, __file__, "--side", side] + [f"--{k}={v}" for k, v in vars(args).items()
-                                                            if k != "side"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        res[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"SFT step, CPU fp32, vocab {VOCAB}, hidden {args.hidden}, {args.layers} layers, "
-          f"batch {args.batch} x {args.seq} tokens, {args.threads} threads")
-    print(f"{'':10s} {'tokens/s':>10s} {'peak MB':>10s} {'loss first->last':>20s}")
-    for side in ("hf", "ours"):
-        r = res[side]
-        print(f"{side:10s} {r['tok_s']:10.1f} {r['peak_mb']:10.0f} {r['first_loss']:9.4f} -> {r['last_loss']:.4f}")
-    print(json.dumps({"hf_tok_s": round(res["hf"]["tok_s"], 1), "ours_tok_s": round(res["ours"]["tok_s"], 1),
-                      "hf_peak_mb": round(res["hf"]["peak_mb"]), "ours_peak_mb": round(res["ours"]["peak_mb"]),
-                      "tok_s_ratio": round(res["ours"]["tok_s"] / res["hf"]["tok_s"], 3),
-                      "peak_mem_ratio": round(res["ours"]["peak_mb"] / res["hf"]["peak_mb"], 3)}))
+    for dtype in args.dtypes.split(","):
+        for side in ("hf", "ours"):
+            cmd = [sys.executable, __file__, "--side", side, "--dtype", dtype] + [
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "dtype", "dtypes")]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            res[side, dtype] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"SFT step, CPU, vocab {VOCAB}, hidden {args.hidden}, {args.layers} layers, "
+          f"batch {args.batch} x {args.seq} tokens, {args.threads} threads; bf16 = autocast over fp32 weights")
+    print(f"{'':16s} {'tokens/s':>10s} {'peak MB':>10s} {'loss first->last':>20s}")
+    for (side, dtype), r in res.items():
+        print(f"{side + ' ' + dtype:16s} {r['tok_s']:10.1f} {r['peak_mb']:10.0f} {r['first_loss']:9.4f} -> {r['last_loss']:.4f}")
+    best = {side: max((k for k in res if k[0] == side), key=lambda k: res[k]["tok_s"]) for side in ("hf", "ours")}
+    summary = {f"{side}_{dtype}_{m}": round(r[m], 1) for (side, dtype), r in res.items() for m in ("tok_s", "peak_mb")}
+    summary.update(hf_best=best["hf"][1], ours_best=best["ours"][1],
+                   tok_s_ratio=round(res[best["ours"]]["tok_s"] / res[best["hf"]]["tok_s"], 3),
+                   peak_mem_ratio=round(res[best["ours"]]["peak_mb"] / res[best["hf"]]["peak_mb"], 3))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
