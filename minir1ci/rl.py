@@ -364,6 +364,7 @@ def train_rl(cfg) -> dict:
             measured = torch.zeros(4, dtype=torch.float64) if bypass else mismatch_sums(old_logp, batch.sampler_logp,
                                                                                         batch.mask)
             tis_w = tis_weights(old_logp, batch.sampler_logp, batch.mask, cfg.tis_cap) if cfg.tis_cap > 0 else None
+            tis = [masked_sum(tis_w, batch.mask), batch.mask.sum()] if tis_w is not None else [1, 1]
             keep, dropped = loss_filter(trajs, batch, old_logp, cfg)
             batch.mask = batch.mask * keep[:, None]   # a dropped trajectory leaves every loss term
             if critic is None:   # GRPO: group-relative, one advantage per trajectory
@@ -381,7 +382,6 @@ def train_rl(cfg) -> dict:
                          measured=measured)
             check_finite(upd["pg_loss"] + upd["value_loss"], step, run_dir)
             stats = rollout_stats(trajs, rewards, correct)
-            tis = [masked_sum(tis_w, batch.mask), batch.mask.sum()] if tis_w is not None else [1, 1]
             t = dist.all_reduce_sum(torch.tensor([stats["reward"], stats["accuracy"], *measured, *tis, *dropped,
                                                   *sampled], dtype=torch.float64)).tolist()
             w, count = dist.world_size(), max(t[5], 1)

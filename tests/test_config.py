@@ -78,3 +78,29 @@ def test_text_fraction_only_where_it_applies():
             resolve(argv)
     with pytest.raises(ValueError, match=r"text_fraction must lie in \[0, 1\]"):
         resolve(["--stage=sft", "--text_fraction=1.5"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stage=grpo", "--value_clip=0.2"], "--value_clip applies only to --stage ppo"),
+    (["--stage=grpo", "--critic_warmup_steps=2"], "--critic_warmup_steps applies only to --stage ppo"),
+    (["--stage=ppo", "--dynamic_sampling"], "--dynamic_sampling applies only to --stage grpo"),
+    (["--stage=ppo", "--kl_estimator=k2"], "--kl_estimator applies only to --stage grpo"),
+    (["--stage=ppo", "--norm_adv_std=false"], "--norm_adv_std applies only to --stage grpo"),
+    (["--stage=sft", "--gamma=0.9"], "--gamma applies only to --stage ppo"),
+    (["--stage=ppo", "--policy_loss=gspo"], "--policy_loss=gspo needs one advantage per trajectory"),
+    (["--stage=grpo", "--policy_loss=dpo"], "policy_loss must be one of"),
+    (["--stage=grpo", "--rollout_dtype=fp8"], "rollout_dtype must be one of"),
+    (["--stage=grpo", "--old_logprobs=sampler", "--ppo_epochs=2"], "--old_logprobs=sampler is exact only"),
+    (["--stage=ppo", "--old_logprobs=sampler", "--mini_batch_size=4"], "--old_logprobs=sampler is exact only"),
+    (["--stage=grpo", "--eval_every=5"], "unknown option --eval_every"),
+])
+def test_rl_options_a_stage_does_not_read_are_refused_by_name(args, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(args)
+
+
+def test_options_shared_by_both_rl_stages_are_accepted():
+    for stage in ("grpo", "ppo"):
+        cfg = resolve([f"--stage={stage}", "--policy_loss=cispo", "--old_logprobs=sampler", "--entropy_coef=0.01",
+                       "--curriculum", "--tis_cap=3", "--filter_void_turns", "--mask_truncated", "--rollout_dtype=auto"])
+        assert (cfg.policy_loss, cfg.tis_cap, cfg.rollout_dtype) == ("cispo", 3.0, "auto")

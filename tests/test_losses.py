@@ -14,13 +14,18 @@ import torch.multiprocessing as mp
 from minir1ci.losses import (
     AGG_MODES,
     aggregate,
+    cispo_loss,
     gae,
     global_denominator,
     grpo_advantages,
+    gspo_loss,
     kl_penalty,
     masked_whiten,
+    mismatch_sums,
     policy_loss,
+    sequence_in_bounds,
     step_denominator,
+    tis_weights,
     value_loss,
 )
 
@@ -345,3 +350,105 @@ def test_two_ranks_leave_loss_and_gradient_unchanged(tmp_path):
             loss, grad = results[mode]
             torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- fixes found by the veRL cross-check
+
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage():
+    # 0.7 * 8 summed in fp32 is not 5.6 exactly: the mean's rounding over a ~1e-8 std gave |A| up to 0.056
+    flat = torch.full((8,), 0.7)
+    assert torch.equal(grpo_advantages(flat, 8), torch.zeros(8))
+    assert torch.equal(grpo_advantages(flat, 8, norm_std=False), torch.zeros(8))
+    # beside a group with signal, that group is unchanged: (1, 0) -> mean 0.5, std sqrt(0.5)
+    got = grpo_advantages(torch.cat([flat, T_([1.0, 0.0])]), T_([0] * 8 + [1, 1]))
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert torch.equal(got[:8], torch.zeros(8))
+    torch.testing.assert_close(got[8:], T_([a, -a]))
+
+
+def test_vf_clipfrac_counts_only_values_really_clipped():
+    # |V - V_old| = 0.2605 < 0.5: nothing is clipped, though old + (V - old) != V in fp32
+    v, v_old = T_([[0.03214354068040848]]), T_([[-0.22835837304592133]])
+    loss, m = value_loss(v, v_old, torch.zeros(1, 1), clip=0.5)
+    assert float(m["vf_clipfrac"]) == 0.0
+    torch.testing.assert_close(loss, 0.5 * v**2)
+    # really clipped: V = 1, V_old = 0, R = 2 -> clipped V = 0.5, (0.5 - 2)^2 = 2.25 > (1 - 2)^2 = 1
+    loss, m = value_loss(T_([[1.0]]), T_([[0.0]]), T_([[2.0]]), clip=0.5)
+    assert float(m["vf_clipfrac"]) == 1.0 and float(loss) == pytest.approx(1.125)
+
+
+def test_aggregate_takes_a_denominator_divided_by_the_world_size():
+    # 3 loss tokens over 4 ranks whose gradients are averaged: denom 3 / 4 = 0.75 turns the mean into a sum
+    loss, mask = T_([[1.0, 2.0, 4.0, 9.0]]), T_([[1, 1, 1, 0]])
+    assert float(aggregate(loss, mask, "token-mean", 0.75)) == pytest.approx(7.0 / 0.75)
+    assert float(aggregate(loss, mask, "token-mean", T_(0.75))) == pytest.approx(7.0 / 0.75)
+    # no loss token anywhere: 0, not NaN
+    assert float(aggregate(loss, torch.zeros_like(mask), "token-mean", T_(0.0))) == 0.0
+
+
+# ----------------------------------------------------------------------------- sampler/trainer mismatch
+
+def test_tis_weights_are_capped_detached_and_zero_off_the_mask():
+    # pi_old / mu: 0.4 / 0.5 = 0.8 (kept), 0.9 / 0.3 = 3 (capped to 2), masked, e^5 (capped)
+    old = torch.log(T_([[0.4, 0.9, 0.7, 1.0]])).requires_grad_()
+    mu = torch.log(T_([[0.5, 0.3, 0.1, math.exp(-5.0)]]))
+    w = tis_weights(old, mu, T_([[1, 1, 0, 1]]), cap=2.0)
+    torch.testing.assert_close(w, T_([[0.8, 2.0, 0.0, 2.0]]))
+    assert not w.requires_grad
+    torch.testing.assert_close(tis_weights(old, mu, T_([[1, 1, 0, 1]]), cap=10.0), T_([[0.8, 3.0, 0.0, 10.0]]))
+
+
+def test_sequence_masking_by_the_geometric_mean_ratio():
+    l3, l4 = math.log(3.0), math.log(4.0)
+    mu = torch.zeros(5, 2)
+    old = T_([[l3, 0.0], [l4, l4], [-l4, -l4], [math.log(1.5), 100.0], [0.0, 0.0]])
+    mask = T_([[1, 1], [1, 1], [1, 1], [1, 0], [0, 0]])
+    # ratios: sqrt(3) = 1.73 in; 4 out; 0.25 out; 1.5 (the masked 100 does not count) in; empty row 1 in
+    assert sequence_in_bounds(old, mu, mask, 0.5, 2.0).tolist() == [True, False, False, True, True]
+    assert sequence_in_bounds(old, mu, mask, 0.5, 0.0).tolist() == [True, True, False, True, True]  # high open
+    assert sequence_in_bounds(old, mu, mask, 0.0, 2.0).tolist() == [True, False, True, True, True]  # low open
+
+
+def test_mismatch_sums_hand_values():
+    # r = pi_old / mu = 2.5, 1, 1/3 (and a masked token that must not count)
+    old = torch.log(T_([[0.5, 0.9, 0.1, 0.9]]))
+    mu = torch.log(T_([[0.2, 0.9, 0.3, 0.01]]))
+    got = mismatch_sums(old, mu, T_([[1, 1, 1, 0]]))
+    k3 = (2.5 - 1 - math.log(2.5)) + 0.0 + (1 / 3 - 1 + math.log(3.0))   # r - 1 - log r
+    want = [k3, math.log(2.5) + math.log(3.0), 2.0, 3.0]                  # 2.5 and 1/3 lie outside [0.5, 2]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- GSPO and CISPO
+
+def test_gspo_one_clipped_ratio_per_sequence():
+    old = torch.zeros(2, 3)
+    logp = T_([[0.1, 0.3, 7.0], [-0.02, 0.0, -9.0]]).requires_grad_()   # the third token of each row is masked
+    mask = T_([[1, 1, 0], [1, 1, 0]])
+    adv = T_([[1.0, 1.0, 0.0], [-2.0, -2.0, 0.0]])
+    loss, m = gspo_loss(logp, old, adv, mask, eps_low=0.1, eps_high=0.1)
+    # row 0: s = e^0.2 = 1.2214 > 1.1, A = 1: max(-1.2214, -1.1) = -1.1, clipped (no gradient)
+    # row 1: s = e^-0.01 = 0.99005, A = -2: 2 * 0.99005 = 1.9801, inside the clip range
+    s1 = math.exp(-0.01)
+    torch.testing.assert_close(loss, T_([[-1.1, -1.1, 0.0], [2 * s1, 2 * s1, 0.0]]))
+    assert float(m["clipfrac"]) == pytest.approx(0.5)
+    # mean over sequences (seq-mean-token-mean): d/dlogp_1t = 1/2 * (-A) * s * 1/|y| = 0.5 * 2 * s1 * 0.5
+    aggregate(loss, mask, "seq-mean-token-mean", 2.0).backward()
+    torch.testing.assert_close(logp.grad, T_([[0.0, 0.0, 0.0], [0.5 * s1, 0.5 * s1, 0.0]]))
+
+
+def test_cispo_weight_is_clipped_and_detached_so_every_token_keeps_a_gradient():
+    logp = T_([[-1.0, -2.0]]).requires_grad_()
+    old = T_([[-1.5, -1.9]])        # rho = e^0.5 = 1.6487 (clipped to 1.2), e^-0.1 = 0.9048 (inside)
+    adv, mask = T_([[1.0, -1.0]]), T_([[1, 1]])
+    loss, m = cispo_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.2)
+    w1 = math.exp(-0.1)
+    torch.testing.assert_close(loss, T_([[-1.2 * 1.0 * -1.0, -w1 * -1.0 * -2.0]]))   # -w * A * log pi
+    assert float(m["clipfrac"]) == pytest.approx(0.5)
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, T_([[-1.2, w1]]))                        # -w * A
+    # the clipped PPO loss gives the first token no gradient at all
+    logp2 = logp.detach().requires_grad_()
+    policy_loss(logp2, old, adv, mask, 0.2, 0.2)[0].sum().backward()
+    assert float(logp2.grad[0, 0]) == 0.0

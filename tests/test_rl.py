@@ -1,0 +1,151 @@
+"""The RL loop's own pieces: dynamic sampling's refill, the trajectory filters, and GRPO and PPO end
+to end with every new option on (two steps, then a resume for a third) on the tiny preset, CPU."""
+import dataclasses
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from minir1ci import rl
+from minir1ci.config import resolve
+from minir1ci.interpreter import Trajectory
+
+MISMATCH = ("mismatch_kl", "mismatch_abs", "mismatch_frac_out", "tis_weight_mean", "mis_dropped")
+FILTERS = ("void_dropped", "truncated_dropped", "ds_dropped_groups", "ds_extra_rounds")
+
+
+def traj(text: str, turns=None, finish="eos", logps=(-1.0, -1.0)) -> Trajectory:
+    return Trajectory(prompt_ids=[1, 2], response_ids=[5] * len(logps), loss_mask=[1] * len(logps),
+                      logprobs=list(logps), turns=[text] if turns is None else turns, finish_reason=finish, text=text)
+
+
+# ----------------------------------------------------------------------------- dynamic sampling
+
+def fake_rounds(monkeypatch, flat_by_round: list[list[bool]]):
+    """Round r's group g has equal rewards when flat_by_round[r][g]; a trajectory's text names its
+    round, group and sample, and ends in 'right' (score 1) or 'wrong' (score 0)."""
+    calls = []
+
+    def sample(model, tokenizer, sandbox, prompts, n, params, dtype=None):
+        r = len(calls)
+        calls.append(params.seed)
+        return [traj(f"r{r}g{g}s{j} " + ("wrong" if flat_by_round[r][g] or j else "right"))
+                for g in range(len(prompts)) for j in range(n)]
+
+    monkeypatch.setattr(rl, "sample_rollouts", sample)
+    monkeypatch.setattr(rl, "prompt_ids", lambda tok, exs, use_code: [[0] for _ in exs])
+    return calls
+
+
+EXAMPLES = [SimpleNamespace(score=lambda text: float(text.endswith("right")))] * 6
+
+
+def run_collect(rounds: int | None, cfg_args=()):
+    cfg = resolve(["--stage=grpo", "--prompts_per_step=2", "--n_samples=2", *cfg_args])
+    if rounds is not None:
+        cfg = dataclasses.replace(cfg, dynamic_sampling=True, dynamic_sampling_rounds=rounds)
+    trajs, rewards, correct, batch, (dropped, extra) = rl.collect(torch.nn.Linear(1, 1), None, None, EXAMPLES, cfg,
+                                                                 step=0, rank=0)
+    return [t.text.split()[0] for t in trajs], batch, dropped, extra
+
+
+def test_dynamic_sampling_refills_the_batch_from_extra_rounds(monkeypatch):
+    calls = fake_rounds(monkeypatch, [[True, False], [False, False]])
+    names, batch, dropped, extra = run_collect(rounds=3)
+    # round 0: group 0 flat (set aside), group 1 kept; round 1 fills the second place; no round 2
+    assert names == ["r0g1s0", "r0g1s1", "r1g0s0", "r1g0s1"]
+    assert (dropped, extra, len(calls)) == (1, 1, 2)
+    assert len(set(calls)) == 2                                   # each round samples with its own seed
+    assert batch.groups.tolist() == [0, 0, 1, 1]
+    assert batch.scores.tolist() == pytest.approx([0.9, -0.1, 0.9, -0.1])   # right / wrong, both malformed
+
+
+def test_dynamic_sampling_tops_up_with_flat_groups_when_the_rounds_run_out(monkeypatch):
+    calls = fake_rounds(monkeypatch, [[True, True]] * 3)
+    names, batch, dropped, extra = run_collect(rounds=2)
+    assert names == ["r0g0s0", "r0g0s1", "r0g1s0", "r0g1s1"]     # the first flat groups fill the batch
+    assert (dropped, extra, len(calls)) == (4, 2, 3)              # 6 flat groups sampled, 2 used
+    assert torch.equal(rl.grpo_advantages(batch.scores, 2), torch.zeros(4))
+
+
+def test_without_dynamic_sampling_flat_groups_stay_and_one_round_runs(monkeypatch):
+    calls = fake_rounds(monkeypatch, [[True, False]])
+    names, _, dropped, extra = run_collect(rounds=None)
+    assert names == ["r0g0s0", "r0g0s1", "r0g1s0", "r0g1s1"] and (dropped, extra, len(calls)) == (0, 0, 1)
+
+
+# ----------------------------------------------------------------------------- filters
+
+def test_void_turn_is_a_turn_with_neither_a_closed_block_nor_an_answer():
+    code = "Let me compute.\n```python\nprint(6 * 7)\n```"
+    assert not rl.has_void_turn([code, "So <<<42>>>"])
+    assert rl.has_void_turn(["I think about it.", "So <<<42>>>"])           # a first turn with no code
+    assert rl.has_void_turn([code, "The answer is 42."])                   # a final turn with no answer
+    assert rl.has_void_turn(["```python\nprint(1)"])                       # an unclosed block
+    assert not rl.has_void_turn([])
+
+
+def test_loss_filter_drops_void_truncated_and_mismatched_trajectories():
+    trajs = [traj("ok <<<1>>>"), traj("void", finish="eos"), traj("cut <<<1>>>", finish="length"),
+             traj("far <<<1>>>", logps=(-1.0, -3.0))]
+    batch = rl.to_batch(trajs, [0.0] * 4, [0, 0, 1, 1])
+    old = batch.sampler_logp.clone()
+    old[3][batch.mask[3].bool()] = -1.0          # row 3: pi_old / mu = 1 and e^2: geometric mean e = 2.72 > 2
+    cfg = resolve(["--stage=grpo"])
+    keep, counts = rl.loss_filter(trajs, batch, old, cfg)
+    assert keep.tolist() == [True, True, True, False] and counts == [1, 0, 0]
+    on = dataclasses.replace(cfg, filter_void_turns=True, mask_truncated=True)
+    keep, counts = rl.loss_filter(trajs, batch, old, on)
+    assert keep.tolist() == [True, False, False, False] and counts == [1, 1, 1]
+    assert math.exp(1.0) > cfg.mis_high
+    off = dataclasses.replace(cfg, mis_low=0.0, mis_high=0.0)
+    assert rl.loss_filter(trajs, batch, old, off)[0].tolist() == [True] * 4
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def tiny_start(tmp_path_factory):
+    from minir1ci.checkpoint import init_from_config, save_pretrained
+    from minir1ci.presets import tiny_dir
+    model, tok = init_from_config(tiny_dir(), seed=0)
+    path = tmp_path_factory.mktemp("start") / "tiny"
+    save_pretrained(model, tok, path)
+    return path
+
+
+# The tiny preset from scratch never answers: the filters drop every trajectory (GRPO checks that an
+# empty loss is safe); PPO keeps them all and trains with the sampler's log-probs as pi_old.
+ALL_ON = {
+    "grpo": ["--policy_loss=gspo", "--loss_agg=seq-mean-token-mean", "--dynamic_sampling", "--dynamic_sampling_rounds=1",
+             "--tis_cap=2", "--mis_low=0.5", "--mis_high=2", "--filter_void_turns", "--mask_truncated"],
+    "ppo": ["--policy_loss=cispo", "--old_logprobs=sampler", "--critic_warmup_steps=1", "--entropy_coef=0.01"],
+}
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_rl_runs_two_steps_with_every_new_option_and_resumes_a_third(stage, tiny_start, tmp_path):
+    out = tmp_path / stage
+    args = [f"--stage={stage}", f"--model={tiny_start}", "--preset=tiny", "--prompts_per_step=2", "--n_samples=2",
+            "--batch_size=4", "--micro_batch_size=2", "--max_new_tokens=16", "--save_every=1", "--exec_timeout=2",
+            "--tasks=builtin:mul,builtin:letters", "--num_train_examples=4", "--device=cpu", f"--out={out}",
+            "--rollout_dtype=bfloat16", "--kl_coef=0.01", *ALL_ON[stage]]
+    rl.train_rl(resolve(args + ["--steps=2"]))
+    rl.train_rl(resolve(args + ["--steps=3", "--resume"]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert set(MISMATCH + FILTERS) <= r.keys()
+        assert all(v == v for v in r.values() if isinstance(v, float))          # no NaN
+    # bf16 rollouts against the fp32 trainer: a real mismatch, measured (PPO: in the first forward
+    # pass, once the policy trains after one critic-only step)
+    measured = rows if stage == "grpo" else rows[1:]
+    assert all(r["mismatch_abs"] > 0 and r["mismatch_kl"] > 0 for r in measured)
+    if stage == "grpo":
+        assert all(r["tis_weight_mean"] != 1.0 and r["ds_extra_rounds"] == 1 for r in rows)   # every group flat
+        assert all(r["void_dropped"] == 4 and r["truncated"] * 4 == r["truncated_dropped"] for r in rows)
+        assert all(r["grad_norm"] == 0.0 for r in rows)                        # nothing left in the loss
+    else:
+        assert rows[0]["grad_norm"] == 0.0 and all(r["grad_norm"] > 0 for r in rows[1:])
