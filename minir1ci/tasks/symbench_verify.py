@@ -7,6 +7,7 @@ Three kinds:
   constraint  any answer that satisfies the puzzle's rules (queens, sudoku,
               letter grids, arrangements, equation systems, arithmetic targets)
   math        MATH boxed answers, compared after LaTeX normalisation
+Numbers and lists are read by answers.py's strict rules: '7.5' is not [7, 5], '1,7' is not 17.
 
 Where the dataset's reference answer violates its own question's rules, the
 loader drops that sample (with a warning) rather than scoring it; see symbench.py.
