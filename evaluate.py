@@ -9,43 +9,34 @@ truncations) and the average over tasks; `--out` writes JSON with `tasks: {name:
 `average`. Temperature defaults to 0.6, the paper's evaluation setting; questions come from the
 test split.
 """
-import argparse
 import json
 import os
 import sys
 
+from minir1ci.cli import ArgumentParser, add_sampling_args, fail
+
+PROG = "evaluate.py"
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("--model")
     ap.add_argument("--tasks", default="builtin:all")
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--split", default="test", choices=["train", "test", "all"])
-    ap.add_argument("--limit", type=int, default=None, help="questions per task")
-    ap.add_argument("--n", type=int, default=1, help="samples per question (pass@k uses k = n)")
-    ap.add_argument("--no-interpreter", dest="use_code", action="store_false")
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--max_new_tokens", type=int, default=1024)
-    ap.add_argument("--max_code_calls", type=int, default=8)
-    ap.add_argument("--exec_timeout", type=float, default=10.0)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    add_sampling_args(ap, n=1, temperature=0.6)
     args = ap.parse_args(argv)
 
-    from minir1ci.evaluation import format_comparison, format_table
+    from minir1ci.evaluation import check_summary, format_comparison, format_table
 
     if args.compare:
         runs = []
         for path in args.compare:
             try:
                 with open(path) as f:
-                    runs.append(json.load(f))
-            except (OSError, json.JSONDecodeError) as e:
-                sys.exit(f"error: cannot read {path}: {e}")
+                    runs.append(check_summary(json.load(f), path))
+            except (OSError, ValueError) as e:   # JSONDecodeError is a ValueError
+                fail(PROG, f"cannot read {path}: {e}")
         print(format_comparison(runs[0], runs[1], os.path.basename(args.compare[0]), os.path.basename(args.compare[1])))
         return 0
     if not args.model:
@@ -55,7 +46,7 @@ def main(argv=None) -> int:
     from minir1ci.evaluation import evaluate_examples
     from minir1ci.sandbox import Sandbox
 
-    examples, model, tokenizer, params = load_examples_model_params(args)
+    examples, model, tokenizer, params = load_examples_model_params(args, PROG)
     with Sandbox(timeout=args.exec_timeout) as sandbox:
         summary, _ = evaluate_examples(model, tokenizer, sandbox, examples, args.n, params,
                                        progress=ProgressBar("evaluate", "traj"))

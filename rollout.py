@@ -6,35 +6,27 @@
 One JSON line per trajectory: prompt_ids, response_ids, loss_mask (1 = sampled by the model, 0 =
 inserted interpreter output), logprobs (the sampler's, 0 on inserted tokens), reward, task, id,
 num_code_calls, finish_reason, text, and code_blocks (each block's code and result). The lines can
-be fed back to `train.py --stage sft --sft_data FILE.jsonl` (rejection sampling). A closing
-summary gives tokens/s, executions/s, the code-call histogram and accuracy.
+be fed back to `train.py --stage sft --sft_data FILE.jsonl` (rejection sampling). Each line is
+written as its trajectory finishes, so a crash keeps the finished ones; at the end the file is
+rewritten grouped by question (n lines per question, in task order). A closing summary gives tokens/s, executions/s, the code-call histogram and accuracy.
 """
-import argparse
 import json
 import os
 import sys
 import time
 from collections import Counter
 
+from minir1ci.cli import ArgumentParser, add_sampling_args
+
+PROG = "rollout.py"
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="HF-format checkpoint directory")
     ap.add_argument("--tasks", required=True, help="task spec, e.g. builtin:all or symbench:game24,bbh:navigate")
-    ap.add_argument("--data", default=None, help="root holding symbench/ and bbh/")
-    ap.add_argument("--split", default="test", choices=["train", "test", "all"])
-    ap.add_argument("--n", type=int, default=5, help="samples per question")
-    ap.add_argument("--limit", type=int, default=None, help="questions per task")
     ap.add_argument("--out", required=True, help="output JSONL file")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--max_new_tokens", type=int, default=1024)
-    ap.add_argument("--max_code_calls", type=int, default=8)
-    ap.add_argument("--exec_timeout", type=float, default=10.0)
-    ap.add_argument("--no-interpreter", dest="use_code", action="store_false", help="text-only rollouts")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    add_sampling_args(ap, n=5, temperature=1.0)
     args = ap.parse_args(argv)
 
     from minir1ci.cli import ProgressBar, load_examples_model_params
@@ -42,27 +34,35 @@ def main(argv=None) -> int:
     from minir1ci.rewards import RewardConfig, compute_reward
     from minir1ci.sandbox import Sandbox
 
-    examples, model, tokenizer, params = load_examples_model_params(args)
+    examples, model, tokenizer, params = load_examples_model_params(args, PROG)
     prompts = prompt_ids(tokenizer, examples, args.use_code)
-    t0 = time.time()
-    with Sandbox(timeout=args.exec_timeout) as sandbox:
-        trajs = run_rollouts(model, tokenizer, sandbox, prompts, args.n, params,
-                             progress=ProgressBar("rollout", "traj"))
-    elapsed = time.time() - t0
-    tmp = args.out + ".tmp"
     rcfg = RewardConfig()
-    correct = []
+    records: dict[int, str] = {}   # trajectory index -> its JSON line
+    scores: dict[int, float] = {}
+
+    def write(k: int, tr, f) -> None:
+        """Score one finished trajectory and append its line at once, so a crash keeps it."""
+        ex = examples[k // args.n]
+        score = scores[k] = ex.score(tr.text)
+        rec = {"task": ex.task, "id": ex.id, "prompt_ids": tr.prompt_ids, "response_ids": tr.response_ids,
+               "loss_mask": tr.loss_mask, "logprobs": tr.logprobs, "reward": compute_reward(score, tr.turns, rcfg),
+               "score": score, "num_code_calls": tr.num_code_calls, "finish_reason": tr.finish_reason,
+               "text": tr.text, "code_blocks": tr.code_blocks}
+        records[k] = json.dumps(rec) + "\n"
+        f.write(records[k])
+        f.flush()
+
+    t0 = time.time()
+    with open(args.out, "w") as f, Sandbox(timeout=args.exec_timeout) as sandbox:
+        trajs = run_rollouts(model, tokenizer, sandbox, prompts, args.n, params,
+                             progress=ProgressBar("rollout", "traj"), on_finish=lambda k, tr: write(k, tr, f))
+    elapsed = time.time() - t0
+    # Lines went out in finishing order; the finished file lists them grouped by question.
+    tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
-        for i, tr in enumerate(trajs):
-            ex = examples[i // args.n]
-            score = ex.score(tr.text)
-            correct.append(score)
-            rec = {"task": ex.task, "id": ex.id, "prompt_ids": tr.prompt_ids, "response_ids": tr.response_ids,
-                   "loss_mask": tr.loss_mask, "logprobs": tr.logprobs, "reward": compute_reward(score, tr.turns, rcfg),
-                   "score": score, "num_code_calls": tr.num_code_calls, "finish_reason": tr.finish_reason,
-                   "text": tr.text, "code_blocks": tr.code_blocks}
-            f.write(json.dumps(rec) + "\n")
+        f.writelines(records[k] for k in range(len(trajs)))
     os.replace(tmp, args.out)
+    correct = list(scores.values())
     sampled = sum(sum(t.loss_mask) for t in trajs)
     execs = sum(t.num_code_calls for t in trajs)
     hist = Counter(t.num_code_calls for t in trajs)

@@ -19,7 +19,8 @@ Tied models (`tie_word_embeddings`) have no `lm_head.weight` on disk, as in HF.
 Saving writes a temporary sibling directory, fsyncs it, and renames it into place, so a crash
 or an exception never leaves a half-written checkpoint at the target; an existing checkpoint
 there is renamed aside first and deleted only once the new one is in place. (A process killed
-outright leaves its `.NAME.tmp-*` directory beside the target; delete it by hand.) Shards are
+outright leaves its `.NAME.tmp-*` directory beside the target; a training run deletes those of its
+run directory when it starts.) Shards are
 written one at a time, so only one shard's worth of CPU copies exists at once.
 
 Simplified against transformers: safetensors only (no `pytorch_model.bin`), Qwen2 only, no
@@ -96,22 +97,42 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     return model, _load_tokenizer(Path(path))
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None) -> Qwen2ForCausalLM:
-    """The model alone (e.g. to start a critic from a policy checkpoint); see `load_pretrained`."""
+def check_checkpoint(path: str | Path, need_tokenizer: bool = True) -> ModelConfig:
+    """Everything loading would refuse, found without reading a weight: the directory, config.json
+    (types and values), the weight files and their headers against the model, and tokenizer.json
+    when `need_tokenizer`. Raises FileNotFoundError or ValueError naming the file; returns the config."""
     path = _checkpoint_dir(path)
+    if need_tokenizer and not (path / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"no {TOKENIZER_FILE} in {path}: a checkpoint to train or sample from needs "
+                                "its tokenizer")
+    return _plan(path)[0]
+
+
+def _plan(path: Path):
+    """(config, raw config dict, meta-device model, {name: file}, headers), all checked."""
     raw = _read_json(path / CONFIG)
-    config = ModelConfig.from_json(raw)
-    device = torch.device(device or "cpu")
+    try:
+        config = ModelConfig.from_json(raw)
+    except ValueError as e:
+        raise ValueError(f"{path / CONFIG}: {e}") from None
     files = _weight_files(path)
     headers = {file: _read_header(file) for file in files}   # file -> {name: (shape, dtype)}
     location = {name: file for file, header in headers.items() for name in header}
     shapes = {name: headers[file][name][0] for name, file in location.items()}
-
     with torch.device("meta"):  # parameters without storage: nothing allocated yet
         model = Qwen2ForCausalLM(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied: no lm_head
     _check_tensors(path, expected, shapes, config.tie_word_embeddings)
+    return config, raw, model, location, headers
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None) -> Qwen2ForCausalLM:
+    """The model alone (e.g. to start a critic from a policy checkpoint); see `load_pretrained`."""
+    path = _checkpoint_dir(path)
+    config, raw, model, location, headers = _plan(path)
+    device = torch.device(device or "cpu")
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     dtype = (resolve_dtype(dtype) or resolve_dtype(raw.get("dtype") or raw.get("torch_dtype"))
              or headers[location["model.embed_tokens.weight"]]["model.embed_tokens.weight"][1])
 
@@ -138,7 +159,11 @@ def init_from_config(path: str | Path, seed: int = 0, dtype: torch.dtype | str |
     `path` holds config.json (and tokenizer.json); any weights there are ignored. dtype None is fp32.
     """
     path = _checkpoint_dir(path)
-    model = Qwen2ForCausalLM(ModelConfig.from_json(_read_json(path / CONFIG)))
+    try:
+        config = ModelConfig.from_json(_read_json(path / CONFIG))
+    except ValueError as e:
+        raise ValueError(f"{path / CONFIG}: {e}") from None
+    model = Qwen2ForCausalLM(config)
     model.init_weights(seed)
     model.to(torch.device(device or "cpu"))
     dtype = resolve_dtype(dtype)
@@ -273,6 +298,7 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer: Tokenizer | None, path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # same filesystem
     try:
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it 0700; a checkpoint gets the usual mode
         _write_weights(tensors, shards, dtype, tmp)
         dtype_name = str(dtype).removeprefix("torch.")
         _write_json(tmp / CONFIG, {**config.to_hf_dict(), "torch_dtype": dtype_name, "dtype": dtype_name})
@@ -285,6 +311,12 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer: Tokenizer | None, path: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)   # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _plan_shards(tensors: dict[str, Tensor], dtype: torch.dtype, limit: int) -> list[list[str]]:

@@ -1,11 +1,93 @@
-"""Small helpers shared by the command-line scripts (rollout.py, evaluate.py): a progress bar,
-loading a model with clear errors, and the device choice made once, at the edge."""
+"""Small helpers shared by the command-line scripts (rollout.py, evaluate.py): their common flags with
+range checks, one-line errors, a progress bar, loading a model with clear errors, and the device
+choice made once, at the edge.
+
+Every bad input ends the same way, before any work: one stderr line `PROG: error: WHAT`, exit 2
+for a bad flag (argparse) and 1 for a bad file, directory or device (`fail`)."""
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
-import torch
+
+def one_line(text: object) -> str:
+    """A message on one line: a multi-line error's lines joined with '; '."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def fail(prog: str, message: object, status: int = 1):
+    """Print `prog: error: message` as one stderr line and exit with `status`."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (argparse prints the usage block first)."""
+
+    def error(self, message: str):
+        fail(self.prog, message, status=2)
+
+
+def number(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse `type` for an int or float in [low, high] ((low, high] with `low_open`)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {kind.__name__}, got {text!r}") from None
+        if value != value or (value <= low if low_open else value < low) or (high is not None and value > high):
+            where = (f"({low}, " if low_open else f"[{low}, ") + (f"{high}]" if high is not None else "inf)")
+            raise argparse.ArgumentTypeError(f"must lie in {where}, got {text}")
+        return value
+    return parse
+
+
+def add_sampling_args(ap: argparse.ArgumentParser, n: int, temperature: float) -> None:
+    """The flags rollout.py and evaluate.py share, each with its range."""
+    ap.add_argument("--data", default=None, help="root holding symbench/ and bbh/")
+    ap.add_argument("--split", default="test", choices=["train", "test", "all"])
+    ap.add_argument("--n", type=number(int, 1), default=n, help="samples per question")
+    ap.add_argument("--limit", type=number(int, 1), default=None, help="questions per task")
+    ap.add_argument("--temperature", type=number(float, 0.0), default=temperature, help="0 = greedy")
+    ap.add_argument("--top_p", type=number(float, 0.0, 1.0, low_open=True), default=1.0)
+    ap.add_argument("--max_new_tokens", type=number(int, 1), default=1024)
+    ap.add_argument("--max_code_calls", type=number(int, 0), default=8)
+    ap.add_argument("--exec_timeout", type=number(float, 0.0, low_open=True), default=10.0)
+    ap.add_argument("--no-interpreter", dest="use_code", action="store_false", help="text-only rollouts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuse an output file whose directory is missing or not writable, or that is a directory."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory {parent} does not exist (for {path})")
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot write {path}")
+
+
+def check_available(device: torch.device) -> torch.device:
+    """Refuse a device this machine does not have (`cuda:7` with one GPU, or none)."""
+    import torch   # here, not at the top: a bad flag is reported before torch loads
+
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {device} is not available: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"device {device} is not available: {one_line(e)}") from None
+    return device
 
 
 class ProgressBar:
@@ -32,7 +114,7 @@ class ProgressBar:
 
 def pick_device(name: str) -> torch.device:
     from .devices import resolve_device
-    return resolve_device(name)
+    return check_available(resolve_device(name))
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -41,31 +123,26 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return inference_dtype(name, device)
 
 
-def load_examples_model_params(args):
+def load_examples_model_params(args, prog: str):
     """What rollout.py and evaluate.py both start from: the tasks of `--tasks/--split/--limit`, the
-    model and tokenizer of `--model`, and the RolloutParams of the sampling flags. A bad task spec
-    or model path exits with its error message."""
+    model and tokenizer of `--model`, and the RolloutParams of the sampling flags. Every input
+    (device, dtype, output file, checkpoint, task spec) is checked before the model is loaded; a bad
+    one exits through `fail`."""
+    from .checkpoint import check_checkpoint, load_pretrained
     from .interpreter import RolloutParams
     from .tasks import load_tasks
 
     try:
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        if getattr(args, "out", None):
+            check_output_file(args.out)
+        check_checkpoint(args.model)
         examples = load_tasks(args.tasks, data_dir=args.data, split=None if args.split == "all" else args.split,
                               limit=args.limit, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
+        model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device)
+    except (OSError, ValueError) as e:
+        fail(prog, e)
     params = RolloutParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                            max_code_calls=args.max_code_calls, use_code=args.use_code, seed=args.seed)
-    return examples, model, tokenizer, params
-
-
-def load_for_inference(path: str, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) in eval mode; a bad path or checkpoint exits with its error message."""
-    from .checkpoint import load_pretrained
-
-    dev = pick_device(device)
-    try:
-        model, tokenizer = load_pretrained(path, dtype=pick_dtype(dtype, dev), device=dev)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        sys.exit(f"error: cannot load model from {path}: {e}")
-    return model.eval(), tokenizer
+    return examples, model.eval(), tokenizer, params

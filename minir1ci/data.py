@@ -85,28 +85,60 @@ def _copy_piece(rng: random.Random) -> str:
     return rng.choice(["+", "*", "-", ",", "'", "[", "]", "(", ")", "?", ":", "."])
 
 
-def _record_to_sample(rec: dict, tokenizer, where: str) -> Sample:
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_messages(msgs, where: str) -> None:
+    """A chat record's messages: roles from ROLES, content a string or a list of text/output segments."""
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
+        content = m["content"]
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not all(
+                isinstance(s, dict) and s.get("type") in ("text", "output") and isinstance(s.get("text"), str)
+                for s in content):
+            raise ValueError(f"{where}: message {i} content must be a string or a list of "
+                             f"{{\"type\": \"text\"|\"output\", \"text\": string}} segments, got {content!r:.60}")
+
+
+def _check_ids(ids, name: str, vocab_size: int | None, where: str) -> None:
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"{where}: {name} must be a list of integer token ids")
+    bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise ValueError(f"{where}: {name} holds token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+
+
+def _record_to_sample(rec: dict, tokenizer, where: str, vocab_size: int | None = None) -> Sample:
+    """One JSONL record, checked field by field, as a Sample; ValueError names `where` and the field."""
     if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        return chat_sample(tokenizer, msgs)
+        _check_messages(rec["messages"], where)
+        return chat_sample(tokenizer, rec["messages"])
     if "prompt_ids" in rec and "response_ids" in rec:
         prompt, response = rec["prompt_ids"], rec["response_ids"]
+        _check_ids(prompt, "prompt_ids", vocab_size, where)
+        _check_ids(response, "response_ids", vocab_size, where)
         loss_mask = rec.get("loss_mask", [1] * len(response))
+        if not isinstance(loss_mask, list) or any(m not in (0, 1) for m in loss_mask):
+            raise ValueError(f"{where}: loss_mask must be a list of 0s and 1s")
         if len(loss_mask) != len(response):
             raise ValueError(f"{where}: loss_mask has {len(loss_mask)} entries for {len(response)} response ids")
-        ids = list(prompt) + list(response)
-        if any(not isinstance(t, int) or t < 0 for t in ids):
-            raise ValueError(f"{where}: token ids must be non-negative integers")
-        return Sample(ids, [0] * len(prompt) + [int(bool(m)) for m in loss_mask])
+        return Sample(prompt + response, [0] * len(prompt) + [int(m) for m in loss_mask])
     raise ValueError(f"{where}: a line needs 'messages' or 'prompt_ids'+'response_ids'")
 
 
-def load_jsonl(path: str | Path, tokenizer, min_reward: float | None = None) -> list[Sample]:
+def load_jsonl(path: str | Path, tokenizer, min_reward: float | None = None,
+               vocab_size: int | None = None) -> list[Sample]:
     """Read SFT samples; a malformed line raises an error naming the file and line number.
 
-    `min_reward` keeps only trajectories whose `reward` is at least that (rejection sampling).
+    `min_reward` keeps only trajectories whose `reward` is at least that (rejection sampling);
+    token ids must lie below `vocab_size` (the model's embedding rows) when it is given.
     """
     path = Path(path)
     if not path.is_file():
@@ -123,9 +155,13 @@ def load_jsonl(path: str | Path, tokenizer, min_reward: float | None = None) -> 
                 raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{where}: each line must be a JSON object")
-            if min_reward is not None and rec.get("reward", 0.0) < min_reward:
-                continue
-            samples.append(_record_to_sample(rec, tokenizer, where))
+            if min_reward is not None:
+                reward = rec.get("reward", 0.0)
+                if not isinstance(reward, (int, float)) or isinstance(reward, bool):
+                    raise ValueError(f"{where}: reward must be a number, got {reward!r}")
+                if reward < min_reward:
+                    continue
+            samples.append(_record_to_sample(rec, tokenizer, where, vocab_size))
     if not samples:
         raise ValueError(f"{path}: no training samples")
     return samples

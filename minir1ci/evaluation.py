@@ -58,6 +58,24 @@ def evaluate_examples(model, tokenizer, sandbox, examples, n: int = 1, params: R
     return summarize(examples, trajs, n), trajs
 
 
+def check_summary(obj, name: str) -> dict:
+    """`obj` if it has the shape `summarize` writes (tasks: {name: {column: number}}, average:
+    {column: number}); ValueError naming the first field that does not."""
+    def check_row(row, where: str) -> None:
+        if not isinstance(row, dict):
+            raise ValueError(f"{name}: {where} must be an object of metrics")
+        for c in COLUMNS:
+            if not isinstance(row.get(c), (int, float)) or isinstance(row.get(c), bool):
+                raise ValueError(f"{name}: {where}.{c} must be a number, got {row.get(c)!r}")
+
+    if not isinstance(obj, dict) or not isinstance(obj.get("tasks"), dict):
+        raise ValueError(f"{name}: not an evaluate.py summary (expected an object with 'tasks' and 'average')")
+    for task, row in obj["tasks"].items():
+        check_row(row, f"tasks[{task!r}]")
+    check_row(obj.get("average"), "average")
+    return obj
+
+
 def format_table(summary: dict, title: str = "") -> str:
     head = f"{'task':32s} " + " ".join(f"{c:>15s}" for c in COLUMNS)
     lines = [title] if title else []

@@ -103,8 +103,9 @@ def render_for_model(tokenizer, result, max_tokens: int) -> list[int]:
 
 
 def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int, params: RolloutParams,
-                 progress=None, sampler: Sampler | None = None) -> list[Trajectory]:
-    """n trajectories per prompt, grouped consecutively: [p0 s0, p0 s1, ..., p1 s0, ...]."""
+                 progress=None, sampler: Sampler | None = None, on_finish=None) -> list[Trajectory]:
+    """n trajectories per prompt, grouped consecutively: [p0 s0, p0 s1, ..., p1 s0, ...].
+    `on_finish(index, trajectory)` is called as each one ends (rollout.py writes it out then)."""
     sampler = sampler or Sampler(model, tokenizer)
     stop_ids = tuple(sorted({tokenizer.eos_token_id, tokenizer.endoftext_id}))
     stop_fn = make_stop_fn(tokenizer, params.use_code, params.stop_at_answer)
@@ -143,6 +144,8 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
             _finish(tr, c, reason, tokenizer, params.temperature)
             sampler.release(c.seq_id)
             done += 1
+            if on_finish:
+                on_finish(seq_of[c.seq_id], tr)
             if progress:
                 progress(done, total)
         if paused:
@@ -158,6 +161,8 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
                     _finish(tr, c, "length", tokenizer, params.temperature)
                     sampler.release(sid)
                     done += 1
+                    if on_finish:
+                        on_finish(seq_of[sid], tr)
                     if progress:
                         progress(done, total)
                 else:

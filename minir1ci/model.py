@@ -48,12 +48,39 @@ class ModelConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
+        self._check_types()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    def _check_types(self) -> None:
+        """Refuse fields of the wrong JSON type (`"hidden_size": "64"`) or out of range, naming the field."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not (is_int(value) or isinstance(value, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"config field {name} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"config field tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim < 1):
+            raise ValueError(f"config field head_dim must be a positive integer, got {self.head_dim!r}")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos)):
+            if any(i is not None and (not is_int(i) or not 0 <= i < self.vocab_size) for i in ids):
+                raise ValueError(f"config field {name} must be a token id below vocab_size "
+                                 f"{self.vocab_size}, got {getattr(self, name)!r}")
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            raise ValueError(f"config field torch_dtype must be a string, got {self.torch_dtype!r}")
 
     @classmethod
     def from_json(cls, source: str | Path | dict) -> "ModelConfig":
@@ -70,6 +97,8 @@ class ModelConfig:
                 raw = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type", "qwen2")
         if model_type != "qwen2":
             raise ValueError(f"unsupported model_type {model_type!r}: only 'qwen2' (Qwen-2.5) is implemented")
@@ -77,6 +106,8 @@ class ModelConfig:
             raise ValueError("unsupported config: use_sliding_window=true (sliding-window attention is not implemented)")
         for key in ("rope_scaling", "rope_parameters"):
             rope = raw.get(key) or {}
+            if not isinstance(rope, dict):
+                raise ValueError(f"unsupported config: {key}={rope!r} (expected an object or null)")
             kind = rope.get("rope_type", rope.get("type"))
             if kind not in (None, "default"):
                 raise ValueError(f"unsupported config: {key}={rope!r} (only plain RoPE is implemented)")

@@ -26,14 +26,15 @@ from . import distributed as dist
 from .data import copy_corpus, filter_by_length, load_jsonl, next_token_targets, oracle_samples, pad_batch
 from .tasks import load_tasks
 from .trainutil import (MetricsLog, autocast_for, check_finite, load_start_model, load_trainer_state, lr_factor,
-                        make_optimizer, restore_optimizers, save_run_checkpoint, set_lr, setup_run, step_seed)
+                        make_optimizer, open_run_dir, release_run_dir, restore_optimizers, save_run_checkpoint,
+                        set_lr, start_run, step_seed)
 
 
-def build_samples(cfg, tokenizer):
+def build_samples(cfg, tokenizer, vocab_size: int | None = None):
     if cfg.stage == "pretrain":
         samples = copy_corpus(tokenizer, cfg.num_train_examples, seed=cfg.seed)
     elif cfg.sft_data:
-        samples = load_jsonl(cfg.sft_data, tokenizer)
+        samples = load_jsonl(cfg.sft_data, tokenizer, vocab_size=vocab_size)
     else:
         examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train",
                               limit=cfg.num_train_examples, seed=cfg.seed)
@@ -61,17 +62,18 @@ def sft_step_loss(model, batch, denom: float, cfg, device, amp) -> tuple[float, 
 
 
 def train_sft(cfg) -> dict:
-    device, run_dir = setup_run(cfg)
+    device = start_run(cfg)
     model, tokenizer, source, resume_dir = load_start_model(cfg, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    samples, dropped = build_samples(cfg, tokenizer)
+    samples, dropped = build_samples(cfg, tokenizer, model.config.vocab_size)
+    run_dir = open_run_dir(cfg)   # only once the data has loaded: a bad input leaves no run directory
     if dist.is_main():
         print(f"{cfg.stage}: {model.num_params() / 1e6:.2f}M params from {source}; {len(samples)} samples "
               f"({dropped} longer than {cfg.max_seq_len} dropped); world size {dist.world_size()}")
     model = dist.parallelize(model, device)
     opt = make_optimizer(model.parameters(), cfg)
     start = 0
-    log = MetricsLog(run_dir, cfg.steps, resume=cfg.resume)
+    log = MetricsLog(run_dir, cfg.steps, resume=cfg.resume, every=cfg.log_every)
     if resume_dir is not None:
         state = load_trainer_state(resume_dir, dist.is_sharded(model))
         restore_optimizers(state, {"policy": opt})
@@ -101,9 +103,9 @@ def train_sft(cfg) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         last = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_s": float(totals[1]) / (time.time() - t0)}
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.log(step, last)
+        log.log(step, last)
         if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
             save_run_checkpoint(run_dir, step, model, tokenizer, {"policy": opt})
+    release_run_dir(run_dir)
     dist.shutdown()
     return last

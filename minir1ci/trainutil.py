@@ -1,10 +1,19 @@
-"""What the three trainers share: device and dtype, optimizer and schedule, run checkpoints, metrics.
+"""What the three trainers share: device and dtype, the run directory, optimizer and schedule, run
+checkpoints, metrics.
 
 Run directory layout (`cfg.run_dir()`):
     config.json            the resolved TrainConfig
+    .lock                  flock'ed by the training that writes here (its pid inside), for its life
     metrics.jsonl          one JSON object per logged step
     step-000100/           an HF checkpoint (loadable by transformers / vLLM) + trainer_state.pt
     latest                 a text file naming the newest complete step directory
+
+A run starts in two halves: `start_run` checks every input (device, dtype, the start checkpoint,
+the task spec, the run directory: not in use by another training, and empty unless --resume) and
+writes nothing; `open_run_dir` then creates the directory, takes its lock, deletes what a killed
+save left behind and saves the config. SFT loads its data between the two, so a bad input of any
+kind leaves no run directory behind. Under torchrun, rank 0 checks and writes; the others raise
+rank 0's error.
 
 A step directory is complete once `latest` names it: weights are written atomically by
 `checkpoint.save_pretrained`, then the trainer state, then `latest` is replaced atomically. A crash
@@ -14,6 +23,7 @@ and the optimizer state is restored.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -22,32 +32,165 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint, distributed as dist
 
+LOCK_FILE = ".lock"
+
+
+@dataclass
+class RunState:
+    """Where this process's run stands, for train.py's report when it is interrupted."""
+    run_dir: Path | None = None
+    last_step: int = -1        # the last completed step (-1: none)
+
+
+RUN = RunState()
+_LOCKS: dict[Path, object] = {}   # resolved run dir -> the open lock file this process holds
+
 
 def setup_run(cfg) -> tuple[torch.device, Path]:
-    """Process group, device, seed and run directory (with the resolved config saved in it)."""
+    """`start_run` then `open_run_dir`, for trainers with nothing to load in between."""
+    device = start_run(cfg)
+    return device, open_run_dir(cfg)
+
+
+def start_run(cfg) -> torch.device:
+    """Process group, device and seed, and every input checked; nothing is written."""
+    global RUN
+    RUN = RunState()
     dist.init(cfg.device)
     if cfg.stage in ("grpo", "ppo"):
         dist.check_equal_shares("prompts_per_step", cfg.prompts_per_step)
     else:
         dist.check_equal_shares("batch_size", cfg.batch_size)
     device = resolve_device(cfg.device)
+    _on_main(check_inputs, cfg, device)
     torch.manual_seed(cfg.seed)
+    return device
+
+
+def open_run_dir(cfg) -> Path:
+    """Create the run directory, lock it for this process's life, clean it, save the config."""
     run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _on_main(_open_locked, run_dir, cfg)
+    RUN.run_dir = run_dir
+    return run_dir
+
+
+def _on_main(fn, *args) -> None:
+    """fn(*args) on rank 0 alone; an error it raises is raised on every rank (others would hang)."""
+    error = None
     if dist.is_main():
-        cfg.save(run_dir / "config.json")
-    return device, run_dir
+        try:
+            fn(*args)
+        except (OSError, ValueError) as e:
+            error = e
+    message = dist.broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ValueError(message)
+
+
+def check_inputs(cfg, device: torch.device) -> None:
+    """What a run reads, checked before it writes: dtype, run directory, start checkpoint, tasks."""
+    from .tasks import task_names
+
+    autocast_for(device, cfg.dtype)              # an unknown dtype name raises here
+    check_run_dir(cfg.run_dir(), cfg.resume)
+    source, _ = start_source(cfg, latest_checkpoint)
+    if source is not None:
+        checkpoint.check_checkpoint(source)
+    if cfg.stage == "sft" and cfg.sft_data:
+        if not Path(cfg.sft_data).is_file():
+            raise FileNotFoundError(f"SFT data file not found: {cfg.sft_data}")
+    elif cfg.stage != "pretrain":
+        task_names(cfg.tasks, cfg.data or None, split="train")
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse a run directory in use by another training, one that holds a run (unless `resume`),
+    a path that is not a directory, or one that cannot be created."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out {run_dir} exists and is not a directory")
+    if run_dir.is_dir():
+        holder = _lock_holder(run_dir)
+        if holder is not None:
+            raise ValueError(f"another training (pid {holder}) is writing to {run_dir}; wait for it to end "
+                             "or pass a new --out")
+        if not resume and any(run_dir.iterdir()):
+            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or a new --out "
+                                  "(nothing was changed)")
+    existing = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create or write the run directory {run_dir}: {existing} is not writable")
+
+
+def _lock_holder(run_dir: Path) -> str | None:
+    """The pid written in the lock of a run directory that another process holds, else None."""
+    path = run_dir / LOCK_FILE
+    if run_dir.resolve() in _LOCKS or not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def _open_locked(run_dir: Path, cfg) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    if key not in _LOCKS:
+        f = open(run_dir / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the kernel drops it when the process dies
+        except BlockingIOError:
+            f.close()
+            raise ValueError(f"another training is writing to {run_dir}; wait for it to end or pass a new --out")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _LOCKS[key] = f
+    # A save killed mid-way leaves its temporary directory (and maybe latest.tmp): never complete.
+    for stale in [*run_dir.glob(".step-*.tmp-*"), run_dir / "latest.tmp"]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        elif stale.exists():
+            stale.unlink()
+    cfg.save(run_dir / "config.json")
+
+
+def release_run_dir(run_dir: Path | None = None) -> None:
+    """Unlock `run_dir` (every run directory this process holds when None)."""
+    keys = list(_LOCKS) if run_dir is None else [Path(run_dir).resolve()]
+    for key in keys:
+        f = _LOCKS.pop(key, None)
+        if f is not None:
+            f.close()   # closing the last descriptor releases the flock
+
+
+def interrupted_message() -> str:
+    """train.py's one line for Ctrl-C: where the run stopped and what to resume from."""
+    if RUN.run_dir is None:
+        return "interrupted before training started; nothing was written"
+    last = latest_checkpoint(RUN.run_dir)
+    return (f"interrupted at step {RUN.last_step + 1}; last checkpoint {last.name if last else 'none'}; "
+            "resume with --resume")
 
 
 def resolve_device(name: str) -> torch.device:
+    from .cli import check_available
     from .devices import resolve_device as resolve
-    return resolve(name, dist.local_rank())
+    return check_available(resolve(name, dist.local_rank()))
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -103,6 +246,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if (path / "trainer_state.pt").is_file() else None
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
 def save_run_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizers: dict, extra: dict | None = None,
                         keep: int = 2) -> Path:
     """HF weights + trainer state for `step`, then point `latest` at it.
@@ -155,9 +302,9 @@ def shared_latest(run_dir: str | Path) -> Path | None:
     return dist.broadcast_object(latest_checkpoint(run_dir) if dist.is_main() else None)
 
 
-def find_latest_run_checkpoint(stage: str = "sft", root: str | Path = "runs") -> Path:
+def find_latest_run_checkpoint(stage: str = "sft", root: str | Path = "runs", latest=None) -> Path:
     """The newest complete checkpoint of `<root>/<stage>` (how RL stages find their SFT start)."""
-    found = shared_latest(Path(root) / stage)
+    found = (latest or shared_latest)(Path(root) / stage)
     if found is None:
         raise FileNotFoundError(f"no {stage} checkpoint under {Path(root) / stage}; run "
                                 f"`python train.py --stage {stage}` first or pass --model PATH")
@@ -169,13 +316,15 @@ def find_latest_run_checkpoint(stage: str = "sft", root: str | Path = "runs") ->
 class MetricsLog:
     """Append metrics to `metrics.jsonl` and print a one-line progress report (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, resume: bool):
+    def __init__(self, run_dir: Path, total_steps: int, resume: bool, every: int = 1):
         self.enabled = dist.is_main()
         self.path = run_dir / "metrics.jsonl"
-        self.total = total_steps
+        self.total, self.every = total_steps, every
         self.t0 = time.time()
-        if self.enabled and not resume and self.path.exists():
-            self.path.unlink()
+        if resume:   # lines after the checkpoint resumed from belong to the interrupted part
+            last = latest_checkpoint(run_dir)
+            RUN.last_step = checkpoint_step(last) if last else -1
+            self.truncate_after(RUN.last_step)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (they belong to the interrupted part of a resumed run)."""
@@ -185,7 +334,9 @@ class MetricsLog:
         self.path.write_text("".join(l + "\n" for l in lines))
 
     def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
+        """Record `step` as completed; write it every `every` steps and at the last."""
+        RUN.last_step = step
+        if not self.enabled or (step % self.every and step != self.total - 1):
             return
         rec = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
@@ -199,30 +350,38 @@ class MetricsLog:
               file=sys.stderr, flush=True)
 
 
-def load_start_model(cfg, device: torch.device):
-    """(model, tokenizer, source, resume_dir) to train from: a resumed run, --model, or the default.
+def start_source(cfg, latest=latest_checkpoint) -> tuple[Path | None, Path | None]:
+    """(checkpoint to load, the resumed one or None); (None, None) for the tiny preset from scratch.
 
     Defaults: pretrain starts the tiny preset from scratch; SFT starts from the newest checkpoint
     of the pretrain run beside its own (runs/pretrain for runs/sft), or from scratch if there is
-    none; GRPO and PPO start from the newest checkpoint of the SFT run beside theirs. Rank 0 picks
-    and every rank loads the same one. `resume_dir` is the checkpoint whose trainer state to restore.
+    none; GRPO and PPO start from the newest checkpoint of the SFT run beside theirs. `latest`
+    finds a run's newest checkpoint (`shared_latest` when every rank asks).
     """
+    runs = cfg.run_dir().parent  # stages find each other as siblings: runs/pretrain, runs/sft
+    resumed = latest(cfg.run_dir()) if cfg.resume else None
+    if resumed is not None:
+        return resumed, resumed
+    if cfg.model:
+        return Path(cfg.model), None
+    if cfg.stage in ("grpo", "ppo"):
+        return find_latest_run_checkpoint("sft", runs, latest), None
+    if cfg.stage == "sft":
+        return latest(runs / "pretrain"), None
+    return None, None
+
+
+def load_start_model(cfg, device: torch.device):
+    """(model, tokenizer, source, resume_dir) to train from: a resumed run, --model, or the default
+    (see `start_source`). Rank 0 picks and every rank loads the same one. `resume_dir` is the
+    checkpoint whose trainer state to restore."""
     from . import presets
 
-    runs = cfg.run_dir().parent  # stages find each other as siblings: runs/pretrain, runs/sft
-    resumed = shared_latest(cfg.run_dir()) if cfg.resume else None
-    if resumed is not None:
-        source = resumed
-    elif cfg.model:
-        source = Path(cfg.model)
-    elif cfg.stage in ("grpo", "ppo"):
-        source = find_latest_run_checkpoint("sft", runs)
-    elif cfg.stage == "sft" and (pretrained := shared_latest(runs / "pretrain")) is not None:
-        source = pretrained
-    else:  # pretrain, or SFT with no pretrain run beside it
+    source, resumed = start_source(cfg, shared_latest)
+    if source is None:  # pretrain, or SFT with no pretrain run beside it
         if cfg.stage == "sft" and dist.is_main():
-            print(f"sft: no checkpoint under {runs / 'pretrain'}, so the tiny preset starts from scratch; "
-                  "`python train.py --stage pretrain` first teaches it to copy, which the tasks need")
+            print(f"sft: no checkpoint under {cfg.run_dir().parent / 'pretrain'}, so the tiny preset starts from "
+                  "scratch; `python train.py --stage pretrain` first teaches it to copy, which the tasks need")
         model, tokenizer = checkpoint.init_from_config(presets.tiny_dir(), seed=cfg.seed, device=device)
         return model, tokenizer, "tiny preset (from scratch)", None
     model, tokenizer = checkpoint.load_pretrained(source, dtype=torch.float32, device=device)

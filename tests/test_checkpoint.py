@@ -1,5 +1,7 @@
 """HF checkpoint directories: round trips against transformers, bad input, atomic saves, public API."""
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -346,3 +348,16 @@ def test_sizes_parse_as_transformers_counts_them():
     assert parse_size(12345) == 12345
     with pytest.raises(ValueError, match="cannot parse"):
         parse_size("two gigs")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_checkpoint_directory_follows_the_umask(tmp_path, umask):
+    """mkdtemp makes 0700 directories; a checkpoint gets what mkdir would have made."""
+    model, tok = init_from_config(tiny_dir(), seed=0)
+    old = os.umask(umask)
+    try:
+        path = save_pretrained(model, tok, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((path / "config.json").stat().st_mode) == 0o666 & ~umask

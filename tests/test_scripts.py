@@ -86,6 +86,33 @@ def test_evaluate_script_writes_table_and_json(tiny_ckpt, tmp_path, capsys):
     assert rc == 0 and "+0.000" in capsys.readouterr().out
 
 
-def test_evaluate_reports_a_bad_model_path(tmp_path):
-    with pytest.raises(SystemExit, match="cannot load model"):
+def test_evaluate_reports_a_bad_model_path(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         evaluate_script.main(["--model", str(tmp_path / "missing"), "--tasks", "builtin:mul", "--limit", "1"])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == f"evaluate.py: error: checkpoint directory not found: {tmp_path / 'missing'}\n"
+
+
+class Crash(Exception):
+    pass
+
+
+def test_rollout_writes_each_trajectory_as_it_finishes(tiny_ckpt, tmp_path, monkeypatch):
+    """A crash after three trajectories keeps exactly those three lines, each whole."""
+    from minir1ci import interpreter
+    real, finished = interpreter._finish, []
+
+    def finish_then_crash(tr, *a, **k):
+        if len(finished) == 3:
+            raise Crash
+        real(tr, *a, **k)
+        finished.append(tr)
+
+    monkeypatch.setattr(interpreter, "_finish", finish_then_crash)
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(Crash):
+        rollout_script.main(["--model", str(tiny_ckpt), "--tasks", "builtin:mul", "--n", "4", "--limit", "2",
+                             "--max_new_tokens", "24", "--out", str(out), "--exec_timeout", "2"])
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [l["response_ids"] for l in lines] == [tr.response_ids for tr in finished]
+    assert all(KEYS <= l.keys() for l in lines)

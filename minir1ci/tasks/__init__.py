@@ -184,6 +184,29 @@ def _expand(source: str, name: str, root: Path | None) -> list[str]:
     return [name]
 
 
+def task_names(spec: str, data_dir: str | os.PathLike | None = None, split: str | None = None) -> list[str]:
+    """The "source:name" tasks `spec` stands for in `split`, without loading a question. Raises
+    ValueError naming the entry that stands for no task (e.g. symbench:all over a folder without
+    SymBench data), so a bad spec fails before any work."""
+    from minir1ci.tasks import split as paper_split
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    out: list[str] = []
+    for source, name in parse_spec(spec):
+        root = resolve_data_dir(data_dir) if source in ("symbench", "bbh") else None
+        names = _expand(source, name, root)
+        if name == "all" and not names:
+            raise ValueError(f"{source}:all found no {source} tasks under {root / source}; pass --data DIR "
+                             f"holding {source}/")
+        if source != "builtin" and split is not None:
+            names = [n for n in names if paper_split.split_of(f"{source}:{n}") == split]
+            if not names:
+                raise ValueError(f"{source}:{name} has no {split} task in minir1ci/tasks/split.py")
+        out += [f"{source}:{n}" for n in names if f"{source}:{n}" not in out]
+    return out
+
+
 def load_tasks(spec: str, data_dir: str | os.PathLike | None = None, split: str | None = None,
                limit: int | None = None, seed: int = 0) -> list[Example]:
     """Examples of every task named in `spec`, task after task.
@@ -194,31 +217,26 @@ def load_tasks(spec: str, data_dir: str | os.PathLike | None = None, split: str 
     "train" or "test" (see the module docstring).
     """
     from minir1ci.tasks import bbh, builtin, gym, symbench
-    from minir1ci.tasks import split as paper_split
 
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
     examples: list[Example] = []
-    for source, name in parse_spec(spec):
+    for task in task_names(spec, data_dir, split):
+        source, _, n = task.partition(":")
         root = resolve_data_dir(data_dir) if source in ("symbench", "bbh") else None
-        names = _expand(source, name, root)
-        if source != "builtin" and split is not None:
-            names = [n for n in names if paper_split.split_of(f"{source}:{n}") == split]
-            if name != "all" and not names:
-                raise ValueError(f"{source}:{name} is not a {split} task in minir1ci/tasks/split.py")
-        for n in names:
-            task = f"{source}:{n}"
-            if source == "builtin":
-                examples += builtin.generate(n, limit or builtin.DEFAULT_COUNT, split=split, seed=seed)
-            elif source == "symbench":
-                examples += _subset(symbench.load(root, n), limit, seed, task)
-            elif source == "bbh":
-                examples += _subset(bbh.load(root, n), limit, seed, task)
-            else:
-                examples += gym.load(n, size=limit or gym.DEFAULT_SIZE, seed=seed)
+        if source == "builtin":
+            found = builtin.generate(n, limit or builtin.DEFAULT_COUNT, split=split, seed=seed)
+        elif source == "symbench":
+            found = _subset(symbench.load(root, n), limit, seed, task)
+        elif source == "bbh":
+            found = _subset(bbh.load(root, n), limit, seed, task)
+        else:
+            found = gym.load(n, size=limit or gym.DEFAULT_SIZE, seed=seed)
+        if not found:
+            raise ValueError(f"task {task} has no questions" + (f" in the {split} split" if split else "")
+                             + (f" under {root}" if root else ""))
+        examples += found
     return examples
 
 
-__all__ = ["Example", "Oracle", "load_tasks", "parse_spec", "resolve_data_dir", "run_trusted", "exact_match"]
+__all__ = ["Example", "Oracle", "load_tasks", "task_names", "parse_spec", "resolve_data_dir", "run_trusted", "exact_match"]
