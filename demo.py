@@ -16,6 +16,9 @@ Seeds are fixed. Evaluation samples at temperature 0.6, the paper's evaluation s
 samples per question; the greedy average is reported beside it.
 
     python demo.py [--out runs/demo] [--eval_limit 40] [--no-readme]
+
+Rerun, it resumes each stage from its run directory (a finished stage is kept; seeds and resumes
+are exact, so the result is the one an uninterrupted run gives); delete --out for a fresh start.
 """
 import argparse
 import json
@@ -135,7 +138,9 @@ def main() -> int:
     times = {}
     base, code, text = out / "pretrain", out / "sft-code", out / "sft-text"
     grpo, ppo = out / "grpo", out / "ppo"
-    common = ["--preset=tiny", "--seed=0"]
+    # --resume: a demo stopped part-way (Ctrl-C) picks up where it stopped, and a finished stage is
+    # kept as it is (its run directory holds the final checkpoint); delete --out to start afresh.
+    common = ["--preset=tiny", "--seed=0", "--resume"]
     times["pretrain"] = train(["--stage=pretrain", f"--out={base}", f"--steps={args.pretrain_steps}", *common])
     sft = ["--stage=sft", f"--model={latest(base)}", f"--steps={args.sft_steps}", *common]
     times["sft (code)"] = train([*sft, f"--out={code}"])
