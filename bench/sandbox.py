@@ -36,17 +36,21 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _tree_cpu_s(pid: int) -> float:
-    """CPU seconds of the server and its slot inits, with the executions they reaped."""
-    total = 0
+    """CPU seconds of the server and its descendants (zygote, slot inits), with the executions
+    they reaped."""
+    procs = {}  # pid -> (parent's pid, CPU ticks)
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{name}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(name) == pid or int(fields[1]) == pid:  # fields[1]: the parent's pid
-            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-    return total / os.sysconf("SC_CLK_TCK")
+        procs[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))  # utime .. cstime
+    tree, grew = {pid}, True
+    while grew:
+        new = {p for p, (ppid, _) in procs.items() if ppid in tree} - tree
+        tree, grew = tree | new, bool(new)
+    return sum(procs[p][1] for p in tree if p in procs) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_sandbox(sb: Sandbox, code: str, n: int) -> dict:

@@ -2,29 +2,34 @@
 
 `Sandbox` runs this file as `python -I _forkserver.py CONFIG_JSON` with a minimal environment (a
 clean spawn, never a fork of the trainer: no model memory, no secrets). It imports what model code
-usually uses, sets up what all executions share, forks one init per slot, then serves
-length-prefixed JSON frames: requests on fd 3, results on fd 4 (its stdin and stdout, moved).
+usually uses, sets up what all executions share, forks a zygote and, through it, one init per slot,
+then serves length-prefixed JSON frames: requests on fd 3, results on fd 4 (its stdin and stdout, moved).
 
-Shared, once (each layer is skipped where the kernel refuses it): a network namespace with no
-interface up; a private mount namespace whose root is remounted read-only (a per-mount flag: the
-host's view stays writable), where a parent that hides the interpreter from other uids (/root under
-pyenv or conda) is covered by a tmpfs holding only bind mounts of the interpreter's directories.
+Shared, once (each layer is skipped where the kernel refuses it): a seccomp filter that refuses the
+kernel-key syscalls; a private mount namespace whose root is remounted read-only (a per-mount flag:
+the host's view stays writable), where a parent that hides the interpreter from other uids (/root
+under pyenv or conda) is covered by a tmpfs holding only bind mounts of the interpreter's directories.
 
-    server ─fork─> slot init: root, pid 1 of the slot's PID namespace, own mount namespace with /proc
-                   and capped tmpfs on /tmp (the workdir) and /dev/shm; dies with the server
-                   └─fork─> user (one per request): fresh IPC namespace, rlimits, the slot's uid; runs
-                            the code
+    server ─fork─> zygote: forked before the server reads any request, so it never holds one nor
+                   any output; forks every slot init, first ones and respawns alike
+                   └─fork─> slot init: root, pid 1 of the slot's PID namespace, own network namespace
+                            (no interface up), own mount namespace with /proc and capped tmpfs on
+                            /tmp (the workdir) and /dev/shm; dies with the zygote; never reads a
+                            request or an output either
+                            └─fork─> user (one per request): reads its own request, then gets a fresh
+                                     IPC namespace, rlimits, the slot's uid, closes every descriptor
+                                     but 0-2, and runs the code
                    then the init kills everything else in its namespace (kill(-1) from pid 1: setsid'd
-                   grandchildren, fork bombs), reaps it all, empties /tmp and /dev/shm, and reports the
-                   user's wait status. (A mount namespace and two tmpfs per execution cost 0.5-0.9 ms
-                   of CPU each time; emptying them costs a directory scan.)
+                   grandchildren, fork bombs), reaps it all, mounts fresh tmpfs if the run left any
+                   file (it counts inodes, never reads names), and reports the user's wait status.
 
-The slot's stdout, stderr and flags (MemoryError, end of a session replay) pipes are read without
-pause, so a chatty child never stalls; they belong to the slot's current execution, whose writers
-are all dead before its status arrives. At the deadline, or past the output ceiling, the server
-SIGKILLs the init (the kernel kills the namespace) and forks a new one. Forking executions from the
-inits keeps the server's own pages from being write-protected by every fork. Without PID namespaces,
-inits and server are child subreapers that kill the process group, then every orphan that reaches them.
+So every execution forks from processes that never held another execution's data. The slot's
+stdout and stderr pipes are read without pause, so a chatty child never stalls; they belong to the
+slot's current execution, whose writers are all dead before its status arrives. The deadline and
+the status are the server's alone: its clock, the init's wait status, and the output it counted.
+At the deadline, or past the output ceiling, the server SIGKILLs the init (the kernel kills the
+namespace) and the zygote forks a new one. Without PID namespaces, inits and zygote are child
+subreapers that kill the process group, then every orphan that reaches them.
 Simplified: one uid per slot (`uid_base + slot`), so RLIMIT_NPROC bounds each execution alone.
 """
 from __future__ import annotations
@@ -38,6 +43,7 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import struct
 import sys
 import tempfile
@@ -47,57 +53,98 @@ from collections import deque
 
 # How code runs and how its outcome reads live with the API, in sandbox.py (stdlib imports only).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minir1ci._isolation import (CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, MS_NODEV, MS_NOEXEC,  # noqa: E402
-                                 MS_NOSUID, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG,
-                                 fork, fresh_tmp, huge_pages, libc, prctl, setup_isolation, try_call)
+from minir1ci._isolation import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID,  # noqa: E402
+                                 MNT_DETACH, MS_NODEV, MS_NOEXEC, MS_NOSUID, PR_SET_CHILD_SUBREAPER,
+                                 PR_SET_DUMPABLE, PR_SET_PDEATHSIG, fork, fresh_tmp, huge_pages, libc,
+                                 prctl, setup_isolation)
 from minir1ci.sandbox import _Capture, run_code  # noqa: E402
 
 del sys.path[0]  # executions should not import this checkout by accident
 
 CTRL_IN, CTRL_OUT = 3, 4  # the server's request and result fds
-FLAGS_FD, REQ_FD, STATUS_FD = 3, 4, 5  # in a slot init (0-2 are stdin, stdout, stderr)
+REQ_FD, STATUS_FD = 3, 4  # in a slot init (0-2 are stdin, stdout, stderr)
 USER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "HOME": "/tmp",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-# ---------------------------------------------------------------- a slot's init (forked once)
+# ---------------------------------------------------------------- the zygote and a slot's init
+
+def _zygote_main(sock_fd: int, server: int, cfg: dict, iso: dict) -> None:
+    """Fork slot inits on the server's demand: a slot index and the init's four pipe ends arrive on
+    the socket, the init's pid goes back. The previous init of that slot is reaped only then (the
+    server has seen it die), so its pid cannot be reused while the server might still signal it."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server died: so do we, and the inits with us
+    if os.getppid() != server:
+        os._exit(0)
+    os.dup2(sock_fd, CTRL_IN)  # replaces the server's request pipe; fd 4, its result pipe, closes
+    os.closerange(CTRL_IN + 1, os.sysconf("SC_OPEN_MAX"))
+    sock = socket.socket(fileno=CTRL_IN)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if iso["pid_ns"] else -1
+    if not iso["pid_ns"]:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # a dead init's orphans come to us
+    inits: dict[int, int] = {}  # slot -> pid of its init
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 4, 4)
+        if len(msg) < 4:
+            os._exit(0)  # the server closed its end
+        (slot,) = struct.unpack("<I", msg)
+        if slot in inits:
+            os.waitpid(inits.pop(slot), 0)
+        if not iso["pid_ns"]:  # its user process and theirs are now our orphans
+            _sweep(set(inits.values()))
+        pid = -1
+        try:
+            if iso["pid_ns"]:
+                libc("unshare", CLONE_NEWPID)  # our next child is pid 1 of a fresh namespace
+            pid = fork()
+        finally:
+            if iso["pid_ns"] and pid != 0:
+                libc("setns", own_pidns, CLONE_NEWPID)  # later children: back in our namespace
+        if pid == 0:
+            try:
+                _slot_main(slot, tuple(fds), cfg, iso)
+            finally:
+                os._exit(70)
+        for fd in fds:
+            os.close(fd)
+        inits[slot] = pid
+        sock.send(struct.pack("<i", pid))
+
 
 def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
     """Pid 1 of the slot's namespace: per request, fork the user process, then clean up after it."""
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server died: so does the namespace
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote died: so does the namespace
     null = os.open(os.devnull, os.O_RDWR)
-    for src, dst in zip((null, *fds), range(6)):  # sources are >= 5: the server keeps 0-4 open
+    for src, dst in zip((null, *fds), range(5)):  # sources are >= 4: the zygote keeps 0-3 open
         os.dup2(src, dst)
-    os.closerange(6, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(5, os.sysconf("SC_OPEN_MAX"))
     os.setsid()
-    keep: list[str] = []
-    failed = None
+    failed, clean = None, (0, 0)
+    opts = f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=1777"
     try:
-        if iso["mount_ns"]:  # the slot's own /tmp (the workdir) and /dev/shm, emptied after each run
+        if iso["net_ns"]:  # abstract unix sockets and the like reach no other slot
+            libc("unshare", CLONE_NEWNET)
+        if iso["mount_ns"]:  # the slot's own /tmp (the workdir) and /dev/shm, fresh after any run that wrote
             libc("unshare", CLONE_NEWNS)
             if iso["pid_ns"]:  # a /proc that shows only this namespace
                 libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-            opts = f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=1777"
-            keep = fresh_tmp(opts)
-            libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+            clean = _fresh_tmpfs(opts, remount=False)
     except OSError:  # every request then fails with the reason (a respawn would fail the same way)
-        failed = f"sandbox set-up failed:\n{traceback.format_exc()}".encode()
+        failed = f"sandbox set-up failed:\n{traceback.format_exc()}"
     if not iso["pid_ns"]:
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us instead of the host's init
-    while (req := _read_frame(REQ_FD)) is not None:
-        if failed:
-            os.write(2, failed)
-            os.write(STATUS_FD, struct.pack("<i", 71 << 8))  # exit code 71, as a failed user set-up
-            continue
+    poll = select.poll()
+    poll.register(REQ_FD, select.POLLIN)
+    while all(events & select.POLLIN for _, events in poll.poll()):  # a request waits (not read here)
         workdir = "/tmp" if iso["mount_ns"] else tempfile.mkdtemp(dir=cfg["scratch"])
         # Forked children would share one random state (`random` reseeds only after os.fork, numpy
         # never): reseed here, before the fork, so the user process touches none of those pages.
-        # An int seed keeps numpy on its cheap C path: 32 bits of OS entropy, or the session's.
-        seed = int.from_bytes(os.urandom(4), "little") if req["seed"] is None else req["seed"] % 2**32
+        # An int seed keeps numpy on its cheap C path. A session's seed is set in the user process.
+        seed = int.from_bytes(os.urandom(4), "little")
         for name in ("random", "numpy.random"):
             if name in sys.modules:
                 sys.modules[name].seed(seed)
         pid = fork()
         if pid == 0:
-            _user_main(req, slot, cfg, iso, workdir)
+            _user_main(slot, cfg, iso, workdir, failed)
         _, status = os.waitpid(pid, 0)
         if iso["pid_ns"]:
             _ignore(os.kill, -1, signal.SIGKILL)  # from pid 1: every other process of the namespace
@@ -109,33 +156,34 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
         else:
             _ignore(os.killpg, pid, signal.SIGKILL)
             _sweep(set())
-        if iso["mount_ns"]:  # every writer is dead: nothing of this run reaches the next one
+        if iso["mount_ns"] and not failed and _inodes() != clean:  # every writer is dead
             try:
-                clean = _empty("/tmp", keep) and _empty("/dev/shm", [])
-            except BaseException:  # noqa: BLE001 - e.g. RecursionError on a very deep tree
-                clean = False
-            if not clean:  # retire the slot: the server reports this run as lost, then mounts new tmpfs
+                clean = _fresh_tmpfs(opts, remount=True)
+            except OSError:  # retire the slot: the server reports this run as lost and respawns it
                 os._exit(0)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        elif not iso["mount_ns"]:  # in a child, so that the names of its files never enter our memory
+            if (cleaner := fork()) == 0:
+                shutil.rmtree(workdir, ignore_errors=True)
+                os._exit(0)
+            os.waitpid(cleaner, 0)
         os.write(STATUS_FD, struct.pack("<i", status))
     os._exit(0)
 
 
-def _empty(root: str, keep: list[str]) -> bool:
-    """Delete everything in `root` but the directories leading to the bind mounts in `keep`
-    (root-owned, mode 755: an execution cannot write there). False if anything else is left."""
-    def kept(path: str) -> bool:
-        return any(k == path or k.startswith(path + "/") for k in keep)
-    with os.scandir(root) as entries:
-        for entry in entries:
-            if kept(entry.path):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                _ignore(os.unlink, entry.path)
-    return all(kept(os.path.join(root, name)) for name in os.listdir(root))
+def _fresh_tmpfs(opts: str, remount: bool) -> tuple[int, int]:
+    """Mount empty tmpfs on /tmp and /dev/shm (first detaching the used ones, with everything in
+    them); returns their inode counts, which differ after a run exactly when it left something."""
+    if remount:
+        libc("umount2", "/tmp", MNT_DETACH)
+        libc("umount2", "/dev/shm", MNT_DETACH)
+    fresh_tmp(opts)
+    libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    return _inodes()
+
+
+def _inodes() -> tuple[int, int]:
+    used = [os.statvfs(p) for p in ("/tmp", "/dev/shm")]
+    return tuple(st.f_files - st.f_ffree for st in used)
 
 
 def _sweep(keep: set[int]) -> None:
@@ -164,16 +212,28 @@ def _children() -> list[int]:
 
 # ---------------------------------------------------------------- the user process (one per execution)
 
-def _user_main(req: dict, slot: int, cfg: dict, iso: dict, workdir: str):
-    """Set up as root (mounts, limits), drop to the slot's uid, run the code. Never returns."""
+def _user_main(slot: int, cfg: dict, iso: dict, workdir: str, failed: str | None):
+    """Read the request, set up as root (mounts, limits), drop to the slot's uid, run the code.
+    Never returns."""
     try:
+        req = _read_frame(REQ_FD)  # here, not in the init: the next execution forks from the init
         os.closerange(REQ_FD, os.sysconf("SC_OPEN_MAX"))  # the init's request and status pipes
+        if failed:  # the slot's set-up failed: every request reports why
+            os.write(2, failed.encode())
+            os._exit(71)
+        if req is None:
+            raise RuntimeError("no request")
         os.setsid()  # kill(0, sig) reaches only this process group
         if not iso["pid_ns"]:
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # no namespace to take us along
-        if iso["mount_ns"]:  # SysV IPC objects and POSIX queues die with us; so do the mount changes
-            # of code still running as root (no uid to drop to), which could otherwise outlive it
-            libc("unshare", CLONE_NEWIPC | (0 if iso["uid"] else CLONE_NEWNS))
+        if req["seed"] is not None:  # a session: the same draws when its blocks are replayed
+            for name in ("random", "numpy.random"):
+                if name in sys.modules:
+                    sys.modules[name].seed(req["seed"] % 2**32)
+        if iso["mount_ns"]:  # SysV IPC objects and POSIX queues die with us; code still running as
+            # root (no uid to drop to) gets its own mounts and network too, or its changes would last
+            root_only = 0 if iso["uid"] else CLONE_NEWNS | (CLONE_NEWNET if iso["net_ns"] else 0)
+            libc("unshare", CLONE_NEWIPC | root_only)
         lim, cpu = cfg["limits"], math.ceil(req["timeout"] * (1 + len(req["prelude"]))) + 1
         limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_CORE, (0, 0)),
                   (resource.RLIMIT_AS, (lim["memory_bytes"],) * 2),
@@ -196,16 +256,18 @@ def _user_main(req: dict, slot: int, cfg: dict, iso: dict, workdir: str):
     except BaseException:  # noqa: BLE001 - any set-up failure becomes the result
         os.write(2, f"sandbox set-up failed:\n{traceback.format_exc()}".encode())
         os._exit(71)
-    run_code(req["code"], req["prelude"], FLAGS_FD)
+    run_code(req["code"], req["prelude"])
 
 
 # ---------------------------------------------------------------- the server
 
 class _Job:
     def __init__(self, req: dict, keep: int):
-        self.req, self.flags = req, b""
+        self.req = req
         self.out, self.err = _Capture(keep), _Capture(keep)
         self.start = time.monotonic()
+        # The server's alone: a session's replayed blocks and the new one share one budget, so the
+        # new block gets at least about `timeout` of its own, however fast the replay went.
         self.deadline = self.start + req["timeout"] * (1 + len(req["prelude"]))
         self.timed_out = self.flooded = False
 
@@ -221,7 +283,11 @@ class Server:
         self.epoll, self.handlers = select.epoll(), {CTRL_IN: ("ctrl", None)}  # fd -> (kind, slot)
         self.epoll.register(CTRL_IN, select.EPOLLIN)
         self.inbuf, self.queue = bytearray(), deque()
-        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if iso["pid_ns"] else -1
+        self.zygote, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server = os.getpid()
+        if fork() == 0:  # before any request: the zygote holds nothing of an execution
+            _zygote_main(theirs.fileno(), server, cfg, iso)
+        theirs.close()
         self.slots = [_Slot(i) for i in range(cfg["workers"])]
         for slot in self.slots:
             self._spawn(slot)
@@ -229,14 +295,15 @@ class Server:
     def serve(self) -> None:
         while True:
             deadlines = [s.job.deadline for s in self.slots if s.job and not s.job.timed_out]
-            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else -1
+            # at most a minute per wait: epoll refuses waits beyond 2**31 ms (a long session's budget)
+            wait = min(60.0, max(0.0, min(deadlines) - time.monotonic())) if deadlines else -1
             for fd, _ in self.epoll.poll(wait):
                 kind, slot = self.handlers.get(fd, (None, None))
                 if kind == "ctrl" and not self._read_requests():
                     return self._shutdown()
                 if kind == "status":
                     self._on_status(slot)
-                elif kind in ("out", "err", "flags") and slot.job is not None:
+                elif kind in ("out", "err") and slot.job is not None:
                     self._read_stream(slot, kind)
             now = time.monotonic()
             for slot in self.slots:
@@ -261,25 +328,15 @@ class Server:
         return True
 
     def _spawn(self, slot: _Slot) -> None:
-        """Fork the slot's init, in a fresh PID namespace where allowed, with its five pipes."""
-        pipes = {k: os.pipe() for k in ("out", "err", "flags", "req", "status")}
-        pid = -1
-        try:
-            if self.iso["pid_ns"]:
-                libc("unshare", CLONE_NEWPID)  # our next child is pid 1 of a fresh namespace
-            pid = fork()
-        finally:
-            if self.iso["pid_ns"] and pid != 0:
-                libc("setns", self.own_pidns, CLONE_NEWPID)  # later children: back in our namespace
-        if pid == 0:
-            try:
-                ends = [pipes[k][1] for k in ("out", "err", "flags")] + [pipes["req"][0], pipes["status"][1]]
-                _slot_main(slot.index, tuple(ends), self.cfg, self.iso)
-            finally:
-                os._exit(70)
-        slot.pid, slot.req_w = pid, pipes.pop("req")[1]
-        for kind, (r, w) in pipes.items():
-            os.close(w)
+        """Have the zygote fork the slot's init, with four pipes: stdout, stderr, requests, status."""
+        pipes = {k: os.pipe() for k in ("out", "err", "req", "status")}
+        theirs = [pipes["out"][1], pipes["err"][1], pipes["req"][0], pipes["status"][1]]
+        socket.send_fds(self.zygote, [struct.pack("<I", slot.index)], theirs)
+        (slot.pid,) = struct.unpack("<i", self.zygote.recv(4))
+        for fd in theirs:
+            os.close(fd)
+        slot.req_w = pipes.pop("req")[1]
+        for kind, (r, _) in pipes.items():
             os.set_blocking(r, False)
             slot.fds[kind], self.handlers[r] = r, (kind, slot)
             self.epoll.register(r, select.EPOLLIN)
@@ -300,15 +357,10 @@ class Server:
             return False
         if not data:
             return False  # the init died; its status pipe reports it
-        if kind == "flags":
-            if b"P" in data and b"P" not in job.flags:  # prelude replayed: the block's own deadline
-                job.deadline = time.monotonic() + job.req["timeout"]
-            job.flags += data[:64]
-        else:
-            (job.out if kind == "out" else job.err).add(data)
-            if job.out.total + job.err.total > self.lim["stop_output_bytes"] and not job.flooded:
-                job.flooded = True
-                _ignore(os.kill, slot.pid, signal.SIGKILL)
+        (job.out if kind == "out" else job.err).add(data)
+        if job.out.total + job.err.total > self.lim["stop_output_bytes"] and not job.flooded:
+            job.flooded = True
+            _ignore(os.kill, slot.pid, signal.SIGKILL)
         return True
 
     def _on_status(self, slot: _Slot) -> None:
@@ -318,31 +370,28 @@ class Server:
             return
         status = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else None
         if slot.job is not None:
-            for kind in ("out", "err", "flags"):  # every writer is dead: read what they wrote
+            for kind in ("out", "err"):  # every writer is dead: read what they wrote
                 while self._read_stream(slot, kind):
                     pass
             self._finish(slot.job, status)
             slot.job = None
         if status is None:  # EOF: the init died (killed at a deadline or for output, or crashed)
-            os.waitpid(slot.pid, 0)
             for fd in (slot.req_w, *slot.fds.values()):
                 self.handlers.pop(fd, None)
                 os.close(fd)
             slot.fds = {}
-            if not self.iso["pid_ns"]:  # its user process and theirs are now our orphans
-                _sweep({s.pid for s in self.slots if s is not slot})
-            self._spawn(slot)
+            self._spawn(slot)  # the zygote reaps the dead init first
 
     def _finish(self, job: _Job, st: int | None) -> None:
         """Raw facts only; `sandbox._result` turns them into a status and texts."""
         _write_frame(CTRL_OUT, {"id": job.req["id"], "out": job.out.parts(), "err": job.err.parts(),
-                                "wait_status": st, "memory_error": b"M" in job.flags,
-                                "timed_out": job.timed_out, "flooded": job.flooded,
+                                "wait_status": st, "timed_out": job.timed_out, "flooded": job.flooded,
                                 "duration": time.monotonic() - job.start})
 
     def _shutdown(self) -> None:
         for slot in self.slots:
             _ignore(os.kill, slot.pid, signal.SIGKILL)
+        self.zygote.close()
         if self.cfg["scratch"]:
             shutil.rmtree(self.cfg["scratch"], ignore_errors=True)
 
@@ -398,9 +447,9 @@ def main() -> None:
     iso = setup_isolation(cfg)
     if len(os.listdir("/proc/self/task")) != 1:
         raise RuntimeError("the fork server must be single-threaded (see `fork`)")
-    try_call(lambda: prctl(PR_SET_NO_NEW_PRIVS, 1))  # inherited by every execution: no setuid gains
-    if not iso["pid_ns"]:
-        prctl(PR_SET_CHILD_SUBREAPER, 1)  # a dead init's orphans come to us (see `_on_status`)
+    # Not dumpable (nor the zygote and inits, which inherit it): without a uid change or a PID
+    # namespace, code of the same uid could otherwise open /proc/PID/fd or /proc/PID/mem of them.
+    prctl(PR_SET_DUMPABLE, 0)
     cfg["scratch"] = None
     if not iso["mount_ns"]:
         cfg["scratch"] = tempfile.mkdtemp(prefix="minir1ci-sandbox-")

@@ -6,13 +6,18 @@ Imported by the server only, which runs with `python -I`; stdlib only.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import sys
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP = 1, 4, 22
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
+# seccomp: the audit arch and the numbers of add_key, request_key and keyctl, per machine
+KEY_SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250)), "aarch64": (0xC00000B7, (217, 218, 219))}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _str, _int, _ulong = ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
@@ -46,15 +51,45 @@ def fork() -> int:
     return pid
 
 
+def refuse_key_syscalls() -> None:
+    """Install a seccomp filter under which add_key, request_key and keyctl fail with ENOSYS, for
+    this process and everything it forks. Kernel keyrings outlive processes (a uid's user keyring
+    lives as long as the kernel) and the session keyring is inherited from the client: refused,
+    no key passes between executions or out of the client. Syscalls of another ABI (i386, x32)
+    fail the same way. Needs no_new_privs (or root)."""
+    if os.uname().machine not in KEY_SYSCALLS:
+        raise OSError(errno.ENOSYS, f"no key syscall table for {os.uname().machine}")
+    arch, numbers = KEY_SYSCALLS[os.uname().machine]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    checks = [(jge, 0x40000000)] + [(jeq, nr) for nr in numbers]  # x32 numbers, then the key calls
+    prog = [(ld, 0, 0, 4), (jeq, 0, len(checks) + 2, arch), (ld, 0, 0, 0)]  # seccomp_data.arch, .nr
+    prog += [(op, len(checks) - i, 0, k) for i, (op, k) in enumerate(checks)]  # true: jump to refuse
+    prog += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | errno.ENOSYS)]  # ALLOW; ERRNO(ENOSYS)
+    insns = (_SockFilter * len(prog))(*prog)
+    fprog = _SockFprog(len(prog), insns)
+    libc("prctl", PR_SET_SECCOMP, 2, ctypes.addressof(fprog), 0, 0)  # 2: SECCOMP_MODE_FILTER
+
+
+class _SockFilter(ctypes.Structure):  # one classic-BPF instruction
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
 def setup_isolation(cfg: dict) -> dict:
     """Enable each shared layer the kernel allows, and probe the per-execution ones in a child."""
-    iso = dict(uid=False, net_ns=False, mount_ns=False, readonly_root=False, pid_ns=False)
+    iso = dict(uid=False, net_ns=False, mount_ns=False, readonly_root=False, pid_ns=False, seccomp=False)
+    try_call(lambda: prctl(PR_SET_NO_NEW_PRIVS, 1))  # inherited by every execution: no setuid gains
+    iso["seccomp"] = try_call(refuse_key_syscalls)
     if os.geteuid() != 0:
         return iso
     iso["uid"] = probe(lambda: (os.setgid(cfg["uid_base"]), os.setuid(cfg["uid_base"])))
     if not cfg["namespaces"]:
         return iso
-    iso["net_ns"] = try_call(lambda: libc("unshare", CLONE_NEWNET))
+    iso["net_ns"] = try_call(lambda: libc("unshare", CLONE_NEWNET))  # the server's; each slot gets its own
     private = lambda: libc("mount", None, "/", None, MS_REC | MS_PRIVATE, None)  # noqa: E731
     if try_call(lambda: (libc("unshare", CLONE_NEWNS), private())):  # our mounts never reach the host
         tmpfs = lambda: libc("mount", "tmpfs", "/tmp", "tmpfs", 0, None)  # noqa: E731
@@ -75,10 +110,9 @@ def interpreter_paths() -> list[str]:
     return [p for p in (*sys.path, sys.prefix, sys.base_prefix) if os.path.isdir(p)]
 
 
-def fresh_tmp(opts: str) -> list[str]:
+def fresh_tmp(opts: str) -> None:
     """Mount the slot's empty tmpfs on /tmp; the interpreter's directories under /tmp (a venv
-    there) stay visible through bind mounts, or lazily imported modules would vanish. Returns
-    those mount points."""
+    there) stay visible through bind mounts, or lazily imported modules would vanish."""
     keep = sorted({q for q in map(os.path.realpath, interpreter_paths()) if q.startswith("/tmp/")})
     keep = [p for p in keep if not any(p.startswith(q + "/") for q in keep)]  # outermost only
     if keep:  # stage the original /tmp on /dev/shm, which gets its own tmpfs next
@@ -90,8 +124,7 @@ def fresh_tmp(opts: str) -> list[str]:
         libc("mount", "/dev/shm" + path[4:], path, None, MS_BIND | MS_REC, None)
     os.umask(umask)
     if keep:
-        libc("umount2", "/dev/shm", 2)  # MNT_DETACH
-    return keep
+        libc("umount2", "/dev/shm", MNT_DETACH)
 
 
 def expose(paths: list[str]) -> None:
@@ -114,7 +147,7 @@ def expose(paths: list[str]) -> None:
             for child in children:
                 os.mkdir(f"{parent}/{child}")
                 libc("mount", f"/dev/shm/{child}", f"{parent}/{child}", None, MS_BIND | MS_REC, None)
-            libc("umount2", "/dev/shm", 2)  # MNT_DETACH
+            libc("umount2", "/dev/shm", MNT_DETACH)
 
 
 def huge_pages() -> None:

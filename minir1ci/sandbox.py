@@ -13,41 +13,46 @@ slot; each execution is a fresh fork of its slot's init, about 3 ms of CPU here 
 
 Result: `status` is "ok" (exit code 0, including `sys.exit(0)` and a bare `raise SystemExit`),
 "error" (uncaught exception or non-zero exit; the traceback is in stderr), "timeout" (wall clock,
-or the CPU limit), "memory" (an uncaught MemoryError, which is what hitting RLIMIT_AS raises) or
-"signal:N" (killed by signal N, e.g. "signal:11" for a segfault). `truncated` is set whenever output
-was cut, whatever the status: each stream keeps its head and tail around a "[... N bytes omitted ...]"
-marker, and an execution that writes more than `stop_output_bytes` is stopped ("error", with an
-OutputLimitError line in stderr). Code runs as `python -c` would run it, in a fresh `__main__`, except
-that the process ends with `os._exit` once the code returns: threads left running do not hold it.
+or the CPU limit), "memory" (exit code 1 with a MemoryError as the last line of stderr: an uncaught
+MemoryError, which is what hitting RLIMIT_AS raises) or "signal:N" (killed by signal N, e.g.
+"signal:11" for a segfault). Exit codes are those of `python -c`, odd `SystemExit` codes included.
+`truncated` is set whenever output was cut, whatever the status: each stream keeps its head and
+tail around a "[... N bytes omitted ...]" marker, and an execution that writes more than
+`stop_output_bytes` is stopped ("error", with an OutputLimitError line in stderr). Code runs as
+`python -c` would run it, in a fresh `__main__`, except that the process ends with `os._exit` once
+the code returns: threads left running do not hold it.
 
 Stateless by default, as in R1-Code-Interpreter. Session mode: `run(code, session_id="traj-7")`
 replays the session's earlier blocks (silently, errors ignored) before the new one, in a fresh
 execution, so later blocks see earlier variables with all the per-execution limits intact. Blocks
 that ended in timeout, memory or a signal are not replayed. Each session has a fixed random seed so
-that replayed `random`/`numpy.random` draws repeat; time, os.urandom and the like do not. The replay
-gets `timeout` per earlier block, the new block gets `timeout` of its own. `end_session` forgets one.
+that replayed `random`/`numpy.random` draws repeat; time, os.urandom and the like do not. Replay and
+new block share one deadline, `timeout` per block (the earlier ones each ran within it), set by the
+server alone. `end_session` forgets a session.
 
-Threat model. Covered (as root on Linux; each layer is listed in `Sandbox.isolation` and skipped
-where the kernel refuses it): runaway time (SIGKILL from outside at the deadline; RLIMIT_CPU with
-hard = soft + 1), memory per process (RLIMIT_AS), output floods (head/tail caps and a stop ceiling),
-disk (RLIMIT_FSIZE; /tmp and /dev/shm are the slot's tmpfs, capped at `disk_bytes` and emptied after
-each execution; the rest of the filesystem is read-only), file descriptors (RLIMIT_NOFILE), fork
-bombs and escaping processes (RLIMIT_NPROC per slot uid; each slot is a PID namespace whose init
-kills everything but itself after every execution, setsid'd processes too, and whose death at a
-deadline takes the whole namespace), root-only files and other processes (an unprivileged uid per
-slot, `uid_base + slot`, no capabilities, no_new_privs, a /proc showing only the slot's namespace),
-secrets in the environment (the server starts with a minimal environment, which is all the code
-sees), network (a network namespace with no interface up), SysV IPC left behind (an IPC namespace
-per execution). Nothing an execution writes reaches the next one.
-Not covered: this is not a VM. Code shares the host kernel (no seccomp filter, and unprivileged user
-namespaces stay reachable where the kernel allows them: a kernel exploit escapes), can read every
-world-readable file (the project, its data and answers included), and may find traces of the same
-client's requests in the memory it inherits. Memory is bounded per process, not per execution: a
-tree of `processes` processes of `memory_bytes` each, memfd files, or a tmpfs mounted inside a user
-namespace can outgrow the host's RAM (a memory cgroup per slot would close this; creating cgroups is
-left to the deployment). CPU and memory bandwidth are shared with concurrent executions. Without
-root or namespaces the fallbacks are weaker: no uid change, a process group plus a sweep of orphans
-instead of a PID namespace, no network isolation and the workdir under the host's /tmp.
+Threat model (as root on Linux; each layer is listed in `Sandbox.isolation` and skipped where the
+kernel refuses it). Per execution: its processes (all killed and reaped before the result: the
+slot's init is pid 1 of a PID namespace), a deadline on the server's clock (SIGKILL from outside)
+and RLIMIT_CPU, RLIMIT_AS per process, RLIMIT_FSIZE and NOFILE, output caps, an IPC namespace, no
+descriptor but stdin/stdout/stderr, a fresh /tmp and /dev/shm (tmpfs capped at `disk_bytes`,
+mounted anew whenever a run left a file), and memory inherited only from processes that never held
+another execution's request or output (see `_forkserver.py`). Per slot, shared in turn by its
+executions: an unprivileged uid `uid_base + slot` (no capabilities, no_new_privs; RLIMIT_NPROC per
+uid), the PID namespace and its /proc, a network namespace with no interface up (abstract unix
+sockets reach no other slot). Per sandbox: a read-only root, the minimal environment the server
+starts with, a seccomp filter that refuses the kernel-key syscalls (keyrings outlive processes), and
+a uid range no other sandbox on the host holds (random by default).
+Not covered: this is not a VM. Code shares the host kernel (the filter refuses only the key calls,
+and unprivileged user namespaces stay reachable where the kernel allows them: a kernel exploit
+escapes) and can read every world-readable file (the project, its data and answers included).
+Memory is bounded per process, not per execution: a tree of `processes` processes of `memory_bytes`
+each, memfd files, or a tmpfs mounted inside a user namespace can outgrow the host's RAM (a memory
+cgroup per slot would close this; creating cgroups is left to the deployment). CPU, memory
+bandwidth and timing are shared with concurrent executions. "memory" is read from stderr, so code
+can claim it (as it can by raising MemoryError). Without root or namespaces the fallbacks are
+weaker: no uid change, a process group plus a sweep of orphans instead of a PID namespace, no
+network isolation and the workdir under the host's /tmp; without the filter (machines other than
+x86_64 and aarch64) keyrings persist per uid.
 """
 from __future__ import annotations
 
@@ -57,7 +62,9 @@ import json
 import linecache
 import os
 import random
+import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -74,6 +81,9 @@ DEFAULT_PRELOAD = ("math", "itertools", "collections", "re", "json", "fractions"
 _SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_forkserver.py")
 
 
+MAX_TIMEOUT = 86400.0  # seconds; a session's budget (one timeout per block) may exceed it
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-execution limits. Defaults leave numpy + sympy room: the server maps about 140 MB."""
@@ -85,6 +95,20 @@ class Limits:
     disk_bytes: int = 128 << 20  # size of each slot tmpfs (/tmp, /dev/shm), emptied after every run
     open_files: int = 256  # RLIMIT_NOFILE
     processes: int = 64  # RLIMIT_NPROC (threads count), per slot uid
+
+    def __post_init__(self):
+        _check_timeout(self.timeout)
+        for field in dataclasses.fields(self)[1:]:
+            value = getattr(self, field.name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"Limits.{field.name} must be a positive int, got {value!r}")
+
+
+def _check_timeout(timeout) -> float:
+    """A timeout in seconds, finite and in (0, MAX_TIMEOUT]: anything else is a ValueError."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {timeout!r}")
+    return float(timeout)
 
 
 @dataclass
@@ -112,16 +136,18 @@ class Sandbox:
 
     `limits` per execution (`timeout=` overrides its timeout); `workers` concurrent executions
     (default: the CPU count); `preload` modules imported once by the server; `namespaces=False`
-    forces the fallback without namespaces; slot i runs as uid `uid_base + i` (sandboxes running
-    at the same time should use disjoint ranges); `python` is the server's interpreter.
+    forces the fallback without namespaces; slot i runs as uid `uid_base + i` (default: a free
+    random range, see `_claim_uids`; a range another sandbox holds is refused); `python` is the
+    server's interpreter.
     """
 
     def __init__(self, limits: Limits | None = None, *, timeout: float | None = None,
                  workers: int | None = None, preload: Sequence[str] = DEFAULT_PRELOAD,
-                 namespaces: bool = True, uid_base: int = 61000, python: str = sys.executable):
+                 namespaces: bool = True, uid_base: int | None = None, python: str = sys.executable):
         limits = limits or Limits()
-        self.limits = dataclasses.replace(limits, timeout=timeout) if timeout else limits
+        self.limits = dataclasses.replace(limits, timeout=timeout) if timeout is not None else limits
         self.workers = workers or os.cpu_count() or 1
+        uid_base, self._uid_claims = _claim_uids(uid_base, self.workers)
         self._config = {"limits": dataclasses.asdict(self.limits), "workers": self.workers,
                         "preload": list(preload), "namespaces": namespaces, "uid_base": uid_base}
         self._python = python
@@ -164,7 +190,7 @@ class Sandbox:
 
     @property
     def isolation(self) -> dict:
-        """Which layers the kernel allowed: uid, net_ns, mount_ns, readonly_root, pid_ns."""
+        """Which layers the kernel allowed: uid, net_ns, mount_ns, readonly_root, pid_ns, seccomp."""
         self._ensure_server()
         return dict(self._hello["isolation"])
 
@@ -177,6 +203,9 @@ class Sandbox:
         with self._lock:
             proc, self._proc = self._proc, None
             lost, self._pending = list(self._pending.values()), {}
+            claims, self._uid_claims = self._uid_claims, []
+        for sock in claims:  # the uids are free for other sandboxes; a later `run` claims them again
+            sock.close()
         if proc is not None:
             _stop(proc)
         for _, fut, _, _ in lost:
@@ -190,7 +219,8 @@ class Sandbox:
 
     # ---- requests and results
     def _submit(self, code: str, timeout: float | None, session_id: str | None) -> Future:
-        req = {"code": code, "timeout": float(timeout or self.limits.timeout), "prelude": [], "seed": None}
+        timeout = self.limits.timeout if timeout is None else _check_timeout(timeout)
+        req = {"code": code, "timeout": timeout, "prelude": [], "seed": None}
         if session_id is not None:
             with self._lock:
                 sess = self._sessions.setdefault(session_id, _Session([], random.getrandbits(31)))
@@ -238,6 +268,8 @@ class Sandbox:
     def _ensure_server_locked(self) -> subprocess.Popen:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
+        if not self._uid_claims:  # used again after close()
+            self._uid_claims = _claim_uids(self._config["uid_base"], self.workers)[1]
         # A clean spawn with a minimal environment: no trainer memory, no secrets.
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -278,6 +310,31 @@ class Sandbox:
             fut.set_result(ExecResult("", f"sandbox: {reason}\n", "error", 0.0))
 
 
+UID_RANGE = (0x70000000, 0x7FFE0000)  # listed unused by systemd: above its container range, below
+# its "foreign" range, and below 2**31 (tools that read uids as signed)
+
+
+def _claim_uids(base: int | None, n: int) -> tuple[int, list[socket.socket]]:
+    """Hold uids base .. base+n-1 for this sandbox's life: one abstract unix socket per uid, bound
+    only if no other sandbox on this host (network namespace) holds that uid; the kernel frees the
+    names with the sockets. Default: a random free range in UID_RANGE, so that sandboxes never share
+    per-uid kernel state (RLIMIT_NPROC, user keyrings) by accident."""
+    for _ in range(1 if base is not None else 100):
+        start = base if base is not None else random.randrange(UID_RANGE[0], UID_RANGE[1] - n)
+        claims: list[socket.socket] = []
+        try:
+            for uid in range(start, start + n):
+                claims.append(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
+                claims[-1].bind(f"\0minir1ci-sandbox-uid-{uid}".encode())
+            return start, claims
+        except OSError:
+            for sock in claims:
+                sock.close()
+    if base is None:
+        raise ValueError("no free uid range found for the sandbox")
+    raise ValueError(f"uid_base={base}: uids {base}..{base + n - 1} overlap another sandbox's on this host")
+
+
 def _result(msg: dict, limits: Limits) -> ExecResult:
     """The status and texts of an execution from the server's raw report (see `ExecResult`)."""
     texts, truncated = [], msg["flooded"]
@@ -297,8 +354,17 @@ def _result(msg: dict, limits: Limits) -> ExecResult:
         status = "timeout" if os.WTERMSIG(st) == signal.SIGXCPU else f"signal:{os.WTERMSIG(st)}"
     else:
         code = os.WEXITSTATUS(st)
-        status = "ok" if code == 0 else "memory" if msg["memory_error"] else "error"
+        status = "ok" if code == 0 else "memory" if code == 1 and _names_memory_error(stderr) else "error"
     return ExecResult(stdout, stderr, status, msg["duration"], truncated, code)
+
+
+def _names_memory_error(stderr: str) -> bool:
+    """Whether the last line of stderr is that of an uncaught MemoryError (or of a subclass such as
+    numpy's `_ArrayMemoryError`), as the interpreter prints it. Read from the output, which the
+    server caps and counts, never from a side channel: code that prints such a line and exits 1
+    reads as "memory", just as one that raises MemoryError itself."""
+    last = stderr.rstrip("\n").rpartition("\n")[2]
+    return re.fullmatch(r"[\w.]*MemoryError(: .*)?", last) is not None
 
 
 class _Capture:
@@ -324,10 +390,9 @@ class _Capture:
         return self.head.decode("utf-8", "replace"), self.tail.decode("utf-8", "replace"), omitted
 
 
-def run_code(code: str, prelude: list[str], flags_fd: int) -> NoReturn:
+def run_code(code: str, prelude: list[str]) -> NoReturn:
     """Inside an execution's user process (set up by `_forkserver`): run the code as `python -c`
-    would, in a fresh __main__, and leave with its exit code. Writes b"M" on `flags_fd` for an
-    uncaught MemoryError, b"P" when a session's earlier blocks have been replayed."""
+    would, in a fresh __main__, and leave with its exit code. Holds no descriptor but 0-2."""
     sys.argv = ["-c"]
     main = types.ModuleType("__main__")  # fresh globals; the server's __main__ stays untouched
     main.__builtins__ = builtins
@@ -340,25 +405,37 @@ def run_code(code: str, prelude: list[str], flags_fd: int) -> NoReturn:
             except BaseException:  # noqa: BLE001 - they were reported when they first ran
                 pass
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        os.write(flags_fd, b"P")  # the server now gives this block its own deadline
     try:
         exec(_compile(code, "<string>"), main.__dict__)
         rc = 0
-    except SystemExit as exc:  # as the interpreter: None -> 0, int -> itself, else print it, 1
-        rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, (int, type(None))):
-            _safe(lambda: print(exc.code, file=sys.stderr))
+    except SystemExit as exc:
+        rc = _exit_code(exc)
     except BaseException as exc:  # noqa: BLE001 - printed like the interpreter does
         rc = 1
-        if isinstance(exc, MemoryError):
-            _safe(lambda: os.write(flags_fd, b"M"))
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
             tb = tb.tb_next  # our frames: the traceback starts in the code, as with `python -c`
         _safe(lambda: traceback.print_exception(type(exc), exc, tb, limit=-1000))  # as the C printer
     _safe(sys.stdout.flush)
     _safe(sys.stderr.flush)
-    os._exit(rc & 0xFF)  # no interpreter shutdown: leftover threads and atexit hooks are dropped
+    os._exit(rc)  # no interpreter shutdown: leftover threads and atexit hooks are dropped
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The exit status `python -c` gives an uncaught SystemExit: code None -> 0; an int is converted
+    to a C long (255 when it does not fit: the conversion fails to -1), then to its low byte; any
+    other code is printed to stderr and gives 1. Never raises, whatever the code's class does."""
+    try:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            code = int.__index__(code)  # the plain value, whatever a subclass overrides
+            return code & 0xFF if -2**63 <= code < 2**63 else 255
+        print(code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - reporting must never mask the exit
+        pass
+    return 1
 
 
 def _compile(source: str, name: str) -> types.CodeType:

@@ -55,10 +55,13 @@ def _procs() -> list[tuple[int, int, int, str]]:
 
 def _strays(box: Sandbox, uid_base: int) -> list[tuple[int, int, int, str]]:
     """Processes left by executions: any process of the slot uids, or a copy of a server of this
-    sandbox (they carry its uid_base in their command line) that is neither it nor its slot inits."""
-    uids, server = range(uid_base, uid_base + box.workers), box.server_pid
-    return [p for p in _procs() if p[2] in uids or (
-        SERVER_FILE in p[3] and f'"uid_base": {uid_base}' in p[3] and server not in (p[0], p[1]))]
+    sandbox (they carry its uid_base in their command line) that is neither it, nor its zygote (its
+    child), nor the zygote's slot inits."""
+    procs = _procs()
+    uids, server, parent = range(uid_base, uid_base + box.workers), box.server_pid, {p[0]: p[1] for p in procs}
+    return [p for p in procs if p[2] in uids or (
+        SERVER_FILE in p[3] and f'"uid_base": {uid_base}' in p[3]
+        and server not in (p[0], p[1], parent.get(p[1])))]
 
 
 def _host_ok(box: Sandbox, server_pid: int, uid_base: int = UID_BASE, grace: float = 0.0) -> None:
@@ -90,6 +93,12 @@ def _reference(code: str) -> subprocess.CompletedProcess:
     "raise SystemExit",
     "import os\nos._exit(5)",
     "x = (",
+    # SystemExit codes the C runtime converts: low byte of a C long, 255 when it does not fit
+    "raise SystemExit(2**70)", "raise SystemExit(-2**70)", "raise SystemExit(2**63)", "raise SystemExit(-1)",
+    "raise SystemExit(2**32 + 3)", "raise SystemExit(256)", "raise SystemExit(True)", "raise SystemExit(1, 2)",
+    "raise SystemExit('')",
+    # every descriptor above stderr is closed, as in a fresh interpreter: none leads to the server
+    "import os\nprint([fd for fd in range(3, 256) if os.path.exists(f'/proc/self/fd/{fd}')])",
 ])
 def test_results_match_a_fresh_interpreter(sb, code):
     ref, r = _reference(code), sb.run(code)
@@ -372,6 +381,151 @@ def test_opening_a_thousand_files_hits_the_descriptor_limit(sb):
     pid = sb.server_pid
     r = sb.run("files = [open(f'f{i}', 'w') for i in range(1000)]")
     assert r.status == "error" and "Too many open files" in r.stderr
+    _host_ok(sb, pid)
+
+
+def test_writing_to_fd_3_neither_extends_the_deadline_nor_changes_the_status(sb):
+    pid = sb.server_pid  # fd 3 once carried the server's flags ("P" re-armed the deadline, "M" read as memory)
+    spam = "import os, time\nwhile True:\n    try:\n        os.write(3, b'x' * 64 + b'P')\n    except OSError:\n" \
+           "        pass\n    time.sleep(0.05)"
+    r = sb.run(spam, timeout=1.0)
+    assert r.status == "timeout" and 1.0 <= r.duration < 1.8
+    fake = "import os\ntry:\n    os.write(3, b'M')\nexcept OSError:\n    pass\nraise SystemExit(1)"
+    r, ref = sb.run(fake), _reference(fake)
+    assert r.status == "error" and r.exit_code == ref.returncode == 1
+    _host_ok(sb, pid)
+
+
+def test_concurrent_executions_cannot_talk_over_abstract_unix_sockets(sb):
+    if not sb.isolation["net_ns"]:
+        pytest.skip("no network namespace here")
+    pid = sb.server_pid  # abstract socket names live in the network namespace: one per slot
+    listen = ("import socket\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+              "s.bind(b'\\0minir1ci-test-channel')\ns.settimeout(1.0)\ntry:\n    print(s.recv(64))\n"
+              "except socket.timeout:\n    print('nothing')")
+    send = ("import socket, time\nc = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\nfor _ in range(80):\n"
+            "    try:\n        c.sendto(b'" + SECRET + "', b'\\0minir1ci-test-channel')\n        print('sent')\n"
+            "        break\n    except OSError:\n        time.sleep(0.01)\nelse:\n    print('no listener')")
+    heard, said = sb.run_many([listen, send])
+    assert (heard.stdout, said.stdout) == ("nothing\n", "no listener\n"), (heard, said)
+    _host_ok(sb, pid)
+
+
+# Kernel keys through raw syscalls (no keyutils in the image): add_key and keyctl, by machine.
+KEYS = """
+import ctypes, platform
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+ADD_KEY, KEYCTL = {'x86_64': (248, 250), 'aarch64': (217, 219)}[platform.machine()]
+L = ctypes.c_long
+def add(payload, ring):
+    return libc.syscall(ADD_KEY, b'user', b'minir1ci-test-key', payload, L(len(payload)), L(ring))
+def find():  # search the session (-3), user (-4) and user-session (-5) keyrings, read what is found
+    found = []
+    for ring in (-3, -4, -5):
+        key = libc.syscall(KEYCTL, L(10), L(ring), b'user', b'minir1ci-test-key', L(0))  # KEYCTL_SEARCH
+        buf = ctypes.create_string_buffer(256)
+        n = libc.syscall(KEYCTL, L(11), L(key), buf, L(256)) if key > 0 else -1  # KEYCTL_READ
+        found.append(buf.raw[:n].decode() if n > 0 else None)
+    return found
+"""
+
+
+def test_kernel_keys_reach_neither_later_executions_nor_the_clients_keyring():
+    if os.uname().machine not in ("x86_64", "aarch64"):
+        pytest.skip("key syscall numbers known for x86_64 and aarch64 only")
+    host = {}
+    exec(KEYS, host)  # the test process plays the trainer: a secret in its session keyring
+    host["libc"].syscall(host["KEYCTL"], host["L"](1), None)  # KEYCTL_JOIN_SESSION_KEYRING: a fresh one
+    host_key = host["add"](SECRET.encode(), -3)
+    assert host_key > 0 and host["find"]()[0] == SECRET  # the reference: the key is there to find
+    try:
+        planted = SECRET[::-1]
+        with Sandbox(Limits(timeout=5.0), workers=1, uid_base=UID_BASE + 10) as box:
+            box.run(KEYS + f"print(add(b'{planted}', -4), add(b'{planted}', -3), add(b'{planted}', -5))")
+            r = box.run(KEYS + "print(find())")
+        with Sandbox(Limits(timeout=5.0), workers=1, uid_base=UID_BASE + 10) as box:  # same uids, later
+            r2 = box.run(KEYS + "print(find())")
+        for out in (r, r2):
+            assert out.ok and SECRET not in out.stdout and planted not in out.stdout, out
+    finally:
+        host["libc"].syscall(host["KEYCTL"], host["L"](3), host["L"](host_key))  # KEYCTL_REVOKE
+
+
+def test_sandboxes_on_one_host_get_disjoint_uids_by_default():
+    with Sandbox(workers=2) as a, Sandbox(workers=2) as b:
+        if not a.isolation["uid"]:
+            pytest.skip("no unprivileged uid here")
+        both = ["import os, time\ntime.sleep(0.1)\nprint(os.getuid())"] * 2  # on both slots at once
+        uids = [{int(r.stdout) for r in box.run_many(both)} for box in (a, b)]
+        assert len(uids[0] | uids[1]) == 4 and min(uids[0] | uids[1]) > 65535, uids
+    with Sandbox(workers=2, uid_base=UID_BASE + 20):
+        with pytest.raises(ValueError, match="uid_base"):  # a range another sandbox holds is refused
+            Sandbox(workers=2, uid_base=UID_BASE + 21)
+
+
+# Scans the execution's own memory for the other executions' output and code, knowing only a prefix
+# and the SHA-256 of each (the secrets themselves must not appear in the scanner's code); prints
+# how many of them it found.
+SCAN = """
+import ctypes, hashlib
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: lets this uid open its own /proc/self/mem
+prefix, digests, n = {prefix!r}, {digests!r}, {n}
+found, chunk = set(), 16 << 20
+with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:
+    for line in maps:
+        span, perms = line.split()[:2]
+        lo, hi = (int(x, 16) for x in span.split('-'))
+        for at in range(lo, hi, chunk) if perms[0] == 'r' else ():
+            try:
+                mem.seek(at)
+                data = mem.read(min(chunk + n, hi - at))
+            except (OSError, ValueError, OverflowError):
+                continue
+            i = data.find(prefix)
+            while i >= 0:
+                found.add(hashlib.sha256(data[i:i + n]).hexdigest())
+                i = data.find(prefix, i + 1)
+print(len(found & set(digests)))
+"""
+
+
+def test_a_respawned_slot_inherits_no_output_or_code_of_other_executions():
+    import hashlib
+    import secrets
+    prefix = b"minir1ci-leak-"
+    out_secret, code_secret = (prefix + secrets.token_hex(16).encode() for _ in range(2))
+    digests = [hashlib.sha256(s).hexdigest() for s in (out_secret, code_secret)]
+    # the output is built at run time: the code holds the reversed body, the output the secret
+    body = out_secret[len(prefix):].decode()
+    leak = f"# {code_secret.decode()}\nprint('{prefix.decode()}' + '{body[::-1]}'[::-1])"
+    scan = SCAN.format(prefix=prefix, digests=digests, n=len(out_secret))
+    with Sandbox(Limits(timeout=20.0), workers=2, uid_base=UID_BASE + 12) as box:
+        assert [r.stdout for r in box.run_many([leak] * 4)] == [out_secret.decode() + "\n"] * 4
+        assert {r.status for r in box.run_many(["while True:\n    pass"] * 2, timeout=0.5)} == {"timeout"}
+        r = box.run(scan)  # in a slot respawned after the timeouts
+        assert (r.status, r.stdout) == ("ok", "0\n"), r
+        r = box.run(leak.replace("print", "x = ") + "\n" + scan)  # the reference: finds its own secrets
+        assert (r.status, r.stdout) == ("ok", "2\n"), r
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), -1.0, 0.0, 3e6])
+def test_bad_timeouts_are_refused_naming_the_limit(sb, timeout):
+    with pytest.raises(ValueError, match="timeout"):
+        sb.run("print(1)", timeout=timeout)
+    with pytest.raises(ValueError, match="timeout"):
+        Limits(timeout=timeout)
+    with pytest.raises(ValueError, match="timeout"):
+        Sandbox(timeout=timeout)
+    with pytest.raises(ValueError, match="memory_bytes"):
+        Limits(memory_bytes=0)
+
+
+def test_a_session_with_a_budget_beyond_polls_range_runs(sb):
+    pid = sb.server_pid  # 30 blocks of a day each: a deadline past what epoll accepts (24.8 days)
+    out = sb.run_many(["x = 1"] * 30 + ["print(x)"], timeout=86400.0, session_ids=["long"] * 31)
+    assert out[-1].stdout == "1\n"
+    sb.end_session("long")
     _host_ok(sb, pid)
 
 
