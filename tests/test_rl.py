@@ -2,7 +2,6 @@
 to end with every new option on (two steps, then a resume for a third) on the tiny preset, CPU."""
 import dataclasses
 import json
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -99,7 +98,6 @@ def test_loss_filter_drops_void_truncated_and_mismatched_trajectories():
     on = dataclasses.replace(cfg, filter_void_turns=True, mask_truncated=True)
     keep, counts = rl.loss_filter(trajs, batch, old, on)
     assert keep.tolist() == [True, False, False, False] and counts == [1, 1, 1]
-    assert math.exp(1.0) > cfg.mis_high
     off = dataclasses.replace(cfg, mis_low=0.0, mis_high=0.0)
     assert rl.loss_filter(trajs, batch, old, off)[0].tolist() == [True] * 4
 
