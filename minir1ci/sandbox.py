@@ -98,10 +98,9 @@ class Limits:
 
     def __post_init__(self):
         _check_timeout(self.timeout)
-        for field in dataclasses.fields(self)[1:]:
-            value = getattr(self, field.name)
-            if type(value) is not int or value <= 0:
-                raise ValueError(f"Limits.{field.name} must be a positive int, got {value!r}")
+        for name in (f.name for f in dataclasses.fields(self) if f.name != "timeout"):
+            if type(getattr(self, name)) is not int or getattr(self, name) <= 0:
+                raise ValueError(f"Limits.{name} must be a positive int, got {getattr(self, name)!r}")
 
 
 def _check_timeout(timeout) -> float:
@@ -147,6 +146,10 @@ class Sandbox:
         limits = limits or Limits()
         self.limits = dataclasses.replace(limits, timeout=timeout) if timeout is not None else limits
         self.workers = workers or os.cpu_count() or 1
+        if type(self.workers) is not int or self.workers < 0:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if uid_base is not None and not 0 < uid_base <= 2**31 - self.workers:  # 0 would run code as root
+            raise ValueError(f"uid_base must be in [1, 2**31 - workers], got {uid_base!r}")
         uid_base, self._uid_claims = _claim_uids(uid_base, self.workers)
         self._config = {"limits": dataclasses.asdict(self.limits), "workers": self.workers,
                         "preload": list(preload), "namespaces": namespaces, "uid_base": uid_base}

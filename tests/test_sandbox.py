@@ -174,12 +174,12 @@ def test_nothing_of_one_execution_reaches_the_next_in_its_slot():
         assert "trace" not in tmp and "d" not in tmp and shm == [] and shmid == -1
 
 
-def test_a_tree_too_deep_to_delete_retires_the_slot_instead_of_leaking():
+def test_a_tree_too_deep_to_delete_recursively_does_not_reach_the_next_execution():
     deep = "import os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\nopen('secret', 'w').write('x')"
     with Sandbox(Limits(timeout=10.0), workers=1, uid_base=UID_BASE + 9) as box:
         if not box.isolation["mount_ns"]:
             pytest.skip("no mount namespaces: workdirs are fresh directories, not one tmpfs")
-        box.run(deep)  # ok, or lost if the slot had to be retired
+        assert box.run(deep).ok  # the slot mounts fresh tmpfs: nothing walks the tree
         found = box.run("import os\nprint(os.listdir('/tmp'))")
         assert found.ok and "'d'" not in found.stdout, found
 
@@ -462,6 +462,8 @@ def test_sandboxes_on_one_host_get_disjoint_uids_by_default():
     with Sandbox(workers=2, uid_base=UID_BASE + 20):
         with pytest.raises(ValueError, match="uid_base"):  # a range another sandbox holds is refused
             Sandbox(workers=2, uid_base=UID_BASE + 21)
+    with pytest.raises(ValueError, match="uid_base"):  # uid 0 would leave the code root
+        Sandbox(uid_base=0)
 
 
 # Scans the execution's own memory for the other executions' output and code, knowing only a prefix
