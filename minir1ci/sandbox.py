@@ -92,7 +92,7 @@ class Limits:
     output_bytes: int = 64 << 10  # kept per stream: first half + last half
     stop_output_bytes: int = 8 << 20  # both streams together; past this the execution is stopped
     file_bytes: int = 64 << 20  # RLIMIT_FSIZE
-    disk_bytes: int = 128 << 20  # size of each slot tmpfs (/tmp, /dev/shm), emptied after every run
+    disk_bytes: int = 128 << 20  # size of each slot tmpfs (/tmp, /dev/shm), mounted anew after a run that wrote
     open_files: int = 256  # RLIMIT_NOFILE
     processes: int = 64  # RLIMIT_NPROC (threads count), per slot uid
 
@@ -146,10 +146,10 @@ class Sandbox:
         limits = limits or Limits()
         self.limits = dataclasses.replace(limits, timeout=timeout) if timeout is not None else limits
         self.workers = workers or os.cpu_count() or 1
-        if type(self.workers) is not int or self.workers < 0:
+        if type(self.workers) is not int or self.workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
-        if uid_base is not None and not 0 < uid_base <= 2**31 - self.workers:  # 0 would run code as root
-            raise ValueError(f"uid_base must be in [1, 2**31 - workers], got {uid_base!r}")
+        if uid_base is not None and (type(uid_base) is not int or not 0 < uid_base <= 2**31 - self.workers):
+            raise ValueError(f"uid_base must be an int in [1, 2**31 - workers], got {uid_base!r}")  # 0: root
         uid_base, self._uid_claims = _claim_uids(uid_base, self.workers)
         self._config = {"limits": dataclasses.asdict(self.limits), "workers": self.workers,
                         "preload": list(preload), "namespaces": namespaces, "uid_base": uid_base}
