@@ -89,7 +89,7 @@ def setup_isolation(cfg: dict) -> dict:
     iso["uid"] = probe(lambda: (os.setgid(cfg["uid_base"]), os.setuid(cfg["uid_base"])))
     if not cfg["namespaces"]:
         return iso
-    iso["net_ns"] = try_call(lambda: libc("unshare", CLONE_NEWNET))  # the server's; each slot gets its own
+    iso["net_ns"] = try_call(lambda: libc("unshare", CLONE_NEWNET))  # each slot also gets its own
     private = lambda: libc("mount", None, "/", None, MS_REC | MS_PRIVATE, None)  # noqa: E731
     if try_call(lambda: (libc("unshare", CLONE_NEWNS), private())):  # our mounts never reach the host
         tmpfs = lambda: libc("mount", "tmpfs", "/tmp", "tmpfs", 0, None)  # noqa: E731
