@@ -195,7 +195,10 @@ def task_names(spec: str, data_dir: str | os.PathLike | None = None, split: str 
     out: list[str] = []
     for source, name in parse_spec(spec):
         root = resolve_data_dir(data_dir) if source in ("symbench", "bbh") else None
-        names = _expand(source, name, root)
+        try:
+            names = _expand(source, name, root)
+        except ImportError as e:   # an optional extra (reasoning-gym) not installed: a spec we cannot serve
+            raise ValueError(f"{source}:{name}: {e}") from None
         if name == "all" and not names:
             raise ValueError(f"{source}:all found no {source} tasks under {root / source}; pass --data DIR "
                              f"holding {source}/")
