@@ -155,10 +155,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # HF's order: normalise in fp32, cast back, then scale. One fused call when all is fp32.
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -215,12 +215,18 @@ class Qwen2Attention(nn.Module):
 
     def _forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor,
                        kv_cache: tuple[Tensor, Tensor], meta: AttnMeta) -> Tensor:
-        N = x.shape[0]                                                   # packed tokens
-        q = self.q_proj(x).view(N, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(N, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(N, self.n_kv, self.head_dim)
-        cos, sin = cos[:, None], sin[:, None]                            # (N, 1, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        N, H, Hkv, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim  # N packed tokens
+        if x.is_cuda:  # CUDA graphs read the parameters themselves, never a cached copy
+            q = self.q_proj(x).view(N, H, D)
+            k = self.k_proj(x).view(N, Hkv, D)
+            v = self.v_proj(x).view(N, Hkv, D)
+            cos, sin = cos[:, None], sin[:, None]                        # (N, 1, hd)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        else:  # one product for q, k, v and one rotation for q and k: fewer ops per step
+            w, b = fused_weights(self, (self.q_proj, self.k_proj, self.v_proj))
+            qk, v = F.linear(x, w, b).split([(H + Hkv) * D, Hkv * D], -1)
+            qk = apply_rotary(qk.view(N, H + Hkv, D), cos[:, None], sin[:, None])  # (N, H + Hkv, hd)
+            q, k, v = qk[:, :H], qk[:, H:], v.view(N, Hkv, D)
         k_cache, v_cache = kv_cache
         attn_kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_prefill:
@@ -241,7 +247,28 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        # gate and up are not fused for sampling as q, k, v are: measured on a 2-core CPU at batch
+        # 32, one product saved 7 us of 70 at the tiny preset and was 4% slower at Qwen2.5-0.5B's
+        # shape, while its copy of the weights would cost 2/3 of the MLP's memory again.
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fused_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None]:
+    """The weights (and biases) of `linears` concatenated along the output dim, for sampling on a
+    CPU: one product instead of several (q, k, v at the tiny preset: 27 us instead of 41).
+
+    A copy cached on `owner`, rebuilt when a part is replaced or changed in place (its id or
+    version counter differs), so training and checkpoints only ever see the separate HF-named
+    parameters (views into one tensor would share storage, which safetensors refuses to save).
+    Inference tensors keep no version counter: changed in place, they go unnoticed."""
+    parts = [lin.weight for lin in linears] + [lin.bias for lin in linears if lin.bias is not None]
+    key = tuple((id(t), -1 if t.is_inference() else t._version) for t in parts)
+    cache = owner.__dict__.get("_fused")
+    if cache is None or cache[0] != key:
+        weight = torch.cat([lin.weight.detach() for lin in linears])          # (sum of outs, in)
+        bias = torch.cat([lin.bias.detach() for lin in linears]) if len(parts) == 2 * len(linears) else None
+        cache = owner.__dict__["_fused"] = (key, weight, bias)
+    return cache[1], cache[2]
 
 
 class Qwen2DecoderLayer(nn.Module):

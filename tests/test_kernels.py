@@ -132,6 +132,15 @@ def test_decode_twin_matches_naive_sdpa(case):
     torch.testing.assert_close(A.decode_attention_torch(*args).float(), expected, **TOL[dtype])
 
 
+def test_decode_twin_in_bf16_matches_naive_sdpa_and_keeps_the_dtype():
+    """The CPU sampler's bf16 decode: no fp32 copy of the gathered cache, output in bf16, within
+    bf16 rounding of the fp32 reference (grouped heads, stale NaN slots behind the context)."""
+    args, expected = make_decode([50, 9, 23], 14, 2, 64, torch.bfloat16, 16)
+    out = A.decode_attention_torch(*args)
+    assert out.dtype == torch.bfloat16 and out.shape == args[0].shape
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
 def test_decode_triton_matches_twin(case, triton_backend):
     lens_k, hq, hkv, d, dtype, page_size, num_splits = case
