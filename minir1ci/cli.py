@@ -7,6 +7,7 @@ for a bad flag (argparse) and 1 for a bad file, directory or device (`fail`)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -38,9 +39,11 @@ def number(kind: type, low: float, high: float | None = None, low_open: bool = F
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expects {kind.__name__}, got {text!r}") from None
-        if value != value or (value <= low if low_open else value < low) or (high is not None and value > high):
-            where = (f"({low}, " if low_open else f"[{low}, ") + (f"{high}]" if high is not None else "inf)")
-            raise argparse.ArgumentTypeError(f"must lie in {where}, got {text}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (value <= low if low_open else value < low) or (high is not None and value > high):
+            bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     return parse
 
