@@ -336,8 +336,9 @@ def test_invalid_params_are_refused():
 
 @pytest.mark.parametrize("update", ["in_place", "load_state_dict", "assign"])
 def test_prefix_cache_dropped_when_weights_change(models, prompts, update):
-    # A sampler kept across a training step must not reuse prompt pages computed with the old
-    # weights: after the update it equals a fresh sampler, tokens and log-probs.
+    # A sampler kept across a training step must not reuse prompt pages (or fused q/k/v weights)
+    # computed with the old weights: after the update it equals a fresh sampler, tokens and
+    # log-probs, and a model that never sampled.
     _, base = models
     model = Qwen2ForCausalLM(base.config).eval()
     model.load_state_dict(base.state_dict())
@@ -360,6 +361,9 @@ def test_prefix_cache_dropped_when_weights_change(models, prompts, update):
     after = sampler.generate(prompt, params)
     assert cached[-1] == [0]
     fresh = make_sampler(model).generate(prompt, params)
+    never_sampled = Qwen2ForCausalLM(base.config).eval()  # nothing cached on it (fused q/k/v copies)
+    never_sampled.load_state_dict(new_weights)
+    assert make_sampler(never_sampled).generate(prompt, params)[0].token_ids == fresh[0].token_ids
     assert after[0].token_ids == fresh[0].token_ids != before[0].token_ids
     torch.testing.assert_close(torch.tensor(after[0].logprobs), torch.tensor(fresh[0].logprobs), rtol=0, atol=1e-6)
 

@@ -32,7 +32,8 @@ Finish reasons: "eos" (an eos id of the tokenizer or model config, unless ignore
 Prompt pages stay cached after their sequences finish and are shared by later requests, but only
 while the weights are the ones that computed them: every new request compares the identity and
 in-place version counter of each parameter and buffer with those seen last (an optimizer step,
-`copy_` or `load_state_dict` changes them), and a change drops the whole prefix cache. Change
+`copy_` or `load_state_dict` changes them), and a change drops the whole prefix cache (and the
+model's fused q/k/v copies, `model.fused_weights`). Change
 weights only while the sampler is idle: sequences in flight keep the K/V they already have.
 
 The KV cache is sized from a byte budget (`kv_cache_bytes`; default 1 GiB on CPU, half the free
@@ -48,6 +49,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 from torch import nn
 
+from ..model import forget_fused_weights
 from .block_manager import BlockManager, kv_block_bytes
 from .runner import ModelRunner
 from .sampling import sample
@@ -109,6 +111,7 @@ class Sampler:
         stamp = tuple((id(t), t._version) for t in self._tensors)
         if stamp != self._weights_seen:  # cached prompt pages hold K/V of the old weights
             self.block_manager.forget_prefixes()
+            forget_fused_weights(self.model)  # and the fused q/k/v copies (model.fused_weights)
             self._weights_seen = stamp
 
     # ---------------------------------------------------------------- step API
