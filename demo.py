@@ -53,12 +53,12 @@ EVAL_SAMPLES = 3
 
 def evaluate(ckpt: Path, use_code: bool, limit: int) -> dict:
     """{"sampled": summary at EVAL_TEMPERATURE, EVAL_SAMPLES per question; "greedy": summary}."""
-    from minir1ci.checkpoint import load_pretrained
+    from minir1ci.inference.checkpoint import load_pretrained
     from minir1ci.config import TINY_TASKS
-    from minir1ci.evaluation import evaluate_examples
-    from minir1ci.interpreter import RolloutParams
-    from minir1ci.sandbox import Sandbox
-    from minir1ci.tasks import load_tasks
+    from minir1ci.env.evaluation import evaluate_examples
+    from minir1ci.env.interpreter import RolloutParams
+    from minir1ci.env.sandbox import Sandbox
+    from minir1ci.env.tasks import load_tasks
 
     model, tok = load_pretrained(ckpt)
     examples = load_tasks(TINY_TASKS, split="test", limit=limit, seed=1)

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     add_sampling_args(ap, n=1, temperature=0.6)
     args = ap.parse_args(argv)
 
-    from minir1ci.evaluation import check_summary, format_comparison, format_table
+    from minir1ci.env.evaluation import check_summary, format_comparison, format_table
 
     if args.compare:
         runs = []
@@ -43,8 +43,8 @@ def main(argv=None) -> int:
         ap.error("--model is required (or use --compare A.json B.json)")
 
     from minir1ci.cli import ProgressBar, load_examples_model_params
-    from minir1ci.evaluation import evaluate_examples
-    from minir1ci.sandbox import Sandbox
+    from minir1ci.env.evaluation import evaluate_examples
+    from minir1ci.env.sandbox import Sandbox
 
     examples, model, tokenizer, params = load_examples_model_params(args, PROG)
     with Sandbox(timeout=args.exec_timeout) as sandbox:

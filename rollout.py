@@ -30,9 +30,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from minir1ci.cli import ProgressBar, load_examples_model_params
-    from minir1ci.interpreter import prompt_ids, run_rollouts
-    from minir1ci.rewards import RewardConfig, compute_reward
-    from minir1ci.sandbox import Sandbox
+    from minir1ci.env.interpreter import prompt_ids, run_rollouts
+    from minir1ci.env.rewards import RewardConfig, compute_reward
+    from minir1ci.env.sandbox import Sandbox
 
     examples, model, tokenizer, params = load_examples_model_params(args, PROG)
     prompts = prompt_ids(tokenizer, examples, args.use_code)

@@ -22,9 +22,9 @@ def main(argv: list[str]) -> int:
     try:
         return run(argv)
     except KeyboardInterrupt:
-        from minir1ci import distributed as dist, trainutil
+        from minir1ci.training import distributed as dist, runs
         if dist.is_main():
-            print(trainutil.interrupted_message(), file=sys.stderr)
+            print(runs.interrupted_message(), file=sys.stderr)
         return 130
 
 
@@ -35,7 +35,7 @@ def run(argv: list[str]) -> int:
         from minir1ci.config import TrainConfig
         print("options: " + " ".join(f"--{f.name}" for f in fields(TrainConfig)))
         return 0
-    from minir1ci import trainutil
+    from minir1ci.training import runs
     from minir1ci.cli import one_line
     from minir1ci.config import resolve
 
@@ -45,16 +45,16 @@ def run(argv: list[str]) -> int:
         print(f"train.py: error: {one_line(e)}", file=sys.stderr)
         return 2
     if cfg.stage in ("pretrain", "sft"):
-        from minir1ci.sft import train_sft as train
+        from minir1ci.training.sft import train_sft as train
     else:
-        from minir1ci.rl import train_rl as train
+        from minir1ci.training.rl import train_rl as train
     try:
         train(cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         print(f"train.py: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
-        trainutil.release_run_dir()
+        runs.release_run_dir()
     return 0
 
 

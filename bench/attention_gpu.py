@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from minir1ci.kernels import attention as A
+from minir1ci.inference.kernels import attention as A
 
 
 def bench_ms(fn) -> float:

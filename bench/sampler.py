@@ -31,9 +31,9 @@ import time
 import torch
 import transformers
 
-from minir1ci.devices import cpu_has_bf16_units, inference_dtype
-from minir1ci.engine import Sampler, SamplingParams
-from minir1ci.model import ModelConfig, Qwen2ForCausalLM
+from minir1ci.inference.devices import cpu_has_bf16_units, inference_dtype
+from minir1ci.inference.engine import Sampler, SamplingParams
+from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM
 from minir1ci.presets import tiny_dir
 
 QWEN_0_5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler import build, time_hf, time_ours  # noqa: E402  (the sampler bench's set-up, shared)
 
-from minir1ci.devices import cpu_has_bf16_units  # noqa: E402
-from minir1ci.engine import Sampler  # noqa: E402
+from minir1ci.inference.devices import cpu_has_bf16_units  # noqa: E402
+from minir1ci.inference.engine import Sampler  # noqa: E402
 
 
 def projections(model) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

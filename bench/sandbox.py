@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minir1ci.sandbox import Sandbox  # noqa: E402
+from minir1ci.env.sandbox import Sandbox  # noqa: E402
 
 SNIPPETS = {
     "trivial": "print(1 + 1)",

@@ -33,7 +33,7 @@ def build(args, side: str):
     hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, use_sliding_window=False))
     if side == "hf":
         return hf
-    from minir1ci.model import ModelConfig, Qwen2ForCausalLM
+    from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM
     ours = Qwen2ForCausalLM(ModelConfig(**kw))
     ours.load_state_dict(hf.state_dict())
     del hf

@@ -16,13 +16,13 @@ import importlib
 
 # public name -> module that defines it
 _EXPORTS = {
-    "load_pretrained": "checkpoint",
-    "save_pretrained": "checkpoint",
-    "load_model": "checkpoint",
-    "init_from_config": "checkpoint",
-    "ModelConfig": "model",
-    "Qwen2ForCausalLM": "model",
-    "Tokenizer": "tokenizer",
+    "load_pretrained": "inference.checkpoint",
+    "save_pretrained": "inference.checkpoint",
+    "load_model": "inference.checkpoint",
+    "init_from_config": "inference.checkpoint",
+    "ModelConfig": "inference.model",
+    "Qwen2ForCausalLM": "inference.model",
+    "Tokenizer": "inference.tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -116,13 +116,13 @@ class ProgressBar:
 
 
 def pick_device(name: str) -> torch.device:
-    from .devices import resolve_device
+    from minir1ci.inference.devices import resolve_device
     return check_available(resolve_device(name))
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on CUDA and on CPUs with bf16 matrix units, fp32 otherwise (devices.py)."""
-    from .devices import inference_dtype
+    from minir1ci.inference.devices import inference_dtype
     return inference_dtype(name, device)
 
 
@@ -131,9 +131,9 @@ def load_examples_model_params(args, prog: str):
     model and tokenizer of `--model`, and the RolloutParams of the sampling flags. Every input
     (device, dtype, output file, checkpoint, task spec) is checked before the model is loaded; a bad
     one exits through `fail`."""
-    from .checkpoint import check_checkpoint, load_pretrained
-    from .interpreter import RolloutParams
-    from .tasks import load_tasks
+    from minir1ci.inference.checkpoint import check_checkpoint, load_pretrained
+    from minir1ci.env.interpreter import RolloutParams
+    from minir1ci.env.tasks import load_tasks
 
     try:
         device = pick_device(args.device)

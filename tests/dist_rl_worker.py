@@ -12,7 +12,7 @@ import sys
 
 from torch.distributed.fsdp import fully_shard
 
-from minir1ci import distributed as dist
+from minir1ci.training import distributed as dist
 
 
 def parallelize_on_cpu(model, device):

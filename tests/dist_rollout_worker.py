@@ -7,7 +7,7 @@ keeps replicas, the same `fully_shard` calls by hand, over gloo), then on every 
 - the default copy has bf16 parameters, fp32 buffers and a still-tied LM head;
 - `rl.sample_rollouts` on the sharded model (the trainer's path) must give the same trajectories
   as on an unsharded model whose parameters were cast to bf16 the same way;
-- the KL reference (`trainutil.frozen_reference`) holds those bf16 weights, frozen, and the PPO
+- the KL reference (`runs.frozen_reference`) holds those bf16 weights, frozen, and the PPO
   critic (`critic.make_critic`) the policy's fp32 backbone exactly, with a zero score head.
 Writes the findings of rank 0 to argv[1]; argv[2] == "cuda" runs on the local rank's GPU.
 """
@@ -17,14 +17,14 @@ import sys
 import torch
 from dist_rl_worker import parallelize_on_cpu  # this file's folder is on sys.path when run as a script
 
-from minir1ci import distributed as dist
-from minir1ci.checkpoint import init_from_config
-from minir1ci.interpreter import RolloutParams
-from minir1ci.critic import make_critic
+from minir1ci.training import distributed as dist
+from minir1ci.inference.checkpoint import init_from_config
+from minir1ci.env.interpreter import RolloutParams
+from minir1ci.training.critic import make_critic
 from minir1ci.presets import tiny_dir
-from minir1ci.rl import sample_rollouts
-from minir1ci.sandbox import Sandbox
-from minir1ci.trainutil import frozen_reference
+from minir1ci.training.rl import sample_rollouts
+from minir1ci.env.sandbox import Sandbox
+from minir1ci.training.runs import frozen_reference
 
 
 def shard(model, device: torch.device):

@@ -10,12 +10,12 @@ import sys
 
 import torch
 
-from minir1ci import distributed as dist
+from minir1ci.training import distributed as dist
 from minir1ci.config import TrainConfig
-from minir1ci.data import Sample
-from minir1ci.model import ModelConfig, Qwen2ForCausalLM
-from minir1ci.sft import sft_step_loss
-from minir1ci.trainutil import autocast_for
+from minir1ci.training.data import Sample
+from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM
+from minir1ci.training.sft import sft_step_loss
+from minir1ci.training.runs import autocast_for
 
 
 def main(out: str, device_name: str = "cpu") -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from minir1ci.tokenizer import byte_level_bpe
+from minir1ci.inference.tokenizer import byte_level_bpe
 
 BUILD_VERSION = 1  # bump when the construction below changes, to invalidate caches
 

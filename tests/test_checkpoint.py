@@ -11,11 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import minir1ci
-from minir1ci import checkpoint
-from minir1ci.checkpoint import init_from_config, load_model, load_pretrained, parse_size, save_pretrained
-from minir1ci.model import ModelConfig, Qwen2ForCausalLM
+from minir1ci.inference import checkpoint
+from minir1ci.inference.checkpoint import init_from_config, load_model, load_pretrained, parse_size, save_pretrained
+from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM
 from minir1ci.presets import tiny_dir
-from minir1ci.tokenizer import Tokenizer
+from minir1ci.inference.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

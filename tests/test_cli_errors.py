@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train as train_script
-from minir1ci import checkpoint
+from minir1ci.inference import checkpoint
 from minir1ci.presets import tiny_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -53,10 +53,10 @@ def test_tiny_rl_budget_fits_every_oracle_answer(stage):
     answers cuts every correct code answer of that family short, the reward scores it malformed,
     and RL learns to stop using code there (this happened to sort at 96 tokens)."""
     from minir1ci.config import tiny
-    from minir1ci.data import oracle_samples
+    from minir1ci.training.data import oracle_samples
     from minir1ci.presets import tiny_dir
-    from minir1ci.tasks import load_tasks
-    from minir1ci.tokenizer import Tokenizer
+    from minir1ci.env.tasks import load_tasks
+    from minir1ci.inference.tokenizer import Tokenizer
 
     cfg = tiny(stage)
     tok = Tokenizer.from_pretrained(tiny_dir())

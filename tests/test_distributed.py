@@ -120,17 +120,17 @@ RL_WORKER = Path(__file__).with_name("dist_rl_worker.py")
 @pytest.fixture(scope="module")
 def tiny_sft(tmp_path_factory) -> Path:
     """A two-step SFT checkpoint of the tiny preset, the RL runs' start."""
-    from minir1ci import trainutil
+    from minir1ci.training import runs
     out = tmp_path_factory.mktemp("sft")
     run([sys.executable, str(WORKER.parent.parent / "train.py"), "--stage=sft", "--steps=2", "--save_every=2",
          "--batch_size=8", "--micro_batch_size=4", f"--out={out}", "--device=cpu"], out, cpu_only=True)
-    return trainutil.latest_checkpoint(out)
+    return runs.latest_checkpoint(out)
 
 
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
 def test_sharded_rl_runs_and_resumes_on_cpu(tmp_path, stage, tiny_sft):
     # GRPO/PPO with an FSDP2-sharded policy (over gloo): two steps, then a resume for a third.
-    from minir1ci import trainutil
+    from minir1ci.training import runs
     launcher = torchrun()
     args = [launcher, "--standalone", "--nproc_per_node", "2", str(RL_WORKER), f"--stage={stage}", "--preset=tiny",
             f"--model={tiny_sft}", "--prompts_per_step=2", "--n_samples=2",
@@ -139,4 +139,4 @@ def test_sharded_rl_runs_and_resumes_on_cpu(tmp_path, stage, tiny_sft):
     run(args + ["--steps=3", "--resume"], tmp_path, cpu_only=True)
     steps = [json.loads(line)["step"] for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
-    assert trainutil.latest_checkpoint(tmp_path / stage).name == "step-000002"
+    assert runs.latest_checkpoint(tmp_path / stage).name == "step-000002"

@@ -8,12 +8,12 @@ expected ids are built independently: each turn's tokens, then the tokenization 
 """
 import pytest
 
-from minir1ci import prompts
-from minir1ci.engine import SamplingParams
-from minir1ci.interpreter import RolloutParams, run_rollouts
+from minir1ci.env import prompts
+from minir1ci.inference.engine import SamplingParams
+from minir1ci.env.interpreter import RolloutParams, run_rollouts
 from minir1ci.presets import tiny_dir
-from minir1ci.sandbox import Sandbox
-from minir1ci.tokenizer import Tokenizer
+from minir1ci.env.sandbox import Sandbox
+from minir1ci.inference.tokenizer import Tokenizer
 
 
 class _Seq:
@@ -68,7 +68,7 @@ class ScriptedSampler:
         return events
 
     def result(self, sid):
-        from minir1ci.engine import Completion
+        from minir1ci.inference.engine import Completion
         s = self.seqs[sid]
         return Completion(sid, list(s.prompt), list(s.tokens), list(s.logp), list(s.logp), list(s.mask),
                           s.finish, s.stop_reason)

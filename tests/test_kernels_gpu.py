@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from minir1ci.kernels import attention as A
+from minir1ci.inference.kernels import attention as A
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minir1ci.logprobs import chunked_cross_entropy, entropy_from_logits, token_logprobs
+from minir1ci.inference.logprobs import chunked_cross_entropy, entropy_from_logits, token_logprobs
 
 
 def _inputs(B=2, T=7, H=8, V=50, dtype=torch.float32, seed=0):

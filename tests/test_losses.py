@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minir1ci.losses import (
+from minir1ci.training.losses import (
     AGG_MODES,
     aggregate,
     cispo_loss,

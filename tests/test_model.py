@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minir1ci.model import ModelConfig, Qwen2ForCausalLM
+from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM
 
 transformers = pytest.importorskip("transformers")
 

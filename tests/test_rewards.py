@@ -1,8 +1,8 @@
 """Rewards as in R1-CI v2, against hand-computed values; and the paper split's counts."""
 import pytest
 
-from minir1ci.rewards import RewardConfig, compute_reward, turn_well_formed, well_formed
-from minir1ci.tasks import split as paper_split
+from minir1ci.env.rewards import RewardConfig, compute_reward, turn_well_formed, well_formed
+from minir1ci.env.tasks import split as paper_split
 
 CODE_TURN = "Let me compute.\n```python\nprint(6 * 7)\n```"
 FINAL = "The result is <<<42>>>."

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minir1ci import rl
+from minir1ci.training import rl
 from minir1ci.config import resolve
-from minir1ci.interpreter import Trajectory
+from minir1ci.env.interpreter import Trajectory
 
 MISMATCH = ("mismatch_kl", "mismatch_abs", "mismatch_frac_out", "tis_weight_mean", "mis_dropped")
 FILTERS = ("void_dropped", "truncated_dropped", "ds_dropped_groups", "ds_extra_rounds")
@@ -106,7 +106,7 @@ def test_loss_filter_drops_void_truncated_and_mismatched_trajectories():
 
 @pytest.fixture(scope="module")
 def tiny_start(tmp_path_factory):
-    from minir1ci.checkpoint import init_from_config, save_pretrained
+    from minir1ci.inference.checkpoint import init_from_config, save_pretrained
     from minir1ci.presets import tiny_dir
     model, tok = init_from_config(tiny_dir(), seed=0)
     path = tmp_path_factory.mktemp("start") / "tiny"

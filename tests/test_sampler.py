@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-from minir1ci.engine import Sampler, SamplingParams
-from minir1ci.engine.block_manager import kv_block_bytes, num_blocks_for_budget
-from minir1ci.engine.sampling import mask_top_k, mask_top_p, sample
-from minir1ci.model import ModelConfig, Qwen2ForCausalLM
+from minir1ci.inference.engine import Sampler, SamplingParams
+from minir1ci.inference.engine.block_manager import kv_block_bytes, num_blocks_for_budget
+from minir1ci.inference.engine.sampling import mask_top_k, mask_top_p, sample
+from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -254,7 +254,7 @@ def test_sampling_frequencies_follow_the_processed_distribution():
 
 
 def test_both_drawing_methods_pick_tokens_with_their_probability():
-    from minir1ci.engine.sampling import exponential_noise, inverse_cdf
+    from minir1ci.inference.engine.sampling import exponential_noise, inverse_cdf
 
     probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])  # zero mass inside and at the end
     n = 40000
@@ -275,7 +275,7 @@ def test_both_drawing_methods_pick_tokens_with_their_probability():
 def test_two_level_inverse_cdf_picks_the_token_of_the_flat_cumulative_sum():
     """The block-then-token search lands where one cumulative sum over the whole row would: rows
     spanning several blocks plus a partial one, with zero-mass blocks, at the row's ends too."""
-    from minir1ci.engine.sampling import _CDF_BLOCK, inverse_cdf
+    from minir1ci.inference.engine.sampling import _CDF_BLOCK, inverse_cdf
 
     B, V = 64, 5 * _CDF_BLOCK + 77
     gen = torch.Generator().manual_seed(3)
@@ -309,7 +309,7 @@ def test_stop_token_eos_and_max_new_tokens(models, prompts, hf_greedy):
 
 def test_stop_strings_end_at_the_first_token_completing_them(models, prompts, hf_greedy):
     from minir1ci.presets import tiny_dir
-    from minir1ci.tokenizer import Tokenizer
+    from minir1ci.inference.tokenizer import Tokenizer
     tok = Tokenizer.from_pretrained(tiny_dir())
     _, ours = models
     ref = hf_greedy[2]

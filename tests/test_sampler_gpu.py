@@ -7,8 +7,8 @@ TF32 is switched off so fp32 means fp32 on both sides.
 import pytest
 import torch
 
-from minir1ci.engine import Sampler, SamplingParams
-from minir1ci.model import ModelConfig, Qwen2ForCausalLM
+from minir1ci.inference.engine import Sampler, SamplingParams
+from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 transformers = pytest.importorskip("transformers")

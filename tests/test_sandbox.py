@@ -17,13 +17,13 @@ import time
 
 import pytest
 
-from minir1ci.sandbox import Limits, Sandbox
+from minir1ci.env.sandbox import Limits, Sandbox
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 
 SECRET = "minir1ci-test-secret-7f3a"
 UID_BASE, FALLBACK_UID_BASE = 61500, 61600
-SERVER_FILE = "_forkserver.py"
+SERVER_FILE = "sandbox/server.py"
 
 
 @pytest.fixture(scope="module")

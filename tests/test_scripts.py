@@ -8,11 +8,11 @@ import torch
 
 import evaluate as evaluate_script
 import rollout as rollout_script
-from minir1ci import checkpoint
-from minir1ci.engine import Sampler
-from minir1ci.interpreter import RolloutParams, run_rollouts
+from minir1ci.inference import checkpoint
+from minir1ci.inference.engine import Sampler
+from minir1ci.env.interpreter import RolloutParams, run_rollouts
 from minir1ci.presets import tiny_dir
-from minir1ci.sandbox import Sandbox
+from minir1ci.env.sandbox import Sandbox
 
 KEYS = {"prompt_ids", "response_ids", "loss_mask", "logprobs", "reward", "task", "id", "num_code_calls",
         "finish_reason", "text"}
@@ -99,7 +99,7 @@ class Crash(Exception):
 
 def test_rollout_writes_each_trajectory_as_it_finishes(tiny_ckpt, tmp_path, monkeypatch):
     """A crash after three trajectories keeps exactly those three lines, each whole."""
-    from minir1ci import interpreter
+    from minir1ci.env import interpreter
     real, finished = interpreter._finish, []
 
     def finish_then_crash(tr, *a, **k):

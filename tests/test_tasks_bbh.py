@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from minir1ci.tasks import bbh, load_tasks, resolve_data_dir
+from minir1ci.env.tasks import bbh, load_tasks, resolve_data_dir
 
 try:
     ROOT = resolve_data_dir()

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from minir1ci import prompts
-from minir1ci.tasks import Example, builtin, load_tasks, parse_spec
-from minir1ci.tasks.answers import eval_arith, expression_reaches, numbers_match, parse_number
+from minir1ci.env import prompts
+from minir1ci.env.tasks import Example, builtin, load_tasks, parse_spec
+from minir1ci.env.tasks.answers import eval_arith, expression_reaches, numbers_match, parse_number
 
 
 def make(family: str, prompt: str, answer: str, **meta) -> Example:

@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 
-from minir1ci.tasks import gym, load_tasks
-from minir1ci.tasks import split as paper_split
+from minir1ci.env.tasks import gym, load_tasks
+from minir1ci.env.tasks import split as paper_split
 
 pytestmark = pytest.mark.skipif(not gym.available(), reason="reasoning-gym (minir1ci[gym]) not installed")
 

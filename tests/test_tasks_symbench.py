@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 
-from minir1ci.tasks import Example, load_tasks, resolve_data_dir, symbench
-from minir1ci.tasks import symbench_plan as plan
-from minir1ci.tasks import symbench_verify as v
+from minir1ci.env.tasks import Example, load_tasks, resolve_data_dir, symbench
+from minir1ci.env.tasks import symbench_plan as plan
+from minir1ci.env.tasks import symbench_verify as v
 
 try:
     ROOT = resolve_data_dir()

@@ -15,7 +15,7 @@ import pytest
 import tokenizers
 
 from minir1ci.presets import build_tiny, tiny_dir
-from minir1ci.tokenizer import Tokenizer
+from minir1ci.inference.tokenizer import Tokenizer
 from qwen_vocab import bytes_to_unicode, qwen_reference_encoder, qwen_tokenizer_dir
 
 # REFERENCE.md §2, in id order after the regular vocabulary.

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import train as train_script
-from minir1ci import rl, sft, trainutil
+from minir1ci.training import rl, sft, runs
 from minir1ci.config import resolve
 
 TINY = ["--max_seq_len=320", "--num_train_examples=16", "--batch_size=4", "--micro_batch_size=2", "--save_every=2",
@@ -29,7 +29,7 @@ class Interrupt(Exception):
 
 def run_interrupted(cfg, runner, monkeypatch, after_saves: int = 1):
     """Run until `after_saves` checkpoints are written, then die as a killed process would."""
-    real = trainutil.save_run_checkpoint
+    real = runs.save_run_checkpoint
     count = {"n": 0}
 
     def save_then_die(*a, **k):
@@ -54,8 +54,8 @@ def sft_run(tmp_path_factory):
 
 
 def test_copy_corpus_trains_exactly_the_copies():
-    from minir1ci.data import copy_corpus
-    from minir1ci.tokenizer import Tokenizer
+    from minir1ci.training.data import copy_corpus
+    from minir1ci.inference.tokenizer import Tokenizer
     from minir1ci.presets import tiny_dir
 
     tok = Tokenizer.from_pretrained(tiny_dir())
@@ -75,10 +75,10 @@ def test_copy_corpus_trains_exactly_the_copies():
 
 
 def test_text_fraction_mixes_text_answers_under_the_code_prompt():
-    from minir1ci.data import oracle_samples
+    from minir1ci.training.data import oracle_samples
     from minir1ci.presets import tiny_dir
-    from minir1ci.tasks import load_tasks
-    from minir1ci.tokenizer import Tokenizer
+    from minir1ci.env.tasks import load_tasks
+    from minir1ci.inference.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(tiny_dir())
     examples = load_tasks("builtin:mul,builtin:date", split="train", limit=100, seed=0)
@@ -108,7 +108,7 @@ def test_pretrain_stage_then_sft_from_it(tmp_path, capsys):
     assert train_script.main(["--stage=pretrain", "--steps=2", f"--out={pre}", "--num_train_examples=8",
                               "--batch_size=4", "--micro_batch_size=4", "--save_every=2"]) == 0
     assert json.loads((pre / "config.json").read_text())["stage"] == "pretrain"
-    start = trainutil.latest_checkpoint(pre)
+    start = runs.latest_checkpoint(pre)
     out = tmp_path / "sft"
     assert train_script.main(["--stage=sft", "--steps=1", f"--model={start}", "--preset=tiny", f"--out={out}",
                               *TINY]) == 0
@@ -126,12 +126,12 @@ def test_pretrain_refuses_the_paper_preset():
 
 
 def test_sft_runs_and_writes_a_loadable_checkpoint(sft_run):
-    from minir1ci.checkpoint import load_pretrained
+    from minir1ci.inference.checkpoint import load_pretrained
     rows = metrics(sft_run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert json.loads((sft_run / "config.json").read_text())["stage"] == "sft"
-    model, tok = load_pretrained(trainutil.latest_checkpoint(sft_run))
+    model, tok = load_pretrained(runs.latest_checkpoint(sft_run))
     assert model.num_params() > 5e5 and tok is not None
 
 
@@ -146,7 +146,7 @@ def test_sft_resume_reproduces_the_uninterrupted_metrics(sft_run, tmp_path, monk
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
 def test_rl_stages_run_from_the_sft_checkpoint_and_resume_exactly(stage, sft_run, tmp_path, monkeypatch):
     runner = rl.train_rl
-    start = trainutil.latest_checkpoint(sft_run)
+    start = runs.latest_checkpoint(sft_run)
     args = [f"--stage={stage}", "--steps=4", f"--model={start}", "--preset=tiny", *RL]
     full = tmp_path / "full"
     runner(resolve(args + [f"--out={full}"]))
@@ -178,7 +178,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert rc == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "step-000001" in err
-    assert trainutil.latest_checkpoint(out).name == "step-000001"
+    assert runs.latest_checkpoint(out).name == "step-000001"
 
 
 def test_unknown_options_and_missing_data_are_refused(tmp_path, capsys):

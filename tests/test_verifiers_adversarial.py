@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 
-from minir1ci.tasks import Example, bbh, builtin, resolve_data_dir, symbench
-from minir1ci.tasks import symbench_plan as plan
-from minir1ci.tasks import symbench_verify as v
-from minir1ci.tasks.answers import int_list, list_items, parse_int, parse_number
+from minir1ci.env.tasks import Example, bbh, builtin, resolve_data_dir, symbench
+from minir1ci.env.tasks import symbench_plan as plan
+from minir1ci.env.tasks import symbench_verify as v
+from minir1ci.env.tasks.answers import int_list, list_items, parse_int, parse_number
 
 try:
     ROOT = resolve_data_dir()

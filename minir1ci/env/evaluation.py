@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from .interpreter import RolloutParams, prompt_ids, run_rollouts
+from minir1ci.env.interpreter import RolloutParams, prompt_ids, run_rollouts
 
 COLUMNS = ("accuracy", "pass@k", "code_use", "code_calls", "response_tokens", "truncated")
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import prompts
-from .engine import Sampler, SamplingParams
+from minir1ci.env import prompts
+from minir1ci.inference.engine import Sampler, SamplingParams
 
 FINISH_REASONS = ("eos", "answer", "max_code_calls", "length")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minir1ci import prompts
+from minir1ci.env import prompts
 
 
 @dataclass(frozen=True)

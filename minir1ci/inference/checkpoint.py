@@ -42,8 +42,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .model import ModelConfig, Qwen2ForCausalLM, RotaryEmbedding
-from .tokenizer import Tokenizer
+from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM, RotaryEmbedding
+from minir1ci.inference.tokenizer import Tokenizer
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"

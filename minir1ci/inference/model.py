@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .kernels import attention as attn_kernels
-from .logprobs import token_logprobs
+from minir1ci.inference.kernels import attention as attn_kernels
+from minir1ci.inference.logprobs import token_logprobs
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
-from minir1ci import prompts
-from minir1ci.tokenizer import (DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, SPECIAL_TOKENS,
+from minir1ci.env import prompts
+from minir1ci.inference.tokenizer import (DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, SPECIAL_TOKENS,
                                 Tokenizer, byte_level_bpe, qwen_pre_tokenizer)
 
 TRAINED_WITH = "0.23.3"  # tokenizers version that produced the committed files

@@ -13,10 +13,10 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from . import distributed as dist
-from .losses import kl_penalty
-from .model import Qwen2Model
-from .trainutil import load_trainer_state
+from minir1ci.training import distributed as dist
+from minir1ci.training.losses import kl_penalty
+from minir1ci.inference.model import Qwen2Model
+from minir1ci.training.runs import load_trainer_state
 
 
 class Critic(nn.Module):

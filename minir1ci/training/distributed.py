@@ -170,7 +170,7 @@ def unsharded_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> 
     if not is_sharded(model) and dtype in (None, next(model.parameters()).dtype):
         return model
     dtype = dtype or COMPUTE_DTYPE
-    from .model import Qwen2ForCausalLM  # fully_shard swapped the class of `model` for an FSDP one
+    from minir1ci.inference.model import Qwen2ForCausalLM  # fully_shard swapped the class of `model` for an FSDP one
 
     with torch.device("meta"):
         copy = Qwen2ForCausalLM(model.config)

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from minir1ci.logprobs import entropy_from_logits  # noqa: F401  (the entropy bonus's input)
+from minir1ci.inference.logprobs import entropy_from_logits  # noqa: F401  (the entropy bonus's input)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 4.9e8: finite in fp32, so ratios never overflow

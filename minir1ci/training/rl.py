@@ -31,18 +31,18 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed as dist
-from .critic import batch_values, make_critic, token_rewards
-from .data import pad_batch
-from .interpreter import RolloutParams, prompt_ids, run_rollouts
-from .losses import (aggregate, cispo_loss, gae, global_denominator, grpo_advantages, gspo_loss, kl_penalty,
+from minir1ci.training import distributed as dist
+from minir1ci.training.critic import batch_values, make_critic, token_rewards
+from minir1ci.training.data import pad_batch
+from minir1ci.env.interpreter import RolloutParams, prompt_ids, run_rollouts
+from minir1ci.training.losses import (aggregate, cispo_loss, gae, global_denominator, grpo_advantages, gspo_loss, kl_penalty,
                      masked_mean, masked_sum, masked_whiten, mismatch_sums, policy_loss, sequence_in_bounds,
                      step_denominator, tis_weights, value_loss)
-from .prompts import extract_answer, pending_code
-from .rewards import RewardConfig, compute_reward
-from .sandbox import Sandbox
-from .tasks import load_tasks
-from .trainutil import (MetricsLog, autocast_for, check_finite, frozen_reference, load_start_model, load_trainer_state,
+from minir1ci.env.prompts import extract_answer, pending_code
+from minir1ci.env.rewards import RewardConfig, compute_reward
+from minir1ci.env.sandbox import Sandbox
+from minir1ci.env.tasks import load_tasks
+from minir1ci.training.runs import (MetricsLog, autocast_for, check_finite, frozen_reference, load_start_model, load_trainer_state,
                         lr_factor, make_optimizer, restore_optimizers, save_run_checkpoint, set_lr, setup_run,
                         step_seed)
 

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, distributed as dist
+from minir1ci.inference import checkpoint
+from minir1ci.training import distributed as dist
 
 LOCK_FILE = ".lock"
 
@@ -99,7 +100,7 @@ def _on_main(fn, *args) -> None:
 
 def check_inputs(cfg, device: torch.device) -> None:
     """What a run reads, checked before it writes: dtype, run directory, start checkpoint, tasks."""
-    from .tasks import task_names
+    from minir1ci.env.tasks import task_names
 
     autocast_for(device, cfg.dtype)              # an unknown dtype name raises here
     check_run_dir(cfg.run_dir(), cfg.resume)
@@ -188,15 +189,15 @@ def interrupted_message() -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    from .cli import check_available
-    from .devices import resolve_device as resolve
+    from minir1ci.cli import check_available
+    from minir1ci.inference.devices import resolve_device as resolve
     return check_available(resolve(name, dist.local_rank()))
 
 
 def autocast_for(device: torch.device, dtype: str):
     """bf16 autocast on CUDA (weights stay fp32 for the optimizer); fp32 on CPU unless asked
     (devices.train_autocast_dtype)."""
-    from .devices import train_autocast_dtype
+    from minir1ci.inference.devices import train_autocast_dtype
     amp = train_autocast_dtype(dtype, device)
     return nullcontext() if amp is None else torch.autocast(device_type=device.type, dtype=amp)
 
@@ -375,7 +376,7 @@ def load_start_model(cfg, device: torch.device):
     """(model, tokenizer, source, resume_dir) to train from: a resumed run, --model, or the default
     (see `start_source`). Rank 0 picks and every rank loads the same one. `resume_dir` is the
     checkpoint whose trainer state to restore."""
-    from . import presets
+    from minir1ci import presets
 
     source, resumed = start_source(cfg, shared_latest)
     if source is None:  # pretrain, or SFT with no pretrain run beside it

@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from . import distributed as dist
-from .data import copy_corpus, filter_by_length, load_jsonl, next_token_targets, oracle_samples, pad_batch
-from .tasks import load_tasks
-from .trainutil import (MetricsLog, autocast_for, check_finite, load_start_model, load_trainer_state, lr_factor,
+from minir1ci.training import distributed as dist
+from minir1ci.training.data import copy_corpus, filter_by_length, load_jsonl, next_token_targets, oracle_samples, pad_batch
+from minir1ci.env.tasks import load_tasks
+from minir1ci.training.runs import (MetricsLog, autocast_for, check_finite, load_start_model, load_trainer_state, lr_factor,
                         make_optimizer, open_run_dir, release_run_dir, restore_optimizers, save_run_checkpoint,
                         set_lr, start_run, step_seed)
 

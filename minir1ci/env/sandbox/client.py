@@ -4,12 +4,12 @@
         r = sb.run("import numpy as np\\nprint(np.arange(4).sum())")   # ExecResult(stdout='6\\n', status='ok', ...)
         rs = sb.run_many(codes)                                        # all cores busy, results in input order
 
-`Sandbox` spawns `_forkserver.py` (a clean `python -I` process, not a fork of the trainer) on first
+`Sandbox` spawns `server.py` (a clean `python -I` process, not a fork of the trainer) on first
 use and restarts it transparently if it dies. The server pre-imports math, itertools, collections,
 re, json, fractions, decimal, numpy and sympy (configurable) and keeps one init process per worker
 slot; each execution is a fresh fork of its slot's init, about 3 ms of CPU here instead of about
-0.8 s for a fresh interpreter with the same imports. `_forkserver.py` describes the processes;
-`run_code` below is what runs inside each execution.
+0.8 s for a fresh interpreter with the same imports. `child.py` describes the processes and holds
+`run_code`, what runs inside each execution.
 
 Result: `status` is "ok" (exit code 0, including `sys.exit(0)` and a bare `raise SystemExit`),
 "error" (uncaught exception or non-zero exit; the traceback is in stderr), "timeout" (wall clock,
@@ -36,7 +36,7 @@ slot's init is pid 1 of a PID namespace), a deadline on the server's clock (SIGK
 and RLIMIT_CPU, RLIMIT_AS per process, RLIMIT_FSIZE and NOFILE, output caps, an IPC namespace, no
 descriptor but stdin/stdout/stderr, a fresh /tmp and /dev/shm (tmpfs capped at `disk_bytes`,
 mounted anew whenever a run left a file), and memory inherited only from processes that never held
-another execution's request or output (see `_forkserver.py`). Per slot, shared in turn by its
+another execution's request or output (see `child.py`). Per slot, shared in turn by its
 executions: an unprivileged uid `uid_base + slot` (no capabilities, no_new_privs; RLIMIT_NPROC per
 uid), the PID namespace and its /proc, a network namespace with no interface up (abstract unix
 sockets reach no other slot). Per sandbox: a read-only root, the minimal environment the server
@@ -56,10 +56,8 @@ x86_64 and aarch64) keyrings persist per uid.
 """
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import json
-import linecache
 import os
 import random
 import re
@@ -71,14 +69,13 @@ import sys
 import threading
 import time
 import traceback
-import types
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 DEFAULT_PRELOAD = ("math", "itertools", "collections", "re", "json", "fractions", "decimal",
                    "random", "statistics", "functools", "heapq", "string", "numpy", "numpy.random", "sympy")
-_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_forkserver.py")
+_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "server.py")
 
 
 MAX_TIMEOUT = 86400.0  # seconds; a session's budget (one timeout per block) may exceed it
@@ -368,89 +365,6 @@ def _names_memory_error(stderr: str) -> bool:
     reads as "memory", just as one that raises MemoryError itself."""
     last = stderr.rstrip("\n").rpartition("\n")[2]
     return re.fullmatch(r"[\w.]*MemoryError(: .*)?", last) is not None
-
-
-class _Capture:
-    """Keeps the first and the last `keep // 2` bytes of a stream and counts the rest."""
-
-    def __init__(self, keep: int):
-        self.half, self.head, self.tail, self.total = keep // 2, bytearray(), bytearray(), 0
-
-    def add(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.half - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if data:
-            self.tail += data
-            if len(self.tail) > self.half:
-                del self.tail[:len(self.tail) - self.half]
-
-    def parts(self) -> tuple[str, str, int]:
-        """(head, tail, bytes omitted between them)."""
-        omitted = self.total - len(self.head) - len(self.tail)
-        return self.head.decode("utf-8", "replace"), self.tail.decode("utf-8", "replace"), omitted
-
-
-def run_code(code: str, prelude: list[str]) -> NoReturn:
-    """Inside an execution's user process (set up by `_forkserver`): run the code as `python -c`
-    would, in a fresh __main__, and leave with its exit code. Holds no descriptor but 0-2."""
-    sys.argv = ["-c"]
-    main = types.ModuleType("__main__")  # fresh globals; the server's __main__ stays untouched
-    main.__builtins__ = builtins
-    sys.modules["__main__"] = main
-    if prelude:  # session replay: earlier blocks run silently, their errors ignored
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-        for i, block in enumerate(prelude):
-            try:
-                exec(_compile(block, f"<block {i + 1}>"), main.__dict__)
-            except BaseException:  # noqa: BLE001 - they were reported when they first ran
-                pass
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-    try:
-        exec(_compile(code, "<string>"), main.__dict__)
-        rc = 0
-    except SystemExit as exc:
-        rc = _exit_code(exc)
-    except BaseException as exc:  # noqa: BLE001 - printed like the interpreter does
-        rc = 1
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next  # our frames: the traceback starts in the code, as with `python -c`
-        _safe(lambda: traceback.print_exception(type(exc), exc, tb, limit=-1000))  # as the C printer
-    _safe(sys.stdout.flush)
-    _safe(sys.stderr.flush)
-    os._exit(rc)  # no interpreter shutdown: leftover threads and atexit hooks are dropped
-
-
-def _exit_code(exc: SystemExit) -> int:
-    """The exit status `python -c` gives an uncaught SystemExit: code None -> 0; an int is converted
-    to a C long (255 when it does not fit: the conversion fails to -1), then to its low byte; any
-    other code is printed to stderr and gives 1. Never raises, whatever the code's class does."""
-    try:
-        code = exc.code
-        if code is None:
-            return 0
-        if isinstance(code, int):
-            code = int.__index__(code)  # the plain value, whatever a subclass overrides
-            return code & 0xFF if -2**63 <= code < 2**63 else 255
-        print(code, file=sys.stderr)
-    except BaseException:  # noqa: BLE001 - reporting must never mask the exit
-        pass
-    return 1
-
-
-def _compile(source: str, name: str) -> types.CodeType:
-    linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # traceback lines
-    return compile(source, name, "exec")
-
-
-def _safe(fn) -> None:
-    try:
-        fn()
-    except BaseException:  # noqa: BLE001 - reporting must never mask the exit code
-        pass
 
 
 def _read_frame(stream) -> dict | None:

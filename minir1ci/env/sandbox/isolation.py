@@ -1,5 +1,5 @@
-"""Kernel plumbing for the sandbox's fork server (`_forkserver.py`): libc calls, a lean fork, and
-setting up the isolation layers the kernel allows (see that file for what each layer is for).
+"""Kernel plumbing for the sandbox's fork server (`server.py`, `child.py`): libc calls, a lean fork, and
+setting up the isolation layers the kernel allows (see those files for what each layer is for).
 
 Imported by the server only, which runs with `python -I`; stdlib only.
 """

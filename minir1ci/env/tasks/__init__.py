@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from minir1ci import prompts
+from minir1ci.env import prompts
 
 SOURCES = ("builtin", "symbench", "bbh", "gym")
 SPLITS = (None, "train", "test")
@@ -126,7 +126,7 @@ def run_trusted(code: str) -> tuple[str, str]:
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """--data DIR, else $MINIR1CI_DATA, else ../shared/data beside the repository."""
     if data_dir is None:
-        data_dir = os.environ.get("MINIR1CI_DATA") or Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+        data_dir = os.environ.get("MINIR1CI_DATA") or Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
     path = Path(data_dir).resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"data directory {path} does not exist; pass --data DIR or set MINIR1CI_DATA "
@@ -165,8 +165,8 @@ def _subset(examples: list[Example], limit: int | None, seed: int, task: str) ->
 
 def _expand(source: str, name: str, root: Path | None) -> list[str]:
     """The task names a spec entry stands for; unknown names raise, listing the valid ones."""
-    from minir1ci.tasks import bbh, builtin, gym, symbench
-    from minir1ci.tasks import split as paper_split
+    from minir1ci.env.tasks import bbh, builtin, gym, symbench
+    from minir1ci.env.tasks import split as paper_split
 
     if source == "builtin":
         known = list(builtin.FAMILIES)
@@ -188,7 +188,7 @@ def task_names(spec: str, data_dir: str | os.PathLike | None = None, split: str 
     """The "source:name" tasks `spec` stands for in `split`, without loading a question. Raises
     ValueError naming the entry that stands for no task (e.g. symbench:all over a folder without
     SymBench data), so a bad spec fails before any work."""
-    from minir1ci.tasks import split as paper_split
+    from minir1ci.env.tasks import split as paper_split
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -205,7 +205,7 @@ def task_names(spec: str, data_dir: str | os.PathLike | None = None, split: str 
         if source != "builtin" and split is not None:
             names = [n for n in names if paper_split.split_of(f"{source}:{n}") == split]
             if not names:
-                raise ValueError(f"{source}:{name} has no {split} task in minir1ci/tasks/split.py")
+                raise ValueError(f"{source}:{name} has no {split} task in minir1ci/env/tasks/split.py")
         out += [f"{source}:{n}" for n in names if f"{source}:{n}" not in out]
     return out
 
@@ -219,7 +219,7 @@ def load_tasks(spec: str, data_dir: str | os.PathLike | None = None, split: str 
     and for gym the dataset size (default `gym.DEFAULT_SIZE`). `split` is None,
     "train" or "test" (see the module docstring).
     """
-    from minir1ci.tasks import bbh, builtin, gym, symbench
+    from minir1ci.env.tasks import bbh, builtin, gym, symbench
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")

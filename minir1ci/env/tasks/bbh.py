@@ -18,8 +18,8 @@ import json
 import re
 from pathlib import Path
 
-from minir1ci.tasks import Example
-from minir1ci.tasks.answers import normalize_text, parse_int, strip_quotes
+from minir1ci.env.tasks import Example
+from minir1ci.env.tasks.answers import normalize_text, parse_int, strip_quotes
 
 _CHOICE_RE = re.compile(r"^\(([A-R])\)$")
 _OPTION_LINE_RE = re.compile(r"^\(([A-R])\)\s*(.+)$", re.M)

@@ -29,8 +29,8 @@ import random
 import re
 import string
 
-from minir1ci.tasks import Example, Oracle
-from minir1ci.tasks.answers import expression_reaches, int_list, parse_int, strip_quotes
+from minir1ci.env.tasks import Example, Oracle
+from minir1ci.env.tasks.answers import expression_reaches, int_list, parse_int, strip_quotes
 
 FAMILIES = ("mul", "add", "letters", "sort", "base", "date", "game24")
 DEFAULT_COUNT = 500

@@ -25,11 +25,11 @@ import re
 import warnings
 from pathlib import Path
 
-from minir1ci.tasks import Example
-from minir1ci.tasks import symbench_plan as plan
-from minir1ci.tasks import symbench_verify as v
-from minir1ci.tasks.builtin import solve_game24
-from minir1ci.tasks.symbench_verify import last_boxed
+from minir1ci.env.tasks import Example
+from minir1ci.env.tasks import symbench_plan as plan
+from minir1ci.env.tasks import symbench_verify as v
+from minir1ci.env.tasks.builtin import solve_game24
+from minir1ci.env.tasks.symbench_verify import last_boxed
 
 ANSWER_HINT = "\nReturn your final answer with the format <<<answer>>>."
 

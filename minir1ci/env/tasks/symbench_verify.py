@@ -19,8 +19,8 @@ import math
 import re
 from fractions import Fraction
 
-from minir1ci.tasks import Example
-from minir1ci.tasks.answers import (expression_reaches, int_list, list_items, normalize_text, numbers_match, parse_int,
+from minir1ci.env.tasks import Example
+from minir1ci.env.tasks.answers import (expression_reaches, int_list, list_items, normalize_text, numbers_match, parse_int,
                                     parse_number, strip_quotes)
 
 # ---- exact answers ------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The KV-cached batched sampler (see sampler.py for the API and how the pieces fit)."""
-from .sampler import Sampler
-from .sequence import Completion, SamplingParams
+from minir1ci.inference.engine.sampler import Sampler
+from minir1ci.inference.engine.sequence import Completion, SamplingParams
 
 __all__ = ["Sampler", "SamplingParams", "Completion"]

@@ -31,7 +31,7 @@ from collections import OrderedDict
 
 import torch
 
-from .sequence import Sequence
+from minir1ci.inference.engine.sequence import Sequence
 
 
 def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:

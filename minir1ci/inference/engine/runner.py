@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..model import AttnMeta
-from .block_manager import BlockManager
-from .sequence import Sequence
+from minir1ci.inference.model import AttnMeta
+from minir1ci.inference.engine.block_manager import BlockManager
+from minir1ci.inference.engine.sequence import Sequence
 
 
 def _cdiv(a: Tensor | int, b: int):

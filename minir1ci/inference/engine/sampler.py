@@ -49,12 +49,12 @@ from collections.abc import Sequence as SequenceABC
 import torch
 from torch import nn
 
-from ..model import forget_fused_weights
-from .block_manager import BlockManager, kv_block_bytes
-from .runner import ModelRunner
-from .sampling import sample
-from .scheduler import Scheduler
-from .sequence import Completion, SamplingParams, Sequence, Status
+from minir1ci.inference.model import forget_fused_weights
+from minir1ci.inference.engine.block_manager import BlockManager, kv_block_bytes
+from minir1ci.inference.engine.runner import ModelRunner
+from minir1ci.inference.engine.sampling import sample
+from minir1ci.inference.engine.scheduler import Scheduler
+from minir1ci.inference.engine.sequence import Completion, SamplingParams, Sequence, Status
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sequence import SamplingParams
+from minir1ci.inference.engine.sequence import SamplingParams
 
 
 def mask_top_k(logits: Tensor, top_k: Tensor) -> Tensor:

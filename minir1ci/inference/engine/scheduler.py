@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from .block_manager import BlockManager
-from .sequence import Sequence, Status
+from minir1ci.inference.engine.block_manager import BlockManager
+from minir1ci.inference.engine.sequence import Sequence, Status
 
 
 class Scheduler:

@@ -55,7 +55,7 @@ def _use_triton(x: Tensor) -> bool:
     # triton.jit picks the interpreter when a kernel is decorated (TRITON_INTERPRET=1 at import).
     if not x.is_cuda and type(_prefill_kernel).__name__ != "InterpretedFunction":
         raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 set before importing "
-                           "minir1ci.kernels.attention")
+                           "minir1ci.inference.kernels.attention")
     return True
 
 

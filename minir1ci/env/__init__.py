@@ -1,0 +1,1 @@
+"""The environment: prompts, tasks and their verifiers, the sandbox, interpreter rollouts, rewards, evaluation."""

@@ -1,0 +1,327 @@
+"""The processes below the sandbox's fork server (server.py), and the code run inside each execution.
+
+    server ─fork─> zygote: forked before the server reads any request, so it never holds one nor
+                   any output; forks every slot init, first ones and respawns alike
+                   └─fork─> slot init: root, pid 1 of the slot's PID namespace, own network namespace
+                            (no interface up), own mount namespace with /proc and capped tmpfs on
+                            /tmp (the workdir) and /dev/shm; dies with the zygote; never reads a
+                            request or an output either
+                            └─fork─> user (one per request): reads its own request, then gets a fresh
+                                     IPC namespace, rlimits, the slot's uid, closes every descriptor
+                                     but 0-2, and runs the code (`run_code`)
+                   then the init kills everything else in its namespace (kill(-1) from pid 1: setsid'd
+                   grandchildren, fork bombs), reaps it all, mounts fresh tmpfs if the run left any
+                   file (it counts inodes, never reads names), and reports the user's wait status.
+
+So every execution forks from processes that never held another execution's data. Without PID
+namespaces, inits and zygote are child subreapers that kill the process group, then every orphan
+that reaches them. Stdlib only: imported by the server, which runs with `python -I`.
+"""
+from __future__ import annotations
+
+import builtins
+import json
+import linecache
+import math
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import traceback
+import types
+from typing import NoReturn
+
+from minir1ci.env.sandbox.isolation import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, MNT_DETACH,
+                                            MS_NODEV, MS_NOEXEC, MS_NOSUID, PR_SET_CHILD_SUBREAPER,
+                                            PR_SET_PDEATHSIG, fork, fresh_tmp, libc, prctl)
+
+CTRL_IN, CTRL_OUT = 3, 4  # the server's request and result fds
+REQ_FD, STATUS_FD = 3, 4  # in a slot init (0-2 are stdin, stdout, stderr)
+USER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "HOME": "/tmp",
+            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def zygote_main(sock_fd: int, server: int, cfg: dict, iso: dict) -> None:
+    """Fork slot inits on the server's demand: a slot index and the init's four pipe ends arrive on
+    the socket, the init's pid goes back. The previous init of that slot is reaped only then (the
+    server has seen it die), so its pid cannot be reused while the server might still signal it."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server died: so do we, and the inits with us
+    if os.getppid() != server:
+        os._exit(0)
+    os.dup2(sock_fd, CTRL_IN)  # replaces the server's request pipe; fd 4, its result pipe, closes
+    os.closerange(CTRL_IN + 1, os.sysconf("SC_OPEN_MAX"))
+    sock = socket.socket(fileno=CTRL_IN)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if iso["pid_ns"] else -1
+    if not iso["pid_ns"]:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # a dead init's orphans come to us
+    inits: dict[int, int] = {}  # slot -> pid of its init
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 4, 4)
+        if len(msg) < 4:
+            os._exit(0)  # the server closed its end
+        (slot,) = struct.unpack("<I", msg)
+        if slot in inits:
+            os.waitpid(inits.pop(slot), 0)
+        if not iso["pid_ns"]:  # its user process and theirs are now our orphans
+            _sweep(set(inits.values()))
+        pid = -1
+        try:
+            if iso["pid_ns"]:
+                libc("unshare", CLONE_NEWPID)  # our next child is pid 1 of a fresh namespace
+            pid = fork()
+        finally:
+            if iso["pid_ns"] and pid != 0:
+                libc("setns", own_pidns, CLONE_NEWPID)  # later children: back in our namespace
+        if pid == 0:
+            try:
+                _slot_main(slot, tuple(fds), cfg, iso)
+            finally:
+                os._exit(70)
+        for fd in fds:
+            os.close(fd)
+        inits[slot] = pid
+        sock.send(struct.pack("<i", pid))
+
+
+def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
+    """Pid 1 of the slot's namespace: per request, fork the user process, then clean up after it."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote died: so does the namespace
+    null = os.open(os.devnull, os.O_RDWR)
+    for src, dst in zip((null, *fds), range(5)):  # sources are >= 4: the zygote keeps 0-3 open
+        os.dup2(src, dst)
+    os.closerange(5, os.sysconf("SC_OPEN_MAX"))
+    os.setsid()
+    failed, clean = None, (0, 0)
+    opts = f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=1777"
+    try:
+        if iso["net_ns"]:  # abstract unix sockets and the like reach no other slot
+            libc("unshare", CLONE_NEWNET)
+        if iso["mount_ns"]:  # the slot's own /tmp (the workdir) and /dev/shm, fresh after any run that wrote
+            libc("unshare", CLONE_NEWNS)
+            if iso["pid_ns"]:  # a /proc that shows only this namespace
+                libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            clean = _fresh_tmpfs(opts, remount=False)
+    except OSError:  # every request then fails with the reason (a respawn would fail the same way)
+        failed = f"sandbox set-up failed:\n{traceback.format_exc()}"
+    if not iso["pid_ns"]:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us instead of the host's init
+    poll = select.poll()
+    poll.register(REQ_FD, select.POLLIN)
+    while all(events & select.POLLIN for _, events in poll.poll()):  # a request waits (not read here)
+        workdir = "/tmp" if iso["mount_ns"] else tempfile.mkdtemp(dir=cfg["scratch"])
+        # Forked children would share one random state (`random` reseeds only after os.fork, numpy
+        # never): reseed here, before the fork, so the user process touches none of those pages.
+        # An int seed keeps numpy on its cheap C path. A session's seed is set in the user process.
+        seed = int.from_bytes(os.urandom(4), "little")
+        for name in ("random", "numpy.random"):
+            if name in sys.modules:
+                sys.modules[name].seed(seed)
+        pid = fork()
+        if pid == 0:
+            _user_main(slot, cfg, iso, workdir, failed)
+        _, status = os.waitpid(pid, 0)
+        if iso["pid_ns"]:
+            ignore(os.kill, -1, signal.SIGKILL)  # from pid 1: every other process of the namespace
+            while True:
+                try:
+                    os.waitpid(-1, 0)
+                except ChildProcessError:
+                    break
+        else:
+            ignore(os.killpg, pid, signal.SIGKILL)
+            _sweep(set())
+        if iso["mount_ns"] and not failed and _inodes() != clean:  # every writer is dead
+            try:
+                clean = _fresh_tmpfs(opts, remount=True)
+            except OSError:  # retire the slot: the server reports this run as lost and respawns it
+                os._exit(0)
+        elif not iso["mount_ns"]:  # in a child, so that the names of its files never enter our memory
+            if (cleaner := fork()) == 0:
+                shutil.rmtree(workdir, ignore_errors=True)
+                os._exit(0)
+            os.waitpid(cleaner, 0)
+        os.write(STATUS_FD, struct.pack("<i", status))
+    os._exit(0)
+
+
+def _fresh_tmpfs(opts: str, remount: bool) -> tuple[int, int]:
+    """Mount empty tmpfs on /tmp and /dev/shm (first detaching the used ones, with everything in
+    them); returns their inode counts, which differ after a run exactly when it left something."""
+    if remount:
+        libc("umount2", "/tmp", MNT_DETACH)
+        libc("umount2", "/dev/shm", MNT_DETACH)
+    fresh_tmp(opts)
+    libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    return _inodes()
+
+
+def _inodes() -> tuple[int, int]:
+    used = [os.statvfs(p) for p in ("/tmp", "/dev/shm")]
+    return tuple(st.f_files - st.f_ffree for st in used)
+
+
+def _sweep(keep: set[int]) -> None:
+    """Kill our children except `keep`, and the orphans that reach us (a subreaper) as they die."""
+    for _ in range(1000):
+        strays = [pid for pid in _children() if pid not in keep]
+        for pid in strays:
+            ignore(os.killpg, pid, signal.SIGKILL)
+            ignore(os.kill, pid, signal.SIGKILL)
+        for pid in strays:
+            ignore(os.waitpid, pid, 0)
+        if not strays:
+            return
+
+
+def _children() -> list[int]:
+    kids, me = [], os.getpid()
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:  # field 4, after the ")" of the name
+                kids += [int(name)] if int(f.read().rsplit(b")", 1)[1].split()[1]) == me else []
+        except OSError:
+            pass
+    return kids
+
+
+# ---------------------------------------------------------------- the user process (one per execution)
+
+def _user_main(slot: int, cfg: dict, iso: dict, workdir: str, failed: str | None):
+    """Read the request, set up as root (mounts, limits), drop to the slot's uid, run the code.
+    Never returns."""
+    try:
+        req = read_frame(REQ_FD)  # here, not in the init: the next execution forks from the init
+        os.closerange(REQ_FD, os.sysconf("SC_OPEN_MAX"))  # the init's request and status pipes
+        if failed:  # the slot's set-up failed: every request reports why
+            os.write(2, failed.encode())
+            os._exit(71)
+        if req is None:
+            raise RuntimeError("no request")
+        os.setsid()  # kill(0, sig) reaches only this process group
+        if not iso["pid_ns"]:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # no namespace to take us along
+        if req["seed"] is not None:  # a session: the same draws when its blocks are replayed
+            for name in ("random", "numpy.random"):
+                if name in sys.modules:
+                    sys.modules[name].seed(req["seed"] % 2**32)
+        if iso["mount_ns"]:  # SysV IPC objects and POSIX queues die with us; code still running as
+            # root (no uid to drop to) gets its own mounts and network too, or its changes would last
+            root_only = 0 if iso["uid"] else CLONE_NEWNS | (CLONE_NEWNET if iso["net_ns"] else 0)
+            libc("unshare", CLONE_NEWIPC | root_only)
+        lim, cpu = cfg["limits"], math.ceil(req["timeout"] * (1 + len(req["prelude"]))) + 1
+        limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_CORE, (0, 0)),
+                  (resource.RLIMIT_AS, (lim["memory_bytes"],) * 2),
+                  (resource.RLIMIT_FSIZE, (lim["file_bytes"],) * 2),
+                  (resource.RLIMIT_NOFILE, (lim["open_files"],) * 2)]
+        if iso["uid"]:  # NPROC counts all processes of a uid: only meaningful for our own uids
+            limits.append((resource.RLIMIT_NPROC, (lim["processes"],) * 2))
+        for res, value in limits:
+            resource.setrlimit(res, value)
+        if iso["uid"]:
+            uid = cfg["uid_base"] + slot
+            if workdir != "/tmp":
+                os.chown(workdir, uid, uid)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)  # drops every capability; RLIMIT_NPROC now binds
+        os.chdir(workdir)
+        if workdir != "/tmp":
+            os.environ["HOME"] = workdir  # the rest of USER_ENV is the server's own environment
+    except BaseException:  # noqa: BLE001 - any set-up failure becomes the result
+        os.write(2, f"sandbox set-up failed:\n{traceback.format_exc()}".encode())
+        os._exit(71)
+    run_code(req["code"], req["prelude"])
+
+
+# ---------------------------------------------------------------- inside the user process
+
+def run_code(code: str, prelude: list[str]) -> NoReturn:
+    """Inside an execution's user process (set up by `user_main`): run the code as `python -c`
+    would, in a fresh __main__, and leave with its exit code. Holds no descriptor but 0-2."""
+    sys.argv = ["-c"]
+    main = types.ModuleType("__main__")  # fresh globals; the server's __main__ stays untouched
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    if prelude:  # session replay: earlier blocks run silently, their errors ignored
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        for i, block in enumerate(prelude):
+            try:
+                exec(_compile(block, f"<block {i + 1}>"), main.__dict__)
+            except BaseException:  # noqa: BLE001 - they were reported when they first ran
+                pass
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    try:
+        exec(_compile(code, "<string>"), main.__dict__)
+        rc = 0
+    except SystemExit as exc:
+        rc = _exit_code(exc)
+    except BaseException as exc:  # noqa: BLE001 - printed like the interpreter does
+        rc = 1
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next  # our frames: the traceback starts in the code, as with `python -c`
+        _safe(lambda: traceback.print_exception(type(exc), exc, tb, limit=-1000))  # as the C printer
+    _safe(sys.stdout.flush)
+    _safe(sys.stderr.flush)
+    os._exit(rc)  # no interpreter shutdown: leftover threads and atexit hooks are dropped
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The exit status `python -c` gives an uncaught SystemExit: code None -> 0; an int is converted
+    to a C long (255 when it does not fit: the conversion fails to -1), then to its low byte; any
+    other code is printed to stderr and gives 1. Never raises, whatever the code's class does."""
+    try:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            code = int.__index__(code)  # the plain value, whatever a subclass overrides
+            return code & 0xFF if -2**63 <= code < 2**63 else 255
+        print(code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - reporting must never mask the exit
+        pass
+    return 1
+
+
+def _compile(source: str, name: str) -> types.CodeType:
+    linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # traceback lines
+    return compile(source, name, "exec")
+
+
+def _safe(fn) -> None:
+    try:
+        fn()
+    except BaseException:  # noqa: BLE001 - reporting must never mask the exit code
+        pass
+
+
+def ignore(fn, *args) -> None:
+    try:
+        fn(*args)
+    except (ProcessLookupError, ChildProcessError, PermissionError):
+        pass
+
+
+def read_frame(fd: int) -> dict | None:
+    """Blocking read of one length-prefixed JSON frame; None at EOF."""
+    buf, need = b"", 4
+    while len(buf) < need:
+        chunk = os.read(fd, need - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+        if len(buf) == 4 == need:
+            buf, need = b"", struct.unpack(">I", buf)[0]
+    return json.loads(buf)
+
+
+def write_frame(fd: int, obj: dict) -> None:
+    data = json.dumps(obj).encode()
+    data = struct.pack(">I", len(data)) + data
+    while data:
+        data = data[os.write(fd, data):]
