@@ -13,18 +13,18 @@ import json
 import os
 import sys
 
-from minir1ci.cli import ArgumentParser, add_sampling_args, fail
+from minir1ci.cli import ArgumentParser, add_rollout_args, fail
 
 PROG = "evaluate.py"
 
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    ap.add_argument("--model")
-    ap.add_argument("--tasks", default="builtin:all")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
-    add_sampling_args(ap, n=1, temperature=0.6)
+    ap.add_argument("--model", help="HF-format checkpoint directory")
+    ap.add_argument("--tasks", default="builtin:all", help="task spec, e.g. builtin:all or symbench:game24,bbh:navigate")
+    ap.add_argument("--out", default=None, help="write the summary as JSON here")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two summaries side by side")
+    add_rollout_args(ap, n=1, temperature=0.6)
     args = ap.parse_args(argv)
 
     from minir1ci.env.evaluation import check_summary, format_comparison, format_table
@@ -42,12 +42,15 @@ def main(argv=None) -> int:
     if not args.model:
         ap.error("--model is required (or use --compare A.json B.json)")
 
-    from minir1ci.cli import ProgressBar, load_examples_model_params
+    from minir1ci.cli import ProgressBar, load_inputs
     from minir1ci.env.evaluation import evaluate_examples
+    from minir1ci.env.interpreter import RolloutParams
     from minir1ci.env.sandbox import Sandbox
 
-    examples, model, tokenizer, params = load_examples_model_params(args, PROG)
-    with Sandbox(timeout=args.exec_timeout) as sandbox:
+    examples, model, tokenizer = load_inputs(PROG, args.model, args.tasks, args.data, args.split, args.limit,
+                                             args.seed, args.device, args.dtype, args.out)
+    params = RolloutParams.from_options(vars(args))
+    with Sandbox(timeout=params.exec_timeout) as sandbox:
         summary, _ = evaluate_examples(model, tokenizer, sandbox, examples, args.n, params,
                                        progress=ProgressBar("evaluate", "traj"))
     summary.update(model=args.model, use_code=args.use_code, temperature=args.temperature, tasks_spec=args.tasks)

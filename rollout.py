@@ -1,12 +1,12 @@
 """Sample code-interpreter trajectories and write them as JSONL.
 
     python rollout.py --model PATH --tasks SPEC [--data DIR] --n 5 --limit N --out FILE.jsonl \
-        [--temperature T] [--top_p P] [--max_new_tokens M] [--max_code_calls K] [--no-interpreter]
+        [--temperature T] [--top_p P] [--max_new_tokens M] [--max_code_calls K] [--no-interpreter] [--reward_plain]
 
 One JSON line per trajectory: prompt_ids, response_ids, loss_mask (1 = sampled by the model, 0 =
 inserted interpreter output), logprobs (the sampler's, 0 on inserted tokens), reward, task, id,
 num_code_calls, finish_reason, text, and code_blocks (each block's code and result). The lines can
-be fed back to `train.py --stage sft --sft_data FILE.jsonl` (rejection sampling). Each line is
+be fed back to `train.py --stage sft --sft_data FILE.jsonl --sft_min_reward 1` (rejection sampling). Each line is
 written as its trajectory finishes, so a crash keeps the finished ones; at the end the file is
 rewritten grouped by question (n lines per question, in task order). A closing summary gives tokens/s, executions/s, the code-call histogram and accuracy.
 """
@@ -16,7 +16,7 @@ import sys
 import time
 from collections import Counter
 
-from minir1ci.cli import ArgumentParser, add_sampling_args
+from minir1ci.cli import ArgumentParser, add_rollout_args
 
 PROG = "rollout.py"
 
@@ -26,17 +26,20 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="HF-format checkpoint directory")
     ap.add_argument("--tasks", required=True, help="task spec, e.g. builtin:all or symbench:game24,bbh:navigate")
     ap.add_argument("--out", required=True, help="output JSONL file")
-    add_sampling_args(ap, n=5, temperature=1.0)
+    add_rollout_args(ap, n=5, temperature=1.0)
+    ap.add_argument("--reward_plain", action="store_true", help="reward = correctness alone (no format or turn terms)")
     args = ap.parse_args(argv)
 
-    from minir1ci.cli import ProgressBar, load_examples_model_params
-    from minir1ci.env.interpreter import prompt_ids, run_rollouts
+    from minir1ci.cli import ProgressBar, load_inputs
+    from minir1ci.env.interpreter import RolloutParams, prompt_ids, run_rollouts
     from minir1ci.env.rewards import RewardConfig, compute_reward
     from minir1ci.env.sandbox import Sandbox
 
-    examples, model, tokenizer, params = load_examples_model_params(args, PROG)
-    prompts = prompt_ids(tokenizer, examples, args.use_code)
-    rcfg = RewardConfig()
+    examples, model, tokenizer = load_inputs(PROG, args.model, args.tasks, args.data, args.split, args.limit,
+                                             args.seed, args.device, args.dtype, args.out)
+    params = RolloutParams.from_options(vars(args))
+    prompts = prompt_ids(tokenizer, examples, params.use_code)
+    rcfg = RewardConfig(plain=args.reward_plain)
     records: dict[int, str] = {}   # trajectory index -> its JSON line
     scores: dict[int, float] = {}
 
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
         f.flush()
 
     t0 = time.time()
-    with open(args.out, "w") as f, Sandbox(timeout=args.exec_timeout) as sandbox:
+    with open(args.out, "w") as f, Sandbox(timeout=params.exec_timeout) as sandbox:
         trajs = run_rollouts(model, tokenizer, sandbox, prompts, args.n, params,
                              progress=ProgressBar("rollout", "traj"), on_finish=lambda k, tr: write(k, tr, f))
     elapsed = time.time() - t0

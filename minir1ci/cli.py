@@ -1,6 +1,5 @@
 """Small helpers shared by the command-line scripts (rollout.py, evaluate.py): their common flags with
-range checks, one-line errors, a progress bar, loading a model with clear errors, and the device
-choice made once, at the edge.
+range checks, one-line errors, a progress bar, and loading the model and tasks with clear errors.
 
 Every bad input ends the same way, before any work: one stderr line `PROG: error: WHAT`, exit 2
 for a bad flag (argparse) and 1 for a bad file, directory or device (`fail`)."""
@@ -48,21 +47,24 @@ def number(kind: type, low: float, high: float | None = None, low_open: bool = F
     return parse
 
 
-def add_sampling_args(ap: argparse.ArgumentParser, n: int, temperature: float) -> None:
-    """The flags rollout.py and evaluate.py share, each with its range."""
-    ap.add_argument("--data", default=None, help="root holding symbench/ and bbh/")
-    ap.add_argument("--split", default="test", choices=["train", "test", "all"])
+def add_rollout_args(ap: argparse.ArgumentParser, n: int, temperature: float) -> None:
+    """The flags rollout.py and evaluate.py share, each with its range; the RolloutParams fields
+    among them keep their names (`RolloutParams.from_options(vars(args))`)."""
+    ap.add_argument("--data", default=None, help="root holding symbench/ and bbh/ (default $MINIR1CI_DATA)")
+    ap.add_argument("--split", default="test", choices=["train", "test", "all"], help="which questions")
     ap.add_argument("--n", type=number(int, 1), default=n, help="samples per question")
     ap.add_argument("--limit", type=number(int, 1), default=None, help="questions per task")
     ap.add_argument("--temperature", type=number(float, 0.0), default=temperature, help="0 = greedy")
-    ap.add_argument("--top_p", type=number(float, 0.0, 1.0, low_open=True), default=1.0)
-    ap.add_argument("--max_new_tokens", type=number(int, 1), default=1024)
-    ap.add_argument("--max_code_calls", type=number(int, 0), default=8)
-    ap.add_argument("--exec_timeout", type=number(float, 0.0, low_open=True), default=10.0)
+    ap.add_argument("--top_p", type=number(float, 0.0, 1.0, low_open=True), default=1.0, help="nucleus sampling")
+    ap.add_argument("--max_new_tokens", type=number(int, 1), default=1024,
+                    help="response budget, sampled and inserted tokens together")
+    ap.add_argument("--max_code_calls", type=number(int, 0), default=8, help="code blocks executed per trajectory")
+    ap.add_argument("--exec_timeout", type=number(float, 0.0, low_open=True), default=10.0,
+                    help="seconds per code block")
     ap.add_argument("--no-interpreter", dest="use_code", action="store_false", help="text-only rollouts")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seed", type=int, default=0, help="sampling and question-subset seed")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 where fast), float32, bfloat16 or float16")
 
 
 def check_output_file(path: str | os.PathLike) -> None:
@@ -75,22 +77,6 @@ def check_output_file(path: str | os.PathLike) -> None:
         raise IsADirectoryError(f"output {path} is a directory")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise PermissionError(f"cannot write {path}")
-
-
-def check_available(device: torch.device) -> torch.device:
-    """Refuse a device this machine does not have (`cuda:7` with one GPU, or none)."""
-    import torch   # here, not at the top: a bad flag is reported before torch loads
-
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ValueError(f"device {device} is not available: this machine has {count} CUDA device(s)")
-    elif device.type != "cpu":
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise ValueError(f"device {device} is not available: {one_line(e)}") from None
-    return device
 
 
 class ProgressBar:
@@ -115,37 +101,23 @@ class ProgressBar:
               file=sys.stderr, flush=True)
 
 
-def pick_device(name: str) -> torch.device:
-    from minir1ci.inference.devices import resolve_device
-    return check_available(resolve_device(name))
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA and on CPUs with bf16 matrix units, fp32 otherwise (devices.py)."""
-    from minir1ci.inference.devices import inference_dtype
-    return inference_dtype(name, device)
-
-
-def load_examples_model_params(args, prog: str):
-    """What rollout.py and evaluate.py both start from: the tasks of `--tasks/--split/--limit`, the
-    model and tokenizer of `--model`, and the RolloutParams of the sampling flags. Every input
-    (device, dtype, output file, checkpoint, task spec) is checked before the model is loaded; a bad
-    one exits through `fail`."""
-    from minir1ci.inference.checkpoint import check_checkpoint, load_pretrained
-    from minir1ci.env.interpreter import RolloutParams
+def load_inputs(prog: str, model: str, tasks: str, data: str | None, split: str, limit: int | None, seed: int,
+                device: str, dtype: str, out: str | None = None):
+    """(examples, model, tokenizer) for rollout.py and evaluate.py. Every input (device, dtype,
+    output file, checkpoint, task spec) is checked before the model is loaded; a bad one exits
+    through `fail`."""
     from minir1ci.env.tasks import load_tasks
+    from minir1ci.inference.checkpoint import check_checkpoint, load_pretrained
+    from minir1ci.inference.devices import inference_dtype, pick_device
 
     try:
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
-        if getattr(args, "out", None):
-            check_output_file(args.out)
-        check_checkpoint(args.model)
-        examples = load_tasks(args.tasks, data_dir=args.data, split=None if args.split == "all" else args.split,
-                              limit=args.limit, seed=args.seed)
-        model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device)
+        where = pick_device(device)
+        weights = inference_dtype(dtype, where)
+        if out:
+            check_output_file(out)
+        check_checkpoint(model)
+        examples = load_tasks(tasks, data_dir=data, split=None if split == "all" else split, limit=limit, seed=seed)
+        loaded, tokenizer = load_pretrained(model, dtype=weights, device=where)
     except (OSError, ValueError) as e:
         fail(prog, e)
-    params = RolloutParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                           max_code_calls=args.max_code_calls, use_code=args.use_code, seed=args.seed)
-    return examples, model.eval(), tokenizer, params
+    return examples, loaded.eval(), tokenizer

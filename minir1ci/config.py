@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
@@ -36,6 +37,7 @@ class TrainConfig:
     tasks: str = "builtin:all"
     data: str = ""             # root holding symbench/ and bbh/ ("" = $MINIR1CI_DATA or ../shared/data)
     sft_data: str = ""         # SFT JSONL (chat messages or rollout.py trajectories); "" = built-in oracle trajectories
+    sft_min_reward: float = -math.inf  # with --sft_data: keep lines whose `reward` is at least this (rejection sampling)
     use_code: bool = True      # False: text-only SFT/RL (the paper's baseline)
     text_fraction: float = 0.0  # SFT with code on built-in oracles: this share of questions gets the text-only answer
     resume: bool = False       # continue from <out>/last if present
@@ -255,6 +257,8 @@ def resolve(argv: list[str]) -> TrainConfig:
         for name in names:
             if name in overrides and cfg.stage != only:
                 raise ValueError(f"--{name} applies only to --stage {only}")
+    if "sft_min_reward" in overrides and (cfg.stage != "sft" or not cfg.sft_data):
+        raise ValueError("--sft_min_reward applies only to --stage sft with --sft_data FILE.jsonl")
     if cfg.text_fraction and (cfg.stage != "sft" or not cfg.use_code or cfg.sft_data):
         if "text_fraction" in overrides:
             raise ValueError("--text_fraction applies only to --stage sft with code on the built-in oracle "

@@ -5,9 +5,9 @@ Shards the tiny preset's model with FSDP2 (`dist.parallelize` on CUDA; on CPU, w
 keeps replicas, the same `fully_shard` calls by hand, over gloo), then on every rank:
 - `dist.unsharded_copy(model, fp32)` must equal the weights before sharding, exactly;
 - the default copy has bf16 parameters, fp32 buffers and a still-tied LM head;
-- `rl.sample_rollouts` on the sharded model (the trainer's path) must give the same trajectories
+- `experience.sample_rollouts` on the sharded model (the trainer's path) must give the same trajectories
   as on an unsharded model whose parameters were cast to bf16 the same way;
-- the KL reference (`runs.frozen_reference`) holds those bf16 weights, frozen, and the PPO
+- the KL reference (`rl.frozen_reference`) holds those bf16 weights, frozen, and the PPO
   critic (`critic.make_critic`) the policy's fp32 backbone exactly, with a zero score head.
 Writes the findings of rank 0 to argv[1]; argv[2] == "cuda" runs on the local rank's GPU.
 """
@@ -22,9 +22,9 @@ from minir1ci.inference.checkpoint import init_from_config
 from minir1ci.env.interpreter import RolloutParams
 from minir1ci.training.critic import make_critic
 from minir1ci.presets import tiny_dir
-from minir1ci.training.rl import sample_rollouts
+from minir1ci.training.experience import sample_rollouts
 from minir1ci.env.sandbox import Sandbox
-from minir1ci.training.runs import frozen_reference
+from minir1ci.training.rl import frozen_reference
 
 
 def shard(model, device: torch.device):

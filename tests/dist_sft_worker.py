@@ -15,7 +15,7 @@ from minir1ci.config import TrainConfig
 from minir1ci.training.data import Sample
 from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM
 from minir1ci.training.sft import sft_step_loss
-from minir1ci.training.runs import autocast_for
+from minir1ci.inference.devices import autocast_for
 
 
 def main(out: str, device_name: str = "cpu") -> None:

@@ -2,9 +2,7 @@
 import pytest
 import torch
 
-from minir1ci import cli
 from minir1ci.inference import devices
-from minir1ci.training import runs
 
 CPU = torch.device("cpu")
 
@@ -28,10 +26,8 @@ def test_cpu_capability_read_from_torch(bf16_units):
 def test_auto_inference_dtype_follows_bf16_units(bf16_units):
     bf16_units(True)
     assert devices.inference_dtype("auto", CPU) is torch.bfloat16
-    assert cli.pick_dtype("auto", CPU) is torch.bfloat16
     bf16_units(False)  # today's behaviour: fp32 on a CPU without bf16 units
     assert devices.inference_dtype("auto", CPU) is torch.float32
-    assert cli.pick_dtype("auto", CPU) is torch.float32
     assert devices.inference_dtype("auto", torch.device("cuda")) is torch.bfloat16
 
 
@@ -50,15 +46,15 @@ def test_training_autocast_only_when_asked_on_cpu(bf16_units):
     assert devices.train_autocast_dtype("float32", CPU) is None
     assert devices.train_autocast_dtype("bf16", CPU) is torch.bfloat16
     assert devices.train_autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
-    with runs.autocast_for(CPU, "bfloat16"):
+    with devices.autocast_for(CPU, "bfloat16"):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype is torch.bfloat16
-    with runs.autocast_for(CPU, "auto"):
+    with devices.autocast_for(CPU, "auto"):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype is torch.float32
 
 
 def test_resolve_device():
     assert devices.resolve_device("cpu") == CPU
-    assert runs.resolve_device("cpu") == CPU
+    assert devices.pick_device("cpu") == CPU
     assert devices.resolve_device("cuda:1") == torch.device("cuda", 1)
     if not torch.cuda.is_available():
         assert devices.resolve_device("auto") == CPU

@@ -11,12 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from minir1ci.training.distributed import all_reduce_sum
 from minir1ci.training.losses import (
     AGG_MODES,
     aggregate,
     cispo_loss,
     gae,
-    global_denominator,
     grpo_advantages,
     gspo_loss,
     kl_penalty,
@@ -236,7 +236,7 @@ def test_step_denominator_counts_every_micro_batch():
     assert step_denominator(masks, "token-mean").item() == 6
     assert step_denominator(masks, "seq-mean-token-mean").item() == 2
     assert step_denominator(masks, "seq-mean-token-sum-norm", max_len=8).item() == 16
-    assert global_denominator(torch.tensor(6.0)).item() == 6  # no process group: unchanged
+    assert all_reduce_sum(torch.tensor(6.0)).item() == 6  # no process group: unchanged
 
 
 MAX_LEN = 10
@@ -302,7 +302,7 @@ def _microbatch_loss_and_grad(mode, splits, rows=None):
         m = mask[idx]
         t_len = int(m.any(0).nonzero().max()) + 1 if m.any() else 1  # drop trailing padding
         mbs.append((feats[idx, :t_len], old[idx, :t_len], ref[idx, :t_len], adv[idx, :t_len], m[:, :t_len]))
-    denom = global_denominator(step_denominator([mb[-1] for mb in mbs], mode, max_len=MAX_LEN))
+    denom = all_reduce_sum(step_denominator([mb[-1] for mb in mbs], mode, max_len=MAX_LEN))
     total = torch.zeros(())
     for mb in mbs:
         loss = aggregate(_loss_tok(theta, *mb), mb[-1], mode, denom)

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minir1ci.training import rl
+from minir1ci.training import experience, rl
 from minir1ci.config import resolve
 from minir1ci.env.interpreter import Trajectory
+from minir1ci.training.losses import grpo_advantages
 
 MISMATCH = ("mismatch_kl", "mismatch_abs", "mismatch_frac_out", "tis_weight_mean", "mis_dropped")
 FILTERS = ("void_dropped", "truncated_dropped", "ds_dropped_groups", "ds_extra_rounds")
@@ -33,8 +34,8 @@ def fake_rounds(monkeypatch, flat_by_round: list[list[bool]]):
         return [traj(f"r{r}g{g}s{j} " + ("wrong" if flat_by_round[r][g] or j else "right"))
                 for g in range(len(prompts)) for j in range(n)]
 
-    monkeypatch.setattr(rl, "sample_rollouts", sample)
-    monkeypatch.setattr(rl, "prompt_ids", lambda tok, exs, use_code: [[0] for _ in exs])
+    monkeypatch.setattr(experience, "sample_rollouts", sample)
+    monkeypatch.setattr(experience, "prompt_ids", lambda tok, exs, use_code: [[0] for _ in exs])
     return calls
 
 
@@ -45,7 +46,7 @@ def run_collect(rounds: int | None, cfg_args=()):
     cfg = resolve(["--stage=grpo", "--prompts_per_step=2", "--n_samples=2", *cfg_args])
     if rounds is not None:
         cfg = dataclasses.replace(cfg, dynamic_sampling=True, dynamic_sampling_rounds=rounds)
-    trajs, rewards, correct, batch, (dropped, extra) = rl.collect(torch.nn.Linear(1, 1), None, None, EXAMPLES, cfg,
+    trajs, rewards, correct, batch, (dropped, extra) = experience.collect(torch.nn.Linear(1, 1), None, None, EXAMPLES, cfg,
                                                                  step=0, rank=0)
     return [t.text.split()[0] for t in trajs], batch, dropped, extra
 
@@ -66,7 +67,7 @@ def test_dynamic_sampling_tops_up_with_flat_groups_when_the_rounds_run_out(monke
     names, batch, dropped, extra = run_collect(rounds=2)
     assert names == ["r0g0s0", "r0g0s1", "r0g1s0", "r0g1s1"]     # the first flat groups fill the batch
     assert (dropped, extra, len(calls)) == (4, 2, 3)              # 6 flat groups sampled, 2 used
-    assert torch.equal(rl.grpo_advantages(batch.scores, 2), torch.zeros(4))
+    assert torch.equal(grpo_advantages(batch.scores, 2), torch.zeros(4))
 
 
 def test_without_dynamic_sampling_flat_groups_stay_and_one_round_runs(monkeypatch):
@@ -79,27 +80,27 @@ def test_without_dynamic_sampling_flat_groups_stay_and_one_round_runs(monkeypatc
 
 def test_void_turn_is_a_turn_with_neither_a_closed_block_nor_an_answer():
     code = "Let me compute.\n```python\nprint(6 * 7)\n```"
-    assert not rl.has_void_turn([code, "So <<<42>>>"])
-    assert rl.has_void_turn(["I think about it.", "So <<<42>>>"])           # a first turn with no code
-    assert rl.has_void_turn([code, "The answer is 42."])                   # a final turn with no answer
-    assert rl.has_void_turn(["```python\nprint(1)"])                       # an unclosed block
-    assert not rl.has_void_turn([])
+    assert not experience.has_void_turn([code, "So <<<42>>>"])
+    assert experience.has_void_turn(["I think about it.", "So <<<42>>>"])           # a first turn with no code
+    assert experience.has_void_turn([code, "The answer is 42."])                   # a final turn with no answer
+    assert experience.has_void_turn(["```python\nprint(1)"])                       # an unclosed block
+    assert not experience.has_void_turn([])
 
 
 def test_loss_filter_drops_void_truncated_and_mismatched_trajectories():
     trajs = [traj("ok <<<1>>>"), traj("void", finish="eos"), traj("cut <<<1>>>", finish="length"),
              traj("far <<<1>>>", logps=(-1.0, -3.0))]
-    batch = rl.to_batch(trajs, [0.0] * 4, [0, 0, 1, 1])
+    batch = experience.to_batch(trajs, [0.0] * 4, [0, 0, 1, 1])
     old = batch.sampler_logp.clone()
     old[3][batch.mask[3].bool()] = -1.0          # row 3: pi_old / mu = 1 and e^2: geometric mean e = 2.72 > 2
     cfg = resolve(["--stage=grpo"])
-    keep, counts = rl.loss_filter(trajs, batch, old, cfg)
+    keep, counts = experience.loss_filter(trajs, batch, old, cfg)
     assert keep.tolist() == [True, True, True, False] and counts == [1, 0, 0]
     on = dataclasses.replace(cfg, filter_void_turns=True, mask_truncated=True)
-    keep, counts = rl.loss_filter(trajs, batch, old, on)
+    keep, counts = experience.loss_filter(trajs, batch, old, on)
     assert keep.tolist() == [True, False, False, False] and counts == [1, 1, 1]
     off = dataclasses.replace(cfg, mis_low=0.0, mis_high=0.0)
-    assert rl.loss_filter(trajs, batch, old, off)[0].tolist() == [True] * 4
+    assert experience.loss_filter(trajs, batch, old, off)[0].tolist() == [True] * 4
 
 
 # ----------------------------------------------------------------------------- end to end

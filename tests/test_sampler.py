@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minir1ci.inference.engine import Sampler, SamplingParams
-from minir1ci.inference.engine.block_manager import kv_block_bytes, num_blocks_for_budget
+from minir1ci.inference.engine.block_manager import kv_block_bytes
 from minir1ci.inference.engine.sampling import mask_top_k, mask_top_p, sample
 from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM
 
@@ -113,11 +113,11 @@ def test_group_shares_full_prompt_blocks_and_recomputes_the_tail(models, prompts
 
 
 def test_kv_budget_sets_block_count():
-    assert num_blocks_for_budget(block_bytes(37) + 5, 2, 2, 16, 16, torch.float32) == 37
     # 2 layers x (K, V) x 16 slots x 2 heads x 16 dims x 2 bytes
     assert kv_block_bytes(2, 2, 16, 16, torch.bfloat16) == 2 * 2 * 16 * 2 * 16 * 2
     ours = Qwen2ForCausalLM(ModelConfig(**CFG))
     assert make_sampler(ours, kv_cache_bytes=block_bytes(37)).block_manager.num_blocks == 37
+    assert make_sampler(ours, kv_cache_bytes=block_bytes(37) + 5).block_manager.num_blocks == 37
     with pytest.raises(ValueError, match="no block"):
         make_sampler(ours, kv_cache_bytes=block_bytes(1) - 1)
 

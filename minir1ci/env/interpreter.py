@@ -23,25 +23,31 @@ being executed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from minir1ci.env import prompts
 from minir1ci.inference.engine import Sampler, SamplingParams
 
-FINISH_REASONS = ("eos", "answer", "max_code_calls", "length")
-
-
 @dataclass(frozen=True)
 class RolloutParams:
+    """Every setting of a rollout, the sampler's and the interpreter's. `from_options` picks the
+    fields of the same name from a TrainConfig or the scripts' flags: a new setting is a field
+    here, one in TrainConfig and a flag in `cli.add_rollout_args`."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 1024      # the whole response: sampled and inserted tokens
     max_code_calls: int = 8
     max_output_tokens: int = 256    # budget of one inserted interpreter output
+    exec_timeout: float = 10.0      # seconds per code block: the timeout of the Sandbox the caller opens
     use_code: bool = True
     stop_at_answer: bool = True     # end as soon as a turn holds <<<answer>>>
     seed: int = 0
+
+    @classmethod
+    def from_options(cls, options: dict, **changes) -> RolloutParams:
+        """The fields present in `options` (e.g. `dataclasses.asdict(cfg)` or `vars(args)`), then `changes`."""
+        return cls(**{**{f.name: options[f.name] for f in fields(cls) if f.name in options}, **changes})
 
 
 @dataclass
@@ -62,23 +68,24 @@ def prompt_ids(tokenizer, examples, use_code: bool) -> list[list[int]]:
     return [tokenizer.apply_chat_template(ex.messages(use_code), add_generation_prompt=True) for ex in examples]
 
 
-def _tail_may_stop(tail: str) -> bool:
-    return "```" in tail or ">>>" in tail
+def turn_end(text: str, use_code: bool, stop_at_answer: bool) -> str | None:
+    """Why a model turn ends with `text`: "answer" (it holds <<<answer>>>), "code" (it has just
+    closed a python block), or None (it goes on)."""
+    if stop_at_answer and prompts.extract_answer(text) is not None:
+        return "answer"
+    if use_code and prompts.pending_code(text) is not None:
+        return "code"
+    return None
 
 
 def make_stop_fn(tokenizer, use_code: bool, stop_at_answer: bool):
-    """stop_fn(segment_ids) -> True when the segment just closed a python block or holds the answer.
-
-    The cheap test on the last few tokens' text runs every step; the full decode only when a fence
-    or `>>>` may have just appeared.
-    """
+    """stop_fn(segment_ids) -> True where `turn_end` ends the turn. The cheap test on the last few
+    tokens' text runs every step; the full decode only when a fence or `>>>` may have just appeared."""
     def stop(segment_ids: list[int]) -> bool:
-        if not _tail_may_stop(tokenizer.decode(segment_ids[-4:])):
+        tail = tokenizer.decode(segment_ids[-4:])
+        if "```" not in tail and ">>>" not in tail:
             return False
-        text = tokenizer.decode(segment_ids)
-        if stop_at_answer and prompts.extract_answer(text) is not None:
-            return True
-        return use_code and prompts.pending_code(text) is not None
+        return turn_end(tokenizer.decode(segment_ids), use_code, stop_at_answer) is not None
     return stop
 
 
@@ -120,34 +127,30 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
                                 seed=params.seed * 1_000_003 + k, stop_fn=stop_fn)
             seq_of[sampler.add_request(list(p), sp)] = k
     done = 0
-    total = len(trajs)
+
+    def finish(sid: int, c, reason: str) -> None:
+        nonlocal done
+        tr = trajs[seq_of[sid]]
+        _finish(tr, c, reason, tokenizer, params.temperature)
+        sampler.release(sid)
+        done += 1
+        if on_finish:
+            on_finish(seq_of[sid], tr)
+        if progress:
+            progress(done, len(trajs))
+
     while sampler.has_unfinished():
         paused = []                                        # (seq_id, code) awaiting execution
         for c in sampler.step():
-            tr = trajs[seq_of[c.seq_id]]
-            reason = c.finish_reason
-            if reason == "stop" and c.stop_reason is None:  # our stop_fn fired
-                segment = _last_segment(c)
-                text = tokenizer.decode(segment)
-                code = prompts.pending_code(text) if params.use_code else None
-                if params.stop_at_answer and prompts.extract_answer(text) is not None:
-                    reason = "answer"
-                elif code is not None and tr.num_code_calls >= params.max_code_calls:
-                    reason = "max_code_calls"
-                elif code is not None:
-                    paused.append((c.seq_id, code))
+            reason = "eos" if c.finish_reason == "stop" else c.finish_reason   # an end-of-turn / eos token
+            if c.finish_reason == "stop" and c.stop_reason is None:            # our stop_fn fired
+                text = tokenizer.decode(_last_segment(c))
+                end = turn_end(text, params.use_code, params.stop_at_answer)
+                if end == "code" and trajs[seq_of[c.seq_id]].num_code_calls < params.max_code_calls:
+                    paused.append((c.seq_id, prompts.pending_code(text)))
                     continue
-                else:
-                    reason = "eos"
-            elif reason == "stop":
-                reason = "eos"                              # an end-of-turn / eos token
-            _finish(tr, c, reason, tokenizer, params.temperature)
-            sampler.release(c.seq_id)
-            done += 1
-            if on_finish:
-                on_finish(seq_of[c.seq_id], tr)
-            if progress:
-                progress(done, total)
+                reason = {"answer": "answer", "code": "max_code_calls"}.get(end, "eos")
+            finish(c.seq_id, c, reason)
         if paused:
             results = sandbox.run_many([code for _, code in paused])
             for (sid, code), res in zip(paused, results):
@@ -158,13 +161,7 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
                 ids = render_for_model(tokenizer, res, params.max_output_tokens)
                 c = sampler.result(sid)
                 if len(c.token_ids) + len(ids) >= params.max_new_tokens:
-                    _finish(tr, c, "length", tokenizer, params.temperature)
-                    sampler.release(sid)
-                    done += 1
-                    if on_finish:
-                        on_finish(seq_of[sid], tr)
-                    if progress:
-                        progress(done, total)
+                    finish(sid, c, "length")
                 else:
                     sampler.append_tokens(sid, ids)
     return trajs

@@ -63,16 +63,6 @@ def extract_answer(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def truncate_middle(text: str, max_chars: int) -> str:
-    """Keep the head and tail of `text` within `max_chars`, with a marker between."""
-    if len(text) <= max_chars:
-        return text
-    keep = max(max_chars - len(TRUNCATION_MARKER), 0)
-    head = keep // 2
-    tail = keep - head
-    return text[:head] + TRUNCATION_MARKER + (text[-tail:] if tail else "")
-
-
 def render_output(stdout: str, stderr: str = "", status: str = "ok") -> str:
     """The text inserted after a python block: header, stdout, then errors.
 

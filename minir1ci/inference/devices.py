@@ -1,6 +1,7 @@
 """Device and dtype, resolved once at the edge (command line, trainer set-up); model code reads none.
 
-- `resolve_device("auto" | "cpu" | "cuda" | "cuda:N")`: CUDA when present (device `local_rank`), else CPU.
+- `resolve_device("auto" | "cpu" | "cuda" | "cuda:N")`: CUDA when present (device `local_rank`), else CPU;
+  `pick_device` also refuses a device this machine does not have.
 - `inference_dtype(name, device)`: the dtype sampling and evaluation run in. `auto` is bf16 on CUDA;
   on a CPU, bf16 only where it has bf16 matrix units (AMX-BF16 or AVX512-BF16), since without them
   torch's bf16 products are emulated and slower than fp32 (2.4x slower for a 2048x896 -> 4864
@@ -8,10 +9,12 @@
 - `train_autocast_dtype(name, device)`: the autocast dtype for training, None for plain fp32. Weights
   and optimizer state stay fp32 either way. `auto` is bf16 on CUDA and fp32 on a CPU: at the tiny
   preset bf16 autocast is slower even with AMX, and larger shapes are a choice to make with
-  bench/train.py's bf16 rows (`--dtype bfloat16` turns it on).
+  bench/train.py's bf16 rows (`--dtype bfloat16` turns it on). `autocast_for` is its context.
 Log-softmax, log-probs and losses are computed in fp32 whatever the dtype (logprobs.py, sampling.py).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -35,6 +38,22 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`resolve_device`, refusing a device this machine does not have (`cuda:7` with one GPU, or none)."""
+    device = resolve_device(name, local_rank)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {device} is not available: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise ValueError(f"device {device} is not available: {reason}") from None
+    return device
+
+
 def _named_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
@@ -55,3 +74,9 @@ def train_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a training step, None for fp32 (see the module docstring for `auto`)."""
     dtype = (torch.bfloat16 if device.type == "cuda" else None) if name == "auto" else _named_dtype(name)
     return None if dtype in (None, torch.float32) else dtype
+
+
+def autocast_for(device: torch.device, name: str):
+    """The autocast context of a training step (`train_autocast_dtype`); a no-op for fp32."""
+    amp = train_autocast_dtype(name, device)
+    return nullcontext() if amp is None else torch.autocast(device_type=device.type, dtype=amp)

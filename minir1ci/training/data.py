@@ -186,11 +186,7 @@ def filter_by_length(samples: list[Sample], max_len: int) -> tuple[list[Sample],
     return kept, len(samples) - len(kept)
 
 
-def next_token_targets(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift for next-token prediction: position t predicts ids[t+1], trained where mask[t+1] is 1.
-
-    ids, mask [B, T] -> targets [B, T] (the last column is a dummy 0), target_mask [B, T] (last column 0).
-    """
-    targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
-    target_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
-    return targets, target_mask
+def next_token_targets(ids: torch.Tensor, *per_token: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Shift for next-token prediction: position t predicts ids[t+1], so every per-token tensor
+    (loss mask, sampler log-probs) moves with the ids. [B, T] each -> [B, T] each, last column 0."""
+    return tuple(torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1) for x in (ids, *per_token))

@@ -84,15 +84,6 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def gather_objects(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank."""
-    if not is_initialized():
-        return [obj]
-    out = [None] * world_size()
-    tdist.all_gather_object(out, obj)
-    return out
-
-
 def check_equal_shares(name: str, n: int) -> None:
     """Refuse a per-step count that the ranks cannot split evenly: FSDP2 ranks all-gather and
     reduce in lockstep, so a rank with one micro-batch more would wait forever."""

@@ -10,7 +10,7 @@ Per-token losses (`policy_loss`, `kl_penalty`, `value_loss`, the entropy from
 and an explicit denominator. The denominator belongs to the whole optimizer step, not to a
 micro-batch: a mean of per-micro-batch means is not the batch mean. A trainer does
 
-    denom = global_denominator(step_denominator([mb.mask for mb in step], mode, max_len))
+    denom = all_reduce_sum(step_denominator([mb.mask for mb in step], mode, max_len))   # distributed.py
     for mb in step:                                  # every micro-batch on this rank
         loss = aggregate(loss_tok(mb), mb.mask, mode, denom)
         loss.backward()                              # gradients add up across micro-batches
@@ -43,10 +43,8 @@ import math
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from minir1ci.inference.logprobs import entropy_from_logits  # noqa: F401  (the entropy bonus's input)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 4.9e8: finite in fp32, so ratios never overflow
@@ -299,7 +297,7 @@ def step_denominator(masks: Tensor | Sequence[Tensor], mode: str, max_len: int |
     mask). token-mean -> valid tokens; seq-mean-token-mean / seq-mean-token-sum -> sequences
     with a valid token; seq-mean-token-sum-norm -> those sequences * max_len (C, a constant such
     as the response budget, never the padded length of a micro-batch). Returns a float32
-    scalar; sum it over ranks with `global_denominator` before use.
+    scalar; sum it over ranks (`distributed.all_reduce_sum`) before use.
     """
     _check_mode(mode)
     if isinstance(masks, Tensor):
@@ -317,19 +315,10 @@ def step_denominator(masks: Tensor | Sequence[Tensor], mode: str, max_len: int |
     return total.float()
 
 
-def global_denominator(local: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Sum a rank's step denominator over all ranks (a no-op without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return local
-    total = local.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total
-
-
 def aggregate(loss_tok: Tensor, mask: Tensor, mode: str, denom: Tensor | float) -> Tensor:
     """One micro-batch's share of the step loss: a masked sum over its tokens / the step denominator.
 
-    loss_tok, mask [B, T]; denom from step_denominator (+ global_denominator). Summed over the
+    loss_tok, mask [B, T]; denom from step_denominator, summed over ranks. Summed over the
     step's micro-batches and ranks this gives the global-batch loss of `mode`. Scalar.
     """
     _check_mode(mode)

@@ -12,169 +12,35 @@ and `ppo_epochs` passes of the policy loss (clipped PPO, GSPO or CISPO) over min
 Run: `python train.py --stage grpo|ppo` (starts from the newest runs/sft checkpoint) or with
 `--model PATH` for a real Qwen-2.5 checkpoint (the paper's settings).
 
-Alignment used throughout: a trajectory is `ids = prompt_ids + response_ids`; position t
-predicts ids[t+1], so response token k (at index P+k) is scored at position P+k-1. Every
-per-token tensor here ([B, T], T = longest ids in the batch) is indexed by *position*, and the
-loss mask at position P+k-1 is the rollout's loss_mask[k]: 1 for tokens the model sampled, 0 for
-inserted interpreter output, the prompt and padding. Trainers never see text.
+The step's rollouts, their position-aligned tensors and the filters are in experience.py.
 
 Simplified against veRL (which the paper used): one process samples and trains (no separate
 rollout workers, no vLLM); rollouts run on this rank's share of the prompts with the current
 weights; no dynamic batch sizing; the reference model stays in memory on the same device.
 """
+
 from __future__ import annotations
 
-import math
-import random
+import copy
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from minir1ci.training import distributed as dist
-from minir1ci.training.critic import batch_values, make_critic, token_rewards
-from minir1ci.training.data import pad_batch
-from minir1ci.env.interpreter import RolloutParams, prompt_ids, run_rollouts
-from minir1ci.training.losses import (aggregate, cispo_loss, gae, global_denominator, grpo_advantages, gspo_loss, kl_penalty,
-                     masked_mean, masked_sum, masked_whiten, mismatch_sums, policy_loss, sequence_in_bounds,
-                     step_denominator, tis_weights, value_loss)
-from minir1ci.env.prompts import extract_answer, pending_code
-from minir1ci.env.rewards import RewardConfig, compute_reward
 from minir1ci.env.sandbox import Sandbox
 from minir1ci.env.tasks import load_tasks
-from minir1ci.training.runs import (MetricsLog, autocast_for, check_finite, frozen_reference, load_start_model, load_trainer_state,
-                        lr_factor, make_optimizer, restore_optimizers, save_run_checkpoint, set_lr, setup_run,
-                        step_seed)
-
-
-@dataclass
-class RLBatch:
-    """One optimizer step's trajectories as padded tensors (CPU), position-aligned."""
-    ids: torch.Tensor          # [B, T] prompt + response, right-padded
-    attn: torch.Tensor         # [B, T] 1 on real tokens
-    targets: torch.Tensor      # [B, T] ids[t+1] (0 past the end)
-    mask: torch.Tensor         # [B, T] loss mask by position (sampled response tokens only)
-    sampler_logp: torch.Tensor  # [B, T] the sampler's log-prob of each sampled token (0 elsewhere)
-    scores: torch.Tensor       # [B] sequence rewards
-    groups: torch.Tensor       # [B] prompt index of each trajectory
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def rows(self, idx: slice | list[int]) -> "RLBatch":
-        pick = (lambda t: t[idx]) if isinstance(idx, slice) else (lambda t: t[torch.as_tensor(idx)])
-        return RLBatch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
-
-
-def to_batch(trajs, scores: list[float], groups: list[int]) -> RLBatch:
-    seqs, masks, logps = [], [], []
-    for tr in trajs:
-        P = len(tr.prompt_ids)
-        ids = list(tr.prompt_ids) + list(tr.response_ids)
-        mask = [0] * len(ids)
-        logp = [0.0] * len(ids)
-        for k, (m, lp) in enumerate(zip(tr.loss_mask, tr.logprobs)):
-            mask[P + k - 1] = int(m)
-            logp[P + k - 1] = float(lp) if m else 0.0
-        seqs.append(ids), masks.append(mask), logps.append(logp)
-    ids, attn, mask = pad_batch(seqs, 0, masks)
-    sampler_logp = torch.zeros(ids.shape, dtype=torch.float32)
-    for i, lp in enumerate(logps):
-        sampler_logp[i, :len(lp)] = torch.tensor(lp)
-    targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
-    return RLBatch(ids, attn, targets, mask, sampler_logp, torch.tensor(scores, dtype=torch.float32),
-                   torch.tensor(groups, dtype=torch.long))
-
-
-def rollout_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """What `--rollout_dtype` samples in: None = the policy's own weights (float32; a sharded
-    policy's gathered copy is always bf16), else a copy in that dtype; auto = bf16 on CUDA."""
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    return None if name == "float32" else getattr(torch, name)
-
-
-def sample_rollouts(model, tokenizer, sandbox, prompts: list[list[int]], n: int, params: RolloutParams,
-                    dtype: torch.dtype | None = None):
-    """run_rollouts on the policy in eval mode. A copy in `dtype`, or of an FSDP2-sharded policy a
-    whole copy gathered on every rank (all ranks must call this), is made first, freed after."""
-    sampling = dist.unsharded_copy(model, dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        return run_rollouts(sampling, tokenizer, sandbox, prompts, n, params)
-    finally:
-        model.train(was_training)
-
-
-def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pools=None, dtype=None):
-    """One step's rollouts on this rank: its share of `prompts_per_step` prompts (deterministic in
-    seed and step), `n_samples` trajectories each with the interpreter, scored.
-
-    With `dynamic_sampling`, a group whose rewards are all equal is set aside and up to
-    `dynamic_sampling_rounds` more rounds of prompts are sampled (every rank takes part in each
-    round: a sharded policy is gathered in lockstep) until this rank's share is full; if the rounds
-    run out, set-aside groups fill it (their GRPO advantage is exactly 0).
-    Returns (trajectories, rewards, correctness, RLBatch, [groups dropped, extra rounds])."""
-    n, rounds = cfg.n_samples, (cfg.dynamic_sampling_rounds if cfg.dynamic_sampling else 0)
-    want = len(dist.shard(range(cfg.prompts_per_step)))   # groups on this rank
-    sampling = dist.unsharded_copy(model, dtype)    # one copy for every round of this step
-    kept, flat, extra = [], [], 0
-    for r in range(1 + rounds):
-        if r and not dist.all_reduce_sum(torch.tensor([want - min(len(kept), want)])).item():
-            break                                   # every rank is full
-        extra += r > 0
-        idx = dist.shard(pick_prompts(len(examples), cfg.prompts_per_step, step, cfg.seed + 7919 * r, cfg.steps, pools))
-        exs = [examples[i] for i in idx]
-        trajs = sample_rollouts(sampling, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), n,
-                                rollout_params(cfg, seed=step_seed(cfg.seed, step, rank + 1000 * r)))
-        rewards, correct = score_trajectories(exs, trajs, n, cfg)
-        for g in range(len(exs)):
-            group = [(trajs[k], rewards[k], correct[k]) for k in range(g * n, (g + 1) * n)]
-            (flat if cfg.dynamic_sampling and len(set(rewards[g * n:(g + 1) * n])) == 1 else kept).append(group)
-    dropped = len(kept) + len(flat) - want if len(kept) < want else len(flat)
-    rows = [row for group in (kept + flat)[:want] for row in group]
-    trajs, rewards, correct = (list(x) for x in zip(*rows))
-    batch = to_batch(trajs, rewards, [i // n for i in range(len(trajs))])
-    return trajs, rewards, correct, batch, [dropped, extra]
-
-
-def rollout_params(cfg, seed: int) -> RolloutParams:
-    return RolloutParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                         max_code_calls=cfg.max_code_calls, use_code=cfg.use_code, seed=seed)
-
-
-def score_trajectories(examples, trajs, n: int, cfg) -> tuple[list[float], list[float]]:
-    """(rewards, correctness) for trajectories grouped n per example, in order."""
-    rcfg = RewardConfig(plain=cfg.reward_plain)
-    rewards, correct = [], []
-    for i, tr in enumerate(trajs):
-        s = examples[i // n].score(tr.text)
-        correct.append(s)
-        rewards.append(compute_reward(s, tr.turns, rcfg))
-    return rewards, correct
-
-
-def measure_success(model, tokenizer, sandbox, examples, cfg, dtype=None) -> list[float]:
-    """Success rate of each question over `curriculum_samples` samples (for the curriculum)."""
-    prompts = prompt_ids(tokenizer, examples, cfg.use_code)
-    k = cfg.curriculum_samples
-    trajs = sample_rollouts(model, tokenizer, sandbox, prompts, k, rollout_params(cfg, seed=cfg.seed + 17), dtype)
-    return [sum(examples[i].score(t.text) for t in trajs[i * k:(i + 1) * k]) / k for i in range(len(examples))]
-
-
-def has_void_turn(turns: list[str]) -> bool:
-    """A model turn that holds neither a closed python block nor an answer (SimpleTIR's void turn)."""
-    return any(pending_code(t) is None and extract_answer(t) is None for t in turns)
-
-
-def loss_filter(trajs, batch: RLBatch, old_logp: torch.Tensor, cfg) -> tuple[torch.Tensor, list[int]]:
-    """[B] bool: trajectories kept in the loss; and how many each filter dropped: sequence-level
-    mismatch masking, void turns, truncation (a trajectory may be counted by several)."""
-    mis = ~sequence_in_bounds(old_logp, batch.sampler_logp, batch.mask, cfg.mis_low, cfg.mis_high)
-    void = torch.tensor([cfg.filter_void_turns and has_void_turn(t.turns) for t in trajs])
-    cut = torch.tensor([cfg.mask_truncated and t.finish_reason == "length" for t in trajs])
-    return ~(mis | void | cut), [int(mis.sum()), int(void.sum()), int(cut.sum())]
+from minir1ci.inference import checkpoint
+from minir1ci.inference.devices import autocast_for
+from minir1ci.training import distributed as dist
+from minir1ci.training.critic import batch_values, make_critic, token_rewards
+from minir1ci.training.experience import (RLBatch, collect, curriculum_pools, loss_filter, measure_success,
+                                          rollout_dtype, rollout_stats)
+from minir1ci.training.losses import (aggregate, cispo_loss, gae, grpo_advantages, gspo_loss,
+                                      kl_penalty, masked_mean, masked_sum, masked_whiten, mismatch_sums, policy_loss,
+                                      step_denominator, tis_weights, value_loss)
+from minir1ci.training.optim import make_optimizer, set_lr
+from minir1ci.training.runs import (MetricsLog, check_finite, find_latest_run_checkpoint, load_start_model,
+                                    load_trainer_state, restore_optimizers, save_run_checkpoint, setup_run, step_seed)
 
 
 @torch.no_grad()
@@ -208,53 +74,21 @@ def minibatches(num_rows: int, cfg, seed: int):
             yield order[s:s + mini]
 
 
-def rollout_stats(trajs, rewards: list[float], correct: list[float]) -> dict:
-    n = max(len(trajs), 1)
-    return {
-        "reward": sum(rewards) / n,
-        "accuracy": sum(correct) / n,
-        "code_calls": sum(t.num_code_calls for t in trajs) / n,
-        "code_use": sum(t.num_code_calls > 0 for t in trajs) / n,
-        "response_len": sum(len(t.response_ids) for t in trajs) / n,
-        "truncated": sum(t.finish_reason == "length" for t in trajs) / n,
-    }
+def frozen_reference(model, cfg, resume_dir, device):
+    """The KL reference: the run's starting weights, frozen (reloaded from disk when resuming).
 
-
-# ----------------------------------------------------------------------------- curriculum (paper v2)
-
-CURRICULUM_STAGES = ((0.64, 1.0), (0.48, 0.64), (0.32, 0.48), (0.0, 0.32))
-
-
-def potential(p: float) -> float:
-    """Pi = 4p(1-p): 1 for questions solved half the time, 0 for always or never solved."""
-    return 4.0 * p * (1.0 - p)
-
-
-def curriculum_pools(success: list[float]) -> list[list[int]]:
-    """Question indices per stage, highest-potential stage first (REFERENCE.md, curriculum)."""
-    pools, placed = [], set()
-    for lo, hi in CURRICULUM_STAGES:          # a boundary value goes to the earlier stage
-        pool = [i for i, p in enumerate(success) if lo <= potential(p) <= hi and i not in placed]
-        placed.update(pool)
-        pools.append(pool)
-    return pools
-
-
-def pick_prompts(num_examples: int, k: int, step: int, seed: int, steps: int,
-                 pools: list[list[int]] | None = None) -> list[int]:
-    """k example indices for `step`, deterministic in (seed, step); staged when `pools` is given."""
-    rng = random.Random(seed * 1_000_003 + step)
-    candidates = list(range(num_examples))
-    if pools:
-        stage = min(step * len(pools) // max(steps, 1), len(pools) - 1)
-        for s in range(stage, -1, -1):     # fall back to an easier stage when one is empty
-            if pools[s]:
-                candidates = pools[s]
-                break
-    if k <= len(candidates):
-        return rng.sample(candidates, k)
-    return [rng.choice(candidates) for _ in range(k)]
-
+    Call it after `dist.parallelize(model)`. A sharded policy gets a reference sharded the same
+    way, made from a bf16 copy (FSDP2 computes in bf16 anyway), so no rank ever holds two whole
+    fp32 models."""
+    sharded = dist.is_sharded(model)
+    if resume_dir is None:
+        ref = dist.unsharded_copy(model) if sharded else copy.deepcopy(model)
+    else:
+        source = Path(cfg.model) if cfg.model else find_latest_run_checkpoint("sft", cfg.run_dir().parent)
+        ref = checkpoint.load_model(source, dtype=dist.COMPUTE_DTYPE if sharded else torch.float32, device=device)
+    if sharded:
+        ref = dist.parallelize(ref, device)
+    return ref.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -270,8 +104,8 @@ def update(model, critic, opts: dict, batch: RLBatch, adv, returns, old_logp, ol
     for rows in minibatches(B, cfg, seed):
         mb = batch.rows(rows)
         # Denominators for the whole mini-batch on every rank, not per micro-batch.
-        denom = global_denominator(step_denominator(mb.mask, cfg.loss_agg, max_len=cfg.max_new_tokens))
-        vdenom = global_denominator(step_denominator(mb.mask, "token-mean")) if critic is not None else None
+        denom = dist.all_reduce_sum(step_denominator(mb.mask, cfg.loss_agg, max_len=cfg.max_new_tokens))
+        vdenom = dist.all_reduce_sum(step_denominator(mb.mask, "token-mean")) if critic is not None else None
         for m in range(0, len(rows), cfg.micro_batch_size):
             sl = slice(m, m + cfg.micro_batch_size)
             idx, share = torch.as_tensor(rows[sl]), len(rows[sl]) / B
@@ -375,8 +209,7 @@ def train_rl(cfg) -> dict:
                 adv, returns = gae(token_rewards(batch, old_logp, ref_logp, cfg.kl_coef), old_values, batch.mask,
                                    cfg.gamma, cfg.lam)
                 adv = masked_whiten(adv, batch.mask) * batch.mask
-            lr = cfg.lr * lr_factor(step, cfg)
-            set_lr(opts["policy"], lr)
+            lr = set_lr(opts["policy"], step, cfg)
             upd = update(model, critic, opts, batch, adv, returns, old_logp, old_values, ref_logp, tis_w, cfg, device,
                          amp, seed=step_seed(cfg.seed, step, 99), train_policy=step >= cfg.critic_warmup_steps,
                          measured=measured)

@@ -31,13 +31,13 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from minir1ci.inference import checkpoint
+from minir1ci.inference.devices import pick_device, train_autocast_dtype
 from minir1ci.training import distributed as dist
 
 LOCK_FILE = ".lock"
@@ -69,7 +69,7 @@ def start_run(cfg) -> torch.device:
         dist.check_equal_shares("prompts_per_step", cfg.prompts_per_step)
     else:
         dist.check_equal_shares("batch_size", cfg.batch_size)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device, dist.local_rank())
     _on_main(check_inputs, cfg, device)
     torch.manual_seed(cfg.seed)
     return device
@@ -102,7 +102,7 @@ def check_inputs(cfg, device: torch.device) -> None:
     """What a run reads, checked before it writes: dtype, run directory, start checkpoint, tasks."""
     from minir1ci.env.tasks import task_names
 
-    autocast_for(device, cfg.dtype)              # an unknown dtype name raises here
+    train_autocast_dtype(cfg.dtype, device)      # an unknown dtype name raises here
     check_run_dir(cfg.run_dir(), cfg.resume)
     source, _ = start_source(cfg, latest_checkpoint)
     if source is not None:
@@ -186,42 +186,6 @@ def interrupted_message() -> str:
     last = latest_checkpoint(RUN.run_dir)
     return (f"interrupted at step {RUN.last_step + 1}; last checkpoint {last.name if last else 'none'}; "
             "resume with --resume")
-
-
-def resolve_device(name: str) -> torch.device:
-    from minir1ci.cli import check_available
-    from minir1ci.inference.devices import resolve_device as resolve
-    return check_available(resolve(name, dist.local_rank()))
-
-
-def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA (weights stay fp32 for the optimizer); fp32 on CPU unless asked
-    (devices.train_autocast_dtype)."""
-    from minir1ci.inference.devices import train_autocast_dtype
-    amp = train_autocast_dtype(dtype, device)
-    return nullcontext() if amp is None else torch.autocast(device_type=device.type, dtype=amp)
-
-
-def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-
-
-def lr_factor(step: int, cfg) -> float:
-    """Linear warmup then cosine decay to `min_lr_ratio` over `cfg.steps` (step counts from 0)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -387,22 +351,3 @@ def load_start_model(cfg, device: torch.device):
         return model, tokenizer, "tiny preset (from scratch)", None
     model, tokenizer = checkpoint.load_pretrained(source, dtype=torch.float32, device=device)
     return model, tokenizer, str(source), resumed
-
-
-def frozen_reference(model, cfg, resume_dir, device):
-    """The KL reference: the run's starting weights, frozen (reloaded from disk when resuming).
-
-    Call it after `dist.parallelize(model)`. A sharded policy gets a reference sharded the same
-    way, made from a bf16 copy (FSDP2 computes in bf16 anyway), so no rank ever holds two whole
-    fp32 models."""
-    import copy
-
-    sharded = dist.is_sharded(model)
-    if resume_dir is None:
-        ref = dist.unsharded_copy(model) if sharded else copy.deepcopy(model)
-    else:
-        source = Path(cfg.model) if cfg.model else find_latest_run_checkpoint("sft", cfg.run_dir().parent)
-        ref = checkpoint.load_model(source, dtype=dist.COMPUTE_DTYPE if sharded else torch.float32, device=device)
-    if sharded:
-        ref = dist.parallelize(ref, device)
-    return ref.eval().requires_grad_(False)

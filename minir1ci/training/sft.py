@@ -5,7 +5,9 @@ micro-batches (and across ranks), sum each micro-batch's masked token losses div
 of trained tokens in the *whole* step, step AdamW with warmup + cosine and gradient clipping.
 
 Data: the built-in tasks' oracle trajectories by default (prompt, reasoning, a python block, its
-real output, the answer), or `--sft_data FILE.jsonl` (chat messages or rollout.py trajectories).
+real output, the answer), or `--sft_data FILE.jsonl` (chat messages or rollout.py trajectories;
+`--sft_min_reward 1` keeps the trajectories whose reward reaches 1: rejection sampling from any
+teacher checkpoint, the open-model stand-in for the paper's GPT-4o trajectories).
 The loss covers assistant tokens only; interpreter output inside an assistant turn has mask 0.
 `--use_code=false` trains the text-only baseline on the same questions. `--stage pretrain` is this
 same loop on the synthetic copy corpus (`data.copy_corpus`): the tiny preset's stand-in for the
@@ -17,6 +19,7 @@ used here, and exactly resumable from any step).
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -25,16 +28,18 @@ import torch
 from minir1ci.training import distributed as dist
 from minir1ci.training.data import copy_corpus, filter_by_length, load_jsonl, next_token_targets, oracle_samples, pad_batch
 from minir1ci.env.tasks import load_tasks
-from minir1ci.training.runs import (MetricsLog, autocast_for, check_finite, load_start_model, load_trainer_state, lr_factor,
-                        make_optimizer, open_run_dir, release_run_dir, restore_optimizers, save_run_checkpoint,
-                        set_lr, start_run, step_seed)
+from minir1ci.inference.devices import autocast_for
+from minir1ci.training.optim import make_optimizer, set_lr
+from minir1ci.training.runs import (MetricsLog, check_finite, load_start_model, load_trainer_state, open_run_dir,
+                                    release_run_dir, restore_optimizers, save_run_checkpoint, start_run, step_seed)
 
 
 def build_samples(cfg, tokenizer, vocab_size: int | None = None):
     if cfg.stage == "pretrain":
         samples = copy_corpus(tokenizer, cfg.num_train_examples, seed=cfg.seed)
     elif cfg.sft_data:
-        samples = load_jsonl(cfg.sft_data, tokenizer, vocab_size=vocab_size)
+        min_reward = None if cfg.sft_min_reward == -math.inf else cfg.sft_min_reward
+        samples = load_jsonl(cfg.sft_data, tokenizer, min_reward=min_reward, vocab_size=vocab_size)
     else:
         examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train",
                               limit=cfg.num_train_examples, seed=cfg.seed)
@@ -98,8 +103,7 @@ def train_sft(cfg) -> dict:
         check_finite(loss, step, run_dir)
         dist.sync_grads(model)
         grad_norm = dist.clip_grad_norm(model, cfg.grad_clip)
-        lr = cfg.lr * lr_factor(step, cfg)
-        set_lr(opt, lr)
+        lr = set_lr(opt, step, cfg)
         opt.step()
         opt.zero_grad(set_to_none=True)
         last = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_s": float(totals[1]) / (time.time() - t0)}

@@ -1,7 +1,7 @@
 """The paged KV cache's bookkeeping: a pool of fixed-size blocks, refcounts and prefix sharing.
 
 The cache is `num_blocks` pages of `block_size` token slots (per layer, K and V); the number of
-pages comes from a memory budget (`num_blocks_for_budget`), not from batch x max length. A
+pages comes from a memory budget (the sampler's `kv_cache_bytes`), not from batch x max length. A
 sequence holds a list of pages (its block table); token t of a sequence lives in slot
 `block_table[t // block_size] * block_size + t % block_size`.
 
@@ -38,12 +38,6 @@ def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size
     """Bytes of one page across all layers, K and V."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
-
-
-def num_blocks_for_budget(budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                          block_size: int, dtype: torch.dtype) -> int:
-    """How many pages fit in `budget_bytes` of KV cache."""
-    return int(budget_bytes) // kv_block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype)
 
 
 class BlockManager:

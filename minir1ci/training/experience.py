@@ -1,0 +1,190 @@
+"""One RL step's experience: the current policy's rollouts on this rank's prompts, scored, as
+position-aligned tensors; the filters that drop trajectories from the loss; the curriculum.
+
+Alignment: a trajectory is `ids = prompt_ids + response_ids`; position t predicts ids[t+1], so
+response token k (at index P+k) is scored at position P+k-1. Every per-token tensor ([B, T], T =
+longest ids in the batch) is indexed by *position*; the loss mask at P+k-1 is the rollout's
+loss_mask[k]: 1 for tokens the model sampled, 0 for inserted interpreter output, the prompt and
+padding. Trainers never see text.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from minir1ci.env.interpreter import RolloutParams, prompt_ids, run_rollouts
+from minir1ci.env.prompts import extract_answer, pending_code
+from minir1ci.env.rewards import RewardConfig, compute_reward
+from minir1ci.training import distributed as dist
+from minir1ci.training.data import next_token_targets, pad_batch
+from minir1ci.training.losses import sequence_in_bounds
+from minir1ci.training.runs import step_seed
+
+
+@dataclass
+class RLBatch:
+    """One optimizer step's trajectories as padded tensors (CPU), position-aligned."""
+    ids: torch.Tensor          # [B, T] prompt + response, right-padded
+    attn: torch.Tensor         # [B, T] 1 on real tokens
+    targets: torch.Tensor      # [B, T] ids[t+1] (0 past the end)
+    mask: torch.Tensor         # [B, T] loss mask by position (sampled response tokens only)
+    sampler_logp: torch.Tensor  # [B, T] the sampler's log-prob of each sampled token (0 elsewhere)
+    scores: torch.Tensor       # [B] sequence rewards
+    groups: torch.Tensor       # [B] prompt index of each trajectory
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def rows(self, idx: slice | list[int]) -> "RLBatch":
+        pick = (lambda t: t[idx]) if isinstance(idx, slice) else (lambda t: t[torch.as_tensor(idx)])
+        return RLBatch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def to_batch(trajs, scores: list[float], groups: list[int]) -> RLBatch:
+    """Trajectories as position-aligned tensors: the rollout's per-token mask and log-probs sit at
+    the token's own index, then shift left with the ids (`next_token_targets`)."""
+    seqs = [list(t.prompt_ids) + list(t.response_ids) for t in trajs]
+    ids, attn, mask = pad_batch(seqs, 0, [[0] * len(t.prompt_ids) + [int(m) for m in t.loss_mask] for t in trajs])
+    logp = torch.zeros(ids.shape, dtype=torch.float32)
+    for i, t in enumerate(trajs):
+        P = len(t.prompt_ids)
+        logp[i, P:P + len(t.logprobs)] = torch.tensor(t.logprobs, dtype=torch.float32)
+    targets, mask, sampler_logp = next_token_targets(ids, mask, logp * mask)
+    return RLBatch(ids, attn, targets, mask, sampler_logp, torch.tensor(scores, dtype=torch.float32),
+                   torch.tensor(groups, dtype=torch.long))
+
+
+def rollout_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """What `--rollout_dtype` samples in: None = the policy's own weights (float32; a sharded
+    policy's gathered copy is always bf16), else a copy in that dtype; auto = bf16 on CUDA."""
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return None if name == "float32" else getattr(torch, name)
+
+
+def sample_rollouts(model, tokenizer, sandbox, prompts: list[list[int]], n: int, params: RolloutParams,
+                    dtype: torch.dtype | None = None):
+    """run_rollouts on the policy in eval mode. A copy in `dtype`, or of an FSDP2-sharded policy a
+    whole copy gathered on every rank (all ranks must call this), is made first, freed after."""
+    sampling = dist.unsharded_copy(model, dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        return run_rollouts(sampling, tokenizer, sandbox, prompts, n, params)
+    finally:
+        model.train(was_training)
+
+
+def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pools=None, dtype=None):
+    """One step's rollouts on this rank: its share of `prompts_per_step` prompts (deterministic in
+    seed and step), `n_samples` trajectories each with the interpreter, scored.
+
+    With `dynamic_sampling`, a group whose rewards are all equal is set aside and up to
+    `dynamic_sampling_rounds` more rounds of prompts are sampled (every rank takes part in each
+    round: a sharded policy is gathered in lockstep) until this rank's share is full; if the rounds
+    run out, set-aside groups fill it (their GRPO advantage is exactly 0).
+    Returns (trajectories, rewards, correctness, RLBatch, [groups dropped, extra rounds])."""
+    n, rounds = cfg.n_samples, (cfg.dynamic_sampling_rounds if cfg.dynamic_sampling else 0)
+    want = len(dist.shard(range(cfg.prompts_per_step)))   # groups on this rank
+    sampling = dist.unsharded_copy(model, dtype)    # one copy for every round of this step
+    kept, flat, extra = [], [], 0
+    for r in range(1 + rounds):
+        if r and not dist.all_reduce_sum(torch.tensor([want - min(len(kept), want)])).item():
+            break                                   # every rank is full
+        extra += r > 0
+        idx = dist.shard(pick_prompts(len(examples), cfg.prompts_per_step, step, cfg.seed + 7919 * r, cfg.steps, pools))
+        exs = [examples[i] for i in idx]
+        trajs = sample_rollouts(sampling, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), n,
+                                RolloutParams.from_options(asdict(cfg), seed=step_seed(cfg.seed, step, rank + 1000 * r)))
+        rewards, correct = score_trajectories(exs, trajs, n, cfg)
+        for g in range(len(exs)):
+            group = [(trajs[k], rewards[k], correct[k]) for k in range(g * n, (g + 1) * n)]
+            (flat if cfg.dynamic_sampling and len(set(rewards[g * n:(g + 1) * n])) == 1 else kept).append(group)
+    dropped = len(kept) + len(flat) - want if len(kept) < want else len(flat)
+    rows = [row for group in (kept + flat)[:want] for row in group]
+    trajs, rewards, correct = (list(x) for x in zip(*rows))
+    batch = to_batch(trajs, rewards, [i // n for i in range(len(trajs))])
+    return trajs, rewards, correct, batch, [dropped, extra]
+
+
+def score_trajectories(examples, trajs, n: int, cfg) -> tuple[list[float], list[float]]:
+    """(rewards, correctness) for trajectories grouped n per example, in order."""
+    rcfg = RewardConfig(plain=cfg.reward_plain)
+    rewards, correct = [], []
+    for i, tr in enumerate(trajs):
+        s = examples[i // n].score(tr.text)
+        correct.append(s)
+        rewards.append(compute_reward(s, tr.turns, rcfg))
+    return rewards, correct
+
+
+def measure_success(model, tokenizer, sandbox, examples, cfg, dtype=None) -> list[float]:
+    """Success rate of each question over `curriculum_samples` samples (for the curriculum)."""
+    prompts = prompt_ids(tokenizer, examples, cfg.use_code)
+    k = cfg.curriculum_samples
+    trajs = sample_rollouts(model, tokenizer, sandbox, prompts, k, RolloutParams.from_options(asdict(cfg), seed=cfg.seed + 17), dtype)
+    return [sum(examples[i].score(t.text) for t in trajs[i * k:(i + 1) * k]) / k for i in range(len(examples))]
+
+
+def has_void_turn(turns: list[str]) -> bool:
+    """A model turn that holds neither a closed python block nor an answer (SimpleTIR's void turn)."""
+    return any(pending_code(t) is None and extract_answer(t) is None for t in turns)
+
+
+def loss_filter(trajs, batch: RLBatch, old_logp: torch.Tensor, cfg) -> tuple[torch.Tensor, list[int]]:
+    """[B] bool: trajectories kept in the loss; and how many each filter dropped: sequence-level
+    mismatch masking, void turns, truncation (a trajectory may be counted by several)."""
+    mis = ~sequence_in_bounds(old_logp, batch.sampler_logp, batch.mask, cfg.mis_low, cfg.mis_high)
+    void = torch.tensor([cfg.filter_void_turns and has_void_turn(t.turns) for t in trajs])
+    cut = torch.tensor([cfg.mask_truncated and t.finish_reason == "length" for t in trajs])
+    return ~(mis | void | cut), [int(mis.sum()), int(void.sum()), int(cut.sum())]
+
+
+def rollout_stats(trajs, rewards: list[float], correct: list[float]) -> dict:
+    n = max(len(trajs), 1)
+    return {
+        "reward": sum(rewards) / n,
+        "accuracy": sum(correct) / n,
+        "code_calls": sum(t.num_code_calls for t in trajs) / n,
+        "code_use": sum(t.num_code_calls > 0 for t in trajs) / n,
+        "response_len": sum(len(t.response_ids) for t in trajs) / n,
+        "truncated": sum(t.finish_reason == "length" for t in trajs) / n,
+    }
+
+
+# ----------------------------------------------------------------------------- curriculum (paper v2)
+
+CURRICULUM_STAGES = ((0.64, 1.0), (0.48, 0.64), (0.32, 0.48), (0.0, 0.32))
+
+
+def potential(p: float) -> float:
+    """Pi = 4p(1-p): 1 for questions solved half the time, 0 for always or never solved."""
+    return 4.0 * p * (1.0 - p)
+
+
+def curriculum_pools(success: list[float]) -> list[list[int]]:
+    """Question indices per stage, highest-potential stage first (REFERENCE.md, curriculum)."""
+    pools, placed = [], set()
+    for lo, hi in CURRICULUM_STAGES:          # a boundary value goes to the earlier stage
+        pool = [i for i, p in enumerate(success) if lo <= potential(p) <= hi and i not in placed]
+        placed.update(pool)
+        pools.append(pool)
+    return pools
+
+
+def pick_prompts(num_examples: int, k: int, step: int, seed: int, steps: int,
+                 pools: list[list[int]] | None = None) -> list[int]:
+    """k example indices for `step`, deterministic in (seed, step); staged when `pools` is given."""
+    rng = random.Random(seed * 1_000_003 + step)
+    candidates = list(range(num_examples))
+    if pools:
+        stage = min(step * len(pools) // max(steps, 1), len(pools) - 1)
+        for s in range(stage, -1, -1):     # fall back to an easier stage when one is empty
+            if pools[s]:
+                candidates = pools[s]
+                break
+    if k <= len(candidates):
+        return rng.sample(candidates, k)
+    return [rng.choice(candidates) for _ in range(k)]
