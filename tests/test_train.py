@@ -190,3 +190,25 @@ def test_unknown_options_and_missing_data_are_refused(tmp_path, capsys):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
     assert train_script.main(["--stage=sft", f"--sft_data={bad}", f"--out={tmp_path / 'o'}"]) == 1
     assert f"{bad}:2" in capsys.readouterr().err
+
+
+def test_sft_on_rollouts_keeps_only_the_trajectories_at_the_reward_floor(tmp_path, capsys):
+    """Rejection sampling: `--sft_data rollouts.jsonl --sft_min_reward 1` trains on the lines of
+    rollout.py's format whose reward reaches 1, with their loss masks; the others never enter."""
+    rows = [{"task": "builtin:mul", "id": f"q{i}", "prompt_ids": [5, 6, 7], "response_ids": [10 + i, 20 + i, 30 + i],
+             "loss_mask": [1, 0, 1], "logprobs": [-1.0, 0.0, -1.0], "reward": r, "score": float(r >= 1)}
+            for i, r in enumerate([1.1, 0.9, -0.1, 1.0])]
+    data = tmp_path / "rollouts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--stage=sft", f"--sft_data={data}", *TINY]
+    samples, dropped = sft.build_samples(resolve([*args, "--sft_min_reward=1"]), tokenizer=None)
+    assert [s.ids for s in samples] == [[5, 6, 7, 10, 20, 30], [5, 6, 7, 13, 23, 33]]
+    assert [s.mask for s in samples] == [[0, 0, 0, 1, 0, 1]] * 2 and dropped == 0
+    assert len(sft.build_samples(resolve(args), tokenizer=None)[0]) == 4      # no floor: every line
+    assert train_script.main([*args, "--sft_min_reward=1", "--steps=2", f"--out={tmp_path / 'sft'}"]) == 0
+    assert runs.latest_checkpoint(tmp_path / "sft").name == "step-000001"
+    capsys.readouterr()
+    assert train_script.main([*args, "--sft_min_reward=2", "--steps=2", f"--out={tmp_path / 'none'}"]) == 1
+    assert capsys.readouterr().err.strip() == f"train.py: error: {data}: no training samples"
+    with pytest.raises(ValueError, match="--sft_min_reward applies only to --stage sft with --sft_data"):
+        resolve(["--stage=grpo", "--sft_min_reward=1"])

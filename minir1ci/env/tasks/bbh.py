@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from minir1ci.env.tasks import Example
+from minir1ci.env.tasks.example import Example
 from minir1ci.env.tasks.answers import normalize_text, parse_int, strip_quotes
 
 _CHOICE_RE = re.compile(r"^\(([A-R])\)$")

@@ -29,7 +29,7 @@ import random
 import re
 import string
 
-from minir1ci.env.tasks import Example, Oracle
+from minir1ci.env.tasks.example import Example, Oracle
 from minir1ci.env.tasks.answers import expression_reaches, int_list, parse_int, strip_quotes
 
 FAMILIES = ("mul", "add", "letters", "sort", "base", "date", "game24")

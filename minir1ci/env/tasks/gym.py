@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 
-from minir1ci.env.tasks import Example
+from minir1ci.env.tasks.example import Example
 
 DEFAULT_SIZE = 200  # the paper uses at least 200 questions per task
 ANSWER_HINT = "\n\nGive your final answer inside <<<>>>, for example <<<answer>>>."

@@ -25,9 +25,9 @@ import re
 import warnings
 from pathlib import Path
 
-from minir1ci.env.tasks import Example
-from minir1ci.env.tasks import symbench_plan as plan
-from minir1ci.env.tasks import symbench_verify as v
+from minir1ci.env.tasks.example import Example
+import minir1ci.env.tasks.symbench_plan as plan
+import minir1ci.env.tasks.symbench_verify as v
 from minir1ci.env.tasks.builtin import solve_game24
 from minir1ci.env.tasks.symbench_verify import last_boxed
 

@@ -20,7 +20,7 @@ import json
 import re
 from collections import Counter, deque
 
-from minir1ci.env.tasks import Example
+from minir1ci.env.tasks.example import Example
 
 # ---- Blocksworld ------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import math
 import re
 from fractions import Fraction
 
-from minir1ci.env.tasks import Example
+from minir1ci.env.tasks.example import Example
 from minir1ci.env.tasks.answers import (expression_reaches, int_list, list_items, normalize_text, numbers_match, parse_int,
                                     parse_number, strip_quotes)
 
