@@ -1,27 +1,8 @@
 """Hugging Face checkpoint directories: load and save the model, its config and its tokenizer.
 
-The layout is the one transformers and vLLM read and write:
-
-    config.json                    ModelConfig.to_hf_dict() plus the dtype of the saved weights
-    generation_config.json         eos ids (and pad id), which samplers use as stop tokens
-    model.safetensors              all weights in one file, or, above `max_shard_size`:
-    model-00001-of-0000N.safetensors ... + model.safetensors.index.json  {"metadata": {"total_size"},
-                                                                          "weight_map": {name: file}}
-    tokenizer.json, tokenizer_config.json   when a tokenizer is given (Tokenizer.save_pretrained)
-
-Loading builds the model on the `meta` device (no memory) and materialises it one tensor at a
-time from the safetensors files, casting each to the requested dtype and device, so the peak is
-about one model plus one tensor rather than two models (for Qwen-2.5-14B, 30 GB, not 60). Every
-file's header is read and checked against the model before any weight is read, so a wrong
-checkpoint fails in milliseconds with the names of the missing, unexpected and misshaped tensors.
-Tied models (`tie_word_embeddings`) have no `lm_head.weight` on disk, as in HF.
-
-Saving writes a temporary sibling directory, fsyncs it, and renames it into place, so a crash
-or an exception never leaves a half-written checkpoint at the target; an existing checkpoint
-there is renamed aside first and deleted only once the new one is in place. (A process killed
-outright leaves its `.NAME.tmp-*` directory beside the target; a training run deletes those of its
-run directory when it starts.) Shards are
-written one at a time, so only one shard's worth of CPU copies exists at once.
+The layout transformers and vLLM read and write: config.json (plus the saved dtype),
+generation_config.json (eos and pad ids), model.safetensors or, above `max_shard_size`, numbered
+shards with model.safetensors.index.json, and the tokenizer files when a tokenizer is given.
 
 Simplified against transformers: safetensors only (no `pytorch_model.bin`), Qwen2 only, no
 quantised weights, no loading straight into a sharded (FSDP) model: a distributed trainer
@@ -42,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from minir1ci.inference.devices import named_dtype
 from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM, RotaryEmbedding
 from minir1ci.inference.tokenizer import Tokenizer
 
@@ -51,11 +33,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 # dtype names inside a safetensors header
 HEADER_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 # Older transformers saved the rotary buffer; it is recomputed here, so such entries are skipped.
@@ -65,13 +42,8 @@ SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """torch dtype from a dtype or a name ('bfloat16', 'bf16', 'torch.float16', ...); None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[key]
+    """torch dtype from a dtype or a name (`devices.named_dtype`); None stays None."""
+    return None if dtype is None else named_dtype(dtype)
 
 
 def parse_size(size: int | str) -> int:
@@ -128,7 +100,11 @@ def _plan(path: Path):
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None) -> Qwen2ForCausalLM:
-    """The model alone (e.g. to start a critic from a policy checkpoint); see `load_pretrained`."""
+    """The model alone (e.g. to start a critic from a policy checkpoint); see `load_pretrained`.
+
+    Built on the meta device and filled one tensor at a time, cast on the way, so the peak is one
+    model plus one tensor (Qwen-2.5-14B: 30 GB, not 60). `_plan` checks every file's header first:
+    a wrong checkpoint fails in milliseconds naming the missing, unexpected and misshaped tensors."""
     path = _checkpoint_dir(path)
     config, raw, model, location, headers = _plan(path)
     device = torch.device(device or "cpu")
@@ -285,7 +261,10 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer: Tokenizer | None, path: 
     dtype None keeps the parameters' dtype. `state_dict` (full tensors, e.g. gathered from FSDP)
     replaces `model.state_dict()`; the model then only supplies the config. An existing
     checkpoint at `path` is replaced; an existing non-empty directory without config.json is
-    refused rather than deleted.
+    refused rather than deleted. Written in a temporary sibling, fsynced, renamed into place (the
+    old one renamed aside first, deleted last): a crash never leaves a half-written checkpoint,
+    only a `.NAME.tmp-*` directory that a training run deletes when it starts. Shards are written
+    one at a time, so one shard's CPU copies exist at once.
     """
     path = Path(path).absolute()
     config = model.config

@@ -18,8 +18,8 @@ from contextlib import nullcontext
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def cpu_has_bf16_units() -> bool:
@@ -54,9 +54,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def _named_dtype(name: str) -> torch.dtype:
+def named_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A dtype from its name ('bf16', 'bfloat16', 'torch.bfloat16', ...) or itself."""
+    if isinstance(name, torch.dtype):
+        return name
     try:
-        return _DTYPES[name]
+        return DTYPES[str(name).lower().removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
 
@@ -64,7 +67,7 @@ def _named_dtype(name: str) -> torch.dtype:
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     """The weights' dtype for sampling and evaluation (see the module docstring for `auto`)."""
     if name != "auto":
-        return _named_dtype(name)
+        return named_dtype(name)
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_units()):
         return torch.bfloat16
     return torch.float32
@@ -72,7 +75,7 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def train_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a training step, None for fp32 (see the module docstring for `auto`)."""
-    dtype = (torch.bfloat16 if device.type == "cuda" else None) if name == "auto" else _named_dtype(name)
+    dtype = (torch.bfloat16 if device.type == "cuda" else None) if name == "auto" else named_dtype(name)
     return None if dtype in (None, torch.float32) else dtype
 
 

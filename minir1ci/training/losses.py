@@ -221,6 +221,15 @@ def cispo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
 # ----------------------------------------------------------------------------- sampler/trainer mismatch
 # mu = the sampler's probability of the sampled token, pi_old the trainer's (REFERENCE.md 3b).
 
+def policy_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cfg) -> tuple[Tensor, dict]:
+    """The per-token policy loss `cfg.policy_loss` names, with its clip settings from `cfg`."""
+    if cfg.policy_loss == "gspo":
+        return gspo_loss(logp, old_logp, advantages, mask, cfg.gspo_clip_low, cfg.gspo_clip_high)
+    if cfg.policy_loss == "cispo":
+        return cispo_loss(logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high)
+    return policy_loss(logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+
+
 def tis_weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
     """Truncated importance weights min(pi_old / mu, cap) per token, [B, T], detached; 0 off the
     mask. Multiply the per-token policy loss by them (token-level TIS)."""

@@ -35,9 +35,9 @@ from minir1ci.training import distributed as dist
 from minir1ci.training.critic import batch_values, make_critic, token_rewards
 from minir1ci.training.experience import (RLBatch, collect, curriculum_pools, loss_filter, measure_success,
                                           rollout_dtype, rollout_stats)
-from minir1ci.training.losses import (aggregate, cispo_loss, gae, grpo_advantages, gspo_loss,
-                                      kl_penalty, masked_mean, masked_sum, masked_whiten, mismatch_sums, policy_loss,
-                                      step_denominator, tis_weights, value_loss)
+from minir1ci.training.losses import (aggregate, gae, grpo_advantages, kl_penalty, masked_mean, masked_sum,
+                                      masked_whiten, mismatch_sums, policy_objective, step_denominator,
+                                      tis_weights, value_loss)
 from minir1ci.training.optim import make_optimizer, set_lr
 from minir1ci.training.runs import (MetricsLog, check_finite, find_latest_run_checkpoint, load_start_model,
                                     load_trainer_state, restore_optimizers, save_run_checkpoint, setup_run, step_seed)
@@ -126,12 +126,7 @@ def update(model, critic, opts: dict, batch: RLBatch, adv, returns, old_logp, ol
             old, a = old_logp[idx].to(device), adv[idx].to(device)
             if cfg.old_logprobs == "sampler" and updates == 0:
                 measured += mismatch_sums(logp.detach(), old, mask).cpu()
-            if cfg.policy_loss == "gspo":
-                pl, pm = gspo_loss(logp, old, a, mask, cfg.gspo_clip_low, cfg.gspo_clip_high)
-            elif cfg.policy_loss == "cispo":
-                pl, pm = cispo_loss(logp, old, a, mask, cfg.clip_low, cfg.clip_high)
-            else:
-                pl, pm = policy_loss(logp, old, a, mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+            pl, pm = policy_objective(logp, old, a, mask, cfg)
             if tis_w is not None:
                 pl = pl * tis_w[idx].to(device)
             loss_tok = pl

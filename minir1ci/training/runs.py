@@ -1,5 +1,5 @@
-"""What the three trainers share: device and dtype, the run directory, optimizer and schedule, run
-checkpoints, metrics.
+"""Run directories: checking a run's inputs, the directory and its lock, checkpoints, `latest`,
+resume, the metrics log, and which model a stage starts from.
 
 Run directory layout (`cfg.run_dir()`):
     config.json            the resolved TrainConfig
