@@ -66,7 +66,9 @@ class RLBatch:
         return RLBatch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
-def to_batch(trajs, scores: list[float], groups: list[int]) -> RLBatch:
+def to_batch(trajs, scores: list[float], groups: list[int], mask_tool_output: bool = True) -> RLBatch:
+    """With `mask_tool_output` False (an ablation) inserted interpreter tokens are in `mask` too;
+    having no sampler log-prob, they carry NaN in `sampler_logp` until train_rl fills in pi_old."""
     seqs, masks, logps = [], [], []
     for tr in trajs:
         P = len(tr.prompt_ids)
@@ -74,8 +76,8 @@ def to_batch(trajs, scores: list[float], groups: list[int]) -> RLBatch:
         mask = [0] * len(ids)
         logp = [0.0] * len(ids)
         for k, (m, lp) in enumerate(zip(tr.loss_mask, tr.logprobs)):
-            mask[P + k - 1] = int(m)
-            logp[P + k - 1] = float(lp) if m else 0.0
+            mask[P + k - 1] = int(m or not mask_tool_output)
+            logp[P + k - 1] = float(lp) if m else (0.0 if mask_tool_output else math.nan)
         seqs.append(ids), masks.append(mask), logps.append(logp)
     ids, attn, mask = pad_batch(seqs, 0, masks)
     sampler_logp = torch.zeros(ids.shape, dtype=torch.float32)
@@ -135,7 +137,7 @@ def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pool
     dropped = len(kept) + len(flat) - want if len(kept) < want else len(flat)
     rows = [row for group in (kept + flat)[:want] for row in group]
     trajs, rewards, correct = (list(x) for x in zip(*rows))
-    batch = to_batch(trajs, rewards, [i // n for i in range(len(trajs))])
+    batch = to_batch(trajs, rewards, [i // n for i in range(len(trajs))], cfg.mask_tool_output)
     return trajs, rewards, correct, batch, [dropped, extra]
 
 
@@ -359,6 +361,8 @@ def train_rl(cfg) -> dict:
             bypass = cfg.old_logprobs == "sampler"
             old_logp = (batch.sampler_logp if bypass else batch_logprobs(
                 model, batch, cfg.micro_batch_size, device, amp, cfg.temperature, cfg.loss_chunk_size))
+            # Unmasked interpreter output (ablation): pi_old stands in for the sampler there (ratio 1).
+            batch.sampler_logp = torch.where(batch.sampler_logp.isnan(), old_logp, batch.sampler_logp)
             ref_logp = (batch_logprobs(ref, batch, cfg.micro_batch_size, device, amp, cfg.temperature,
                                        cfg.loss_chunk_size) if ref is not None else None)
             measured = torch.zeros(4, dtype=torch.float64) if bypass else mismatch_sums(old_logp, batch.sampler_logp,
