@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
@@ -27,6 +26,22 @@ ONLY_FOR = {"grpo": ("norm_adv_std", "kl_estimator", "dynamic_sampling", "dynami
                      "gspo_clip_high"),
             "ppo": ("critic_lr", "value_clip", "gamma", "lam", "critic_warmup_steps")}
 
+INF = float("inf")
+POSITIVE, NONNEG, UNIT = (0, INF, (False, False)), (0, INF, (True, False)), (0, 1, (True, True))
+# Every numeric option's valid range, (low, high, (low included, high included)).
+RANGES = {
+    **dict.fromkeys(("steps", "batch_size", "micro_batch_size", "max_seq_len", "num_train_examples", "lr",
+                     "grad_clip", "log_every", "save_every", "loss_chunk_size", "prompts_per_step", "n_samples",
+                     "max_new_tokens", "exec_timeout", "curriculum_samples", "ppo_epochs", "critic_lr",
+                     "value_clip"), POSITIVE),
+    **dict.fromkeys(("warmup_steps", "weight_decay", "temperature", "max_code_calls", "dynamic_sampling_rounds",
+                     "tis_cap", "mis_low", "mis_high", "gspo_clip_low", "gspo_clip_high", "mini_batch_size",
+                     "clip_low", "clip_high", "kl_coef", "entropy_coef", "critic_warmup_steps"), NONNEG),
+    **dict.fromkeys(("text_fraction", "min_lr_ratio", "gamma", "lam"), UNIT),
+    "top_p": (0, 1, (False, True)), "beta1": (0, 1, (True, False)), "beta2": (0, 1, (True, False)),
+    "dual_clip": (1, INF, (False, False)), "sft_min_reward": (-INF, INF, (True, False)),
+}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -37,7 +52,7 @@ class TrainConfig:
     tasks: str = "builtin:all"
     data: str = ""             # root holding symbench/ and bbh/ ("" = $MINIR1CI_DATA or ../shared/data)
     sft_data: str = ""         # SFT JSONL (chat messages or rollout.py trajectories); "" = built-in oracle trajectories
-    sft_min_reward: float = -math.inf  # with --sft_data: keep lines whose `reward` is at least this (rejection sampling)
+    sft_min_reward: float = -INF  # with --sft_data: keep lines whose `reward` reaches this (rejection sampling)
     use_code: bool = True      # False: text-only SFT/RL (the paper's baseline)
     text_fraction: float = 0.0  # SFT with code on built-in oracles: this share of questions gets the text-only answer
     resume: bool = False       # continue from <out>/last if present
@@ -80,6 +95,7 @@ class TrainConfig:
     dynamic_sampling_rounds: int = 3  # at most this many extra rounds of prompts per step
     filter_void_turns: bool = False  # drop trajectories with a turn holding no closed code block nor answer
     mask_truncated: bool = False     # drop trajectories cut by max_new_tokens
+    mask_tool_output: bool = True    # False: the inserted interpreter output is trained on too (ablation)
     # RL: sampler/trainer mismatch
     old_logprobs: str = "trainer"  # trainer (recompute pi_old) | sampler (reuse the sampler's; one update per step)
     tis_cap: float = 2.0       # token weights min(pi_old / pi_sampler, cap); 0 = off
@@ -111,16 +127,19 @@ class TrainConfig:
             raise ValueError(f"unknown stage {self.stage!r}; choose one of {STAGES}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
-        for name in ("steps", "batch_size", "micro_batch_size", "max_seq_len", "n_samples", "prompts_per_step"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.text_fraction <= 1.0:
-            raise ValueError(f"text_fraction must lie in [0, 1], got {self.text_fraction}")
+        for name, (lo, hi, closed) in RANGES.items():   # nan fails every comparison, so it is refused too
+            v = getattr(self, name)
+            if not ((lo <= v if closed[0] else lo < v) and (v <= hi if closed[1] else v < hi)):
+                side = "[(" [not closed[0]] + f"{lo}, {hi}" + "])"[not closed[1]]
+                raise ValueError(f"{name} must lie in {side}, got {v}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.policy_loss == "gspo" and self.stage != "grpo":
             raise ValueError("--policy_loss=gspo needs one advantage per trajectory: only --stage grpo has it")
+        if not self.mask_tool_output and self.old_logprobs == "sampler":
+            raise ValueError("--mask_tool_output=false needs --old_logprobs=trainer: inserted interpreter output "
+                             "has no sampler log-prob to reuse")
         if self.old_logprobs == "sampler" and (self.ppo_epochs > 1 or self.mini_batch_size):
             raise ValueError("--old_logprobs=sampler is exact only with one update per step: "
                              "--ppo_epochs=1 --mini_batch_size=0")

@@ -104,3 +104,33 @@ def test_options_shared_by_both_rl_stages_are_accepted():
         cfg = resolve([f"--stage={stage}", "--policy_loss=cispo", "--old_logprobs=sampler", "--entropy_coef=0.01",
                        "--curriculum", "--tis_cap=3", "--filter_void_turns", "--mask_truncated", "--rollout_dtype=auto"])
         assert (cfg.policy_loss, cfg.tis_cap, cfg.rollout_dtype) == ("cispo", 3.0, "auto")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lr", "nan", "lr must lie in (0, inf), got nan"),
+    ("lr", "0", "lr must lie in (0, inf), got 0.0"),
+    ("exec_timeout", "-5", "exec_timeout must lie in (0, inf), got -5.0"),
+    ("tis_cap", "inf", "tis_cap must lie in [0, inf), got inf"),
+    ("top_p", "0", "top_p must lie in (0, 1], got 0.0"),
+    ("top_p", "1.5", "top_p must lie in (0, 1], got 1.5"),
+    ("gamma", "1.01", "gamma must lie in [0, 1], got 1.01"),
+    ("beta2", "1", "beta2 must lie in [0, 1), got 1.0"),
+    ("dual_clip", "1", "dual_clip must lie in (1, inf), got 1.0"),
+    ("warmup_steps", "-1", "warmup_steps must lie in [0, inf), got -1"),
+    ("max_new_tokens", "0", "max_new_tokens must lie in (0, inf), got 0"),
+])
+def test_numeric_options_outside_their_range_are_refused_by_name(key, value, message):
+    with pytest.raises(ValueError) as err:
+        resolve(["--stage=grpo", f"--{key}={value}"])
+    assert str(err.value) == message
+
+
+def test_every_numeric_option_has_a_range_and_the_presets_lie_inside():
+    import dataclasses
+    from minir1ci.config import RANGES, paper, tiny
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float")}
+    assert numeric - set(RANGES) == {"seed"}
+    for stage in ("pretrain", "sft", "grpo", "ppo"):
+        tiny(stage)
+        if stage != "pretrain":
+            paper(stage)

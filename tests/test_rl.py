@@ -103,6 +103,20 @@ def test_loss_filter_drops_void_truncated_and_mismatched_trajectories():
     assert experience.loss_filter(trajs, batch, old, off)[0].tolist() == [True] * 4
 
 
+def test_unmasked_tool_output_enters_the_mask_without_a_sampler_logprob():
+    """--mask_tool_output=false (ablation): response [s, o, o, s] with o inserted output; by
+    position P+k-1 = 1..4 the mask is 1 on all four, and the inserted ones hold NaN (no sampler)."""
+    tr = Trajectory(prompt_ids=[1, 2], response_ids=[5, 6, 7, 8], loss_mask=[1, 0, 0, 1],
+                    logprobs=[-1.0, 0.0, 0.0, -2.0])
+    masked = experience.to_batch([tr], [1.0], [0])
+    assert masked.mask[0].tolist() == [0, 1, 0, 0, 1, 0] and masked.sampler_logp[0, 2:4].tolist() == [0.0, 0.0]
+    full = experience.to_batch([tr], [1.0], [0], mask_tool_output=False)
+    assert full.mask[0].tolist() == [0, 1, 1, 1, 1, 0]
+    assert full.sampler_logp[0, [1, 4]].tolist() == [-1.0, -2.0] and full.sampler_logp[0, 2:4].isnan().all()
+    with pytest.raises(ValueError, match="mask_tool_output=false needs --old_logprobs=trainer"):
+        resolve(["--stage=grpo", "--mask_tool_output=false", "--old_logprobs=sampler"])
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")

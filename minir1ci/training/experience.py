@@ -9,6 +9,7 @@ padding. Trainers never see text.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -42,15 +43,19 @@ class RLBatch:
         return RLBatch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
-def to_batch(trajs, scores: list[float], groups: list[int]) -> RLBatch:
-    """Trajectories as position-aligned tensors: the rollout's per-token mask and log-probs sit at
-    the token's own index, then shift left with the ids (`next_token_targets`)."""
+def to_batch(trajs, scores: list[float], groups: list[int], mask_tool_output: bool = True) -> RLBatch:
+    """Trajectories as position-aligned tensors: each token's mask and sampler log-prob sit at its
+    own index, then shift left with the ids (`next_token_targets`). With `mask_tool_output` False
+    (an ablation) inserted interpreter tokens are in `mask` too; having no sampler log-prob, they
+    carry NaN in `sampler_logp` until train_rl fills in pi_old."""
     seqs = [list(t.prompt_ids) + list(t.response_ids) for t in trajs]
-    ids, attn, mask = pad_batch(seqs, 0, [[0] * len(t.prompt_ids) + [int(m) for m in t.loss_mask] for t in trajs])
+    masks = [[0] * len(t.prompt_ids) + [int(m or not mask_tool_output) for m in t.loss_mask] for t in trajs]
+    ids, attn, mask = pad_batch(seqs, 0, masks)
     logp = torch.zeros(ids.shape, dtype=torch.float32)
     for i, t in enumerate(trajs):
-        P = len(t.prompt_ids)
-        logp[i, P:P + len(t.logprobs)] = torch.tensor(t.logprobs, dtype=torch.float32)
+        P, sampled = len(t.prompt_ids), torch.tensor(t.loss_mask, dtype=torch.bool)
+        lp = torch.tensor(t.logprobs, dtype=torch.float32)
+        logp[i, P:P + len(lp)] = lp if mask_tool_output else torch.where(sampled, lp, math.nan)
     targets, mask, sampler_logp = next_token_targets(ids, mask, logp * mask)
     return RLBatch(ids, attn, targets, mask, sampler_logp, torch.tensor(scores, dtype=torch.float32),
                    torch.tensor(groups, dtype=torch.long))
@@ -105,7 +110,7 @@ def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pool
     dropped = len(kept) + len(flat) - want if len(kept) < want else len(flat)
     rows = [row for group in (kept + flat)[:want] for row in group]
     trajs, rewards, correct = (list(x) for x in zip(*rows))
-    batch = to_batch(trajs, rewards, [i // n for i in range(len(trajs))])
+    batch = to_batch(trajs, rewards, [i // n for i in range(len(trajs))], cfg.mask_tool_output)
     return trajs, rewards, correct, batch, [dropped, extra]
 
 

@@ -188,6 +188,10 @@ def train_rl(cfg) -> dict:
             bypass = cfg.old_logprobs == "sampler"
             old_logp = (batch.sampler_logp if bypass else batch_logprobs(
                 model, batch, cfg.micro_batch_size, device, amp, cfg.temperature, cfg.loss_chunk_size))
+            # Unmasked interpreter output (ablation): pi_old stands in for the sampler there (ratio 1).
+            batch.sampler_logp = torch.where(batch.sampler_logp.isnan(), old_logp, batch.sampler_logp)
+            # Unmasked interpreter output (ablation): pi_old stands in for the sampler there (ratio 1).
+            batch.sampler_logp = torch.where(batch.sampler_logp.isnan(), old_logp, batch.sampler_logp)
             ref_logp = (batch_logprobs(ref, batch, cfg.micro_batch_size, device, amp, cfg.temperature,
                                        cfg.loss_chunk_size) if ref is not None else None)
             measured = torch.zeros(4, dtype=torch.float64) if bypass else mismatch_sums(old_logp, batch.sampler_logp,

@@ -86,8 +86,8 @@ def inverse_cdf(probs: Tensor, generators: list[torch.Generator | None], rows: l
     """Token [B] of each row: the first whose cumulative probability exceeds u * total, u ~ U[0, 1)
     (rows not in `rows` get u = 0; their token is replaced). `probs` [B, V] may be unnormalised.
 
-    Two levels, so no cumulative sum runs over the whole vocabulary (a [32, 151936] one cost 12 ms
-    a step, the largest op after the matrix products): the mass of each block of _CDF_BLOCK
+    Over a large vocabulary, two levels, so no cumulative sum runs over the whole row (a
+    [32, 151936] one cost 12 ms a step, the largest op after the matrix products): the mass of each block of _CDF_BLOCK
     tokens, cumulated, finds the block holding u * total; a cumulative sum inside that block alone
     finds the token. Block sums are fp32 (fp64 ones cost 20x more), cumulated in fp64. A zero-probability token is never picked: its cumulative sum
     equals its predecessor's, and when rounding puts the target past a block's (or the row's) last
@@ -100,6 +100,13 @@ def inverse_cdf(probs: Tensor, generators: list[torch.Generator | None], rows: l
     for i in rows:
         if generators[i] is not None:
             u[i] = torch.rand(1, generator=generators[i], dtype=torch.float64)
+    if V <= 8 * _CDF_BLOCK:  # a small vocabulary: one cumulative sum costs fewer ops than two levels
+        cdf = probs.double().cumsum(-1)                                                  # [B, V]
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        over = (tokens >= V).nonzero()[:, 0]
+        if len(over):
+            tokens[over] = (probs[over] > 0).long().cumsum(-1).argmax(-1)
+        return tokens
     S = _CDF_BLOCK
     full = V // S * S
     sums = probs[:, :full].reshape(B, full // S, S).sum(-1)                              # [B, V // S]
