@@ -1,21 +1,13 @@
 """Code-interpreter rollouts: generate, execute each closed python block, insert its output, go on.
 
-For a batch of prompts x n samples, every sequence decodes in one batched sampler. A sequence
-pauses when its latest sampled segment closes a ```python block; the pending code of all paused
-sequences runs concurrently in the sandbox; each output is rendered (`prompts.render_output`, cut
-to a token budget keeping head and tail) and appended as *forced* tokens, which the sampler
-prefills into the KV cache before decoding resumes. Nothing is ever decoded and re-tokenized:
-the response is the sampler's own token ids, interleaved with the tokenized interpreter outputs.
-
-A trajectory ends on end of turn / eos, when a sampled segment contains the final <<<answer>>>,
-when the model closes a block past the code-call cap (default 8, the paper's v2), or at the total
-token budget (sampled + inserted tokens). Text-only mode (`use_code=False`) runs the same prompts
-without execution, for the paper's text-versus-code comparison.
-
-Each `Trajectory` carries the prompt ids, response ids, the loss mask (1 = sampled by the model,
-including the eos; 0 = inserted interpreter output), the sampler's log-prob of each sampled token
-(0 on inserted ones), the code blocks with their results, the model's turns as text, the number
-of code calls, the finish reason and the decoded text.
+All prompts x n samples decode in one batched sampler. A sequence pauses when its latest sampled
+segment closes a ```python block; the pending code of all paused sequences runs concurrently in
+the sandbox; each output is rendered, cut to a token budget, and appended as *forced* tokens that
+the sampler prefills into the KV cache before decoding resumes. Nothing is decoded and
+re-tokenized: the response is the sampler's own ids, interleaved with the tokenized outputs.
+A trajectory ends on end of turn / eos, an <<<answer>>>, a block past the code-call cap (the
+paper's v2: 8), or the token budget (sampled + inserted tokens). `use_code=False` runs the same
+prompts without execution, for the paper's text-versus-code comparison.
 
 Simplified: one python block per model turn (R1-CI's convention; a turn that writes two blocks
 runs the last); a code block that would overflow the token budget ends the trajectory instead of
@@ -54,13 +46,13 @@ class RolloutParams:
 class Trajectory:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    code_blocks: list[dict] = field(default_factory=list)
-    turns: list[str] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)     # 1 = sampled (the eos too), 0 = inserted output
+    logprobs: list[float] = field(default_factory=list)    # the sampler's, 0 on inserted tokens
+    code_blocks: list[dict] = field(default_factory=list)  # each block's code and result
+    turns: list[str] = field(default_factory=list)         # the model's turns, as text
     num_code_calls: int = 0
-    finish_reason: str = ""
-    text: str = ""
+    finish_reason: str = ""                                # eos | answer | max_code_calls | length
+    text: str = ""                                         # the decoded response
 
 
 def prompt_ids(tokenizer, examples, use_code: bool) -> list[list[int]]:

@@ -18,7 +18,6 @@ Simplified against veRL (which the paper used): one process samples and trains (
 rollout workers, no vLLM); rollouts run on this rank's share of the prompts with the current
 weights; no dynamic batch sizing; the reference model stays in memory on the same device.
 """
-
 from __future__ import annotations
 
 import copy

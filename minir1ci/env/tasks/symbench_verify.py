@@ -19,9 +19,9 @@ import math
 import re
 from fractions import Fraction
 
+from minir1ci.env.tasks.answers import (expression_reaches, int_list, list_items, numbers_match, parse_int, parse_number,
+                                        strip_quotes)
 from minir1ci.env.tasks.example import Example
-from minir1ci.env.tasks.answers import (expression_reaches, int_list, list_items, normalize_text, numbers_match, parse_int,
-                                    parse_number, strip_quotes)
 
 # ---- exact answers ------------------------------------------------------------------------
 
@@ -359,7 +359,3 @@ def check_math(answer: str, ex: Example) -> float:
         return 1.0
     a, b = _latex_number(mine), _latex_number(gold)
     return float(a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b)))
-
-
-def check_text(answer: str, ex: Example) -> float:
-    return float(normalize_text(answer) == normalize_text(ex.answer))

@@ -199,25 +199,6 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr, table_ptr,
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
-    """Softmax attention of one sequence in fp32: q [Lq, Hq, D], k/v [Lk, Hkv, D] -> [Lq, Hq, D]."""
-    group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)                           # [Lk, Hq, D]
-    v = v.float().repeat_interleave(group, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q.float(), k) * scale                 # [Hq, Lq, Lk]
-    if causal:  # bottom-right: the last query sees every key
-        Lq, Lk = q.shape[0], k.shape[0]
-        visible = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)
-        s = s.masked_fill(~visible, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v).to(q.dtype)
-
-
-def _gather_pages(cache: Tensor, pages: Tensor, length: int) -> Tensor:
-    """The first `length` slots of a sequence's pages, in order: [length, Hkv, D]."""
-    n_pages = -(-length // cache.shape[1])
-    return cache[pages[:n_pages].long()].flatten(0, 1)[:length]
-
-
 def prefill_attention_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                             max_seqlen_q: int, max_seqlen_k: int, scale: float,
                             block_table: Tensor | None = None) -> Tensor:
