@@ -21,7 +21,8 @@ PROG = "evaluate.py"
 def main(argv=None) -> int:
     ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="HF-format checkpoint directory")
-    ap.add_argument("--tasks", default="builtin:all", help="task spec, e.g. builtin:all or symbench:game24,bbh:navigate")
+    ap.add_argument("--tasks", default="builtin:all",
+                    help="task spec, e.g. builtin:all or symbench:game24,bbh:navigate")
     ap.add_argument("--out", default=None, help="write the summary as JSON here")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two summaries side by side")
     add_rollout_args(ap, n=1, temperature=0.6)

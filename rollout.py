@@ -1,14 +1,17 @@
 """Sample code-interpreter trajectories and write them as JSONL.
 
     python rollout.py --model PATH --tasks SPEC [--data DIR] --n 5 --limit N --out FILE.jsonl \
-        [--temperature T] [--top_p P] [--max_new_tokens M] [--max_code_calls K] [--no-interpreter] [--reward_plain]
+        [--temperature T] [--top_p P] [--max_new_tokens M] [--max_code_calls K] [--no-interpreter]
+        [--reward_plain]
 
 One JSON line per trajectory: prompt_ids, response_ids, loss_mask (1 = sampled by the model, 0 =
-inserted interpreter output), logprobs (the sampler's, 0 on inserted tokens), reward, task, id,
-num_code_calls, finish_reason, text, and code_blocks (each block's code and result). The lines can
-be fed back to `train.py --stage sft --sft_data FILE.jsonl --sft_min_reward 1` (rejection sampling). Each line is
-written as its trajectory finishes, so a crash keeps the finished ones; at the end the file is
-rewritten grouped by question (n lines per question, in task order). A closing summary gives tokens/s, executions/s, the code-call histogram and accuracy.
+inserted interpreter output), logprobs (the sampler's, 0 on inserted tokens), reward, score, task,
+id, num_code_calls, finish_reason, text, and code_blocks (each block's code and result). The lines
+feed `train.py --stage sft --sft_data FILE.jsonl --sft_min_reward 1` (rejection sampling: the
+trajectories whose reward reaches 1). Each line is written as its trajectory finishes, so a crash
+keeps the finished ones; at the end the file is rewritten grouped by question (n lines per
+question, in task order). A closing summary gives tokens/s, executions/s, the code-call histogram
+and accuracy.
 """
 import json
 import os

@@ -46,8 +46,8 @@ def run_collect(rounds: int | None, cfg_args=()):
     cfg = resolve(["--stage=grpo", "--prompts_per_step=2", "--n_samples=2", *cfg_args])
     if rounds is not None:
         cfg = dataclasses.replace(cfg, dynamic_sampling=True, dynamic_sampling_rounds=rounds)
-    trajs, rewards, correct, batch, (dropped, extra) = experience.collect(torch.nn.Linear(1, 1), None, None, EXAMPLES, cfg,
-                                                                 step=0, rank=0)
+    trajs, rewards, correct, batch, (dropped, extra) = experience.collect(torch.nn.Linear(1, 1), None, None,
+                                                                         EXAMPLES, cfg, step=0, rank=0)
     return [t.text.split()[0] for t in trajs], batch, dropped, extra
 
 

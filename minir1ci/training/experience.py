@@ -101,8 +101,8 @@ def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pool
         extra += r > 0
         idx = dist.shard(pick_prompts(len(examples), cfg.prompts_per_step, step, cfg.seed + 7919 * r, cfg.steps, pools))
         exs = [examples[i] for i in idx]
-        trajs = sample_rollouts(sampling, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), n,
-                                RolloutParams.from_options(asdict(cfg), seed=step_seed(cfg.seed, step, rank + 1000 * r)))
+        params = RolloutParams.from_options(asdict(cfg), seed=step_seed(cfg.seed, step, rank + 1000 * r))
+        trajs = sample_rollouts(sampling, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), n, params)
         rewards, correct = score_trajectories(exs, trajs, n, cfg)
         for g in range(len(exs)):
             group = [(trajs[k], rewards[k], correct[k]) for k in range(g * n, (g + 1) * n)]
@@ -129,7 +129,8 @@ def measure_success(model, tokenizer, sandbox, examples, cfg, dtype=None) -> lis
     """Success rate of each question over `curriculum_samples` samples (for the curriculum)."""
     prompts = prompt_ids(tokenizer, examples, cfg.use_code)
     k = cfg.curriculum_samples
-    trajs = sample_rollouts(model, tokenizer, sandbox, prompts, k, RolloutParams.from_options(asdict(cfg), seed=cfg.seed + 17), dtype)
+    params = RolloutParams.from_options(asdict(cfg), seed=cfg.seed + 17)
+    trajs = sample_rollouts(model, tokenizer, sandbox, prompts, k, params, dtype)
     return [sum(examples[i].score(t.text) for t in trajs[i * k:(i + 1) * k]) / k for i in range(len(examples))]
 
 

@@ -26,7 +26,8 @@ import time
 import torch
 
 from minir1ci.training import distributed as dist
-from minir1ci.training.data import copy_corpus, filter_by_length, load_jsonl, next_token_targets, oracle_samples, pad_batch
+from minir1ci.training.data import (copy_corpus, filter_by_length, load_jsonl, next_token_targets, oracle_samples,
+                                    pad_batch)
 from minir1ci.env.tasks import load_tasks
 from minir1ci.inference.devices import autocast_for
 from minir1ci.training.optim import make_optimizer, set_lr

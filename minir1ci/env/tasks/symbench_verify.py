@@ -19,8 +19,8 @@ import math
 import re
 from fractions import Fraction
 
-from minir1ci.env.tasks.answers import (expression_reaches, int_list, list_items, numbers_match, parse_int, parse_number,
-                                        strip_quotes)
+from minir1ci.env.tasks.answers import (expression_reaches, int_list, list_items, numbers_match, parse_int,
+                                        parse_number, strip_quotes)
 from minir1ci.env.tasks.example import Example
 
 # ---- exact answers ------------------------------------------------------------------------
