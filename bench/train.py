@@ -3,7 +3,7 @@
 Both sides train the same random weights on the same batches (CPU, the real 151,936-token
 vocabulary), in fp32 and with bf16 autocast over fp32 weights and optimizer state, with AdamW: forward, masked next-token loss, backward, step. HF computes the loss the
 usual way (`labels=` -> full [B, T, V] logits); ours computes it through the LM head in chunks
-(minir1ci/logprobs.py) inside the model's forward. Each side runs in its own fresh process so
+(minir1ci/inference/logprobs.py) inside the model's forward. Each side runs in its own fresh process so
 its peak resident memory is its own; the peak (VmHWM) is reset after the models are built, so it
 covers training only. The weights are built from one seed in both.
 

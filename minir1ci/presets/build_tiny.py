@@ -5,7 +5,7 @@ seconds with the real file formats. Its tokenizer has Qwen-2.5's pipeline (NFC, 
 same pre-tokenizer regex, so digits are single tokens, byte-level BPE over all 256
 bytes) and the same 22 special tokens with the same names and order, after 1000 regular
 tokens instead of 151643. It is trained with `tokenizers` on a deterministic synthetic
-corpus shaped like the data: the system prompts of `minir1ci.prompts`, questions,
+corpus shaped like the data: the system prompts of `minir1ci.env.prompts`, questions,
 step-by-step sentences, python snippets, interpreter output and <<<answers>>>.
 
 Run: `python -m minir1ci.presets.build_tiny [--out DIR]` (default: minir1ci/presets/tiny).

@@ -61,14 +61,6 @@ def to_batch(trajs, scores: list[float], groups: list[int], mask_tool_output: bo
                    torch.tensor(groups, dtype=torch.long))
 
 
-def rollout_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """What `--rollout_dtype` samples in: None = the policy's own weights (float32; a sharded
-    policy's gathered copy is always bf16), else a copy in that dtype; auto = bf16 on CUDA."""
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    return None if name == "float32" else getattr(torch, name)
-
-
 def sample_rollouts(model, tokenizer, sandbox, prompts: list[list[int]], n: int, params: RolloutParams,
                     dtype: torch.dtype | None = None):
     """run_rollouts on the policy in eval mode. A copy in `dtype`, or of an FSDP2-sharded policy a

@@ -29,11 +29,11 @@ import torch
 from minir1ci.env.sandbox import Sandbox
 from minir1ci.env.tasks import load_tasks
 from minir1ci.inference import checkpoint
-from minir1ci.inference.devices import autocast_for
+from minir1ci.inference.devices import autocast_for, rollout_dtype
 from minir1ci.training import distributed as dist
 from minir1ci.training.critic import batch_values, make_critic, token_rewards
 from minir1ci.training.experience import (RLBatch, collect, curriculum_pools, loss_filter, measure_success,
-                                          rollout_dtype, rollout_stats)
+                                          rollout_stats)
 from minir1ci.training.losses import (aggregate, gae, grpo_advantages, kl_penalty, masked_mean, masked_sum,
                                       masked_whiten, mismatch_sums, policy_objective, step_denominator,
                                       tis_weights, value_loss)
