@@ -206,3 +206,22 @@ def test_groups_are_consecutive_and_independent(tok, sandbox):
     assert [t.num_code_calls for t in trajs] == [1, 0, 1, 0]
     assert [prompts.extract_answer(t.text) for t in trajs] == ["1", "2", "3", "4"]
     assert [t.prompt_ids for t in trajs] == [[1], [1], [2], [2]]
+
+
+def test_rollout_params_take_every_field_of_the_same_name_from_the_config_and_the_flags():
+    """One path per rollout setting: TrainConfig and the scripts' flags reach RolloutParams by name."""
+    import dataclasses
+
+    from minir1ci import cli
+    from minir1ci.config import resolve
+
+    cfg = resolve(["--stage=grpo", "--temperature=0.7", "--top_p=0.9", "--max_new_tokens=77", "--max_code_calls=3",
+                   "--exec_timeout=4", "--use_code=false"])
+    assert RolloutParams.from_options(dataclasses.asdict(cfg), seed=5) == RolloutParams(
+        temperature=0.7, top_p=0.9, max_new_tokens=77, max_code_calls=3, exec_timeout=4.0, use_code=False, seed=5)
+    ap = cli.ArgumentParser(prog="test")
+    cli.add_rollout_args(ap, n=1, temperature=0.6)
+    args = ap.parse_args(["--temperature=0.2", "--no-interpreter", "--exec_timeout=3", "--seed=9"])
+    assert RolloutParams.from_options(vars(args)) == RolloutParams(
+        temperature=0.2, top_p=1.0, max_new_tokens=1024, max_code_calls=8, exec_timeout=3.0, use_code=False, seed=9)
+    assert all(a.help for a in ap._actions)                      # every flag says what it does

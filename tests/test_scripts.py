@@ -44,6 +44,16 @@ def test_rollout_script_writes_valid_jsonl(tiny_ckpt, tmp_path, capsys):
     assert "tokens/s" in summary and "code calls" in summary and "accuracy" in summary
 
 
+def test_rollout_reward_plain_is_correctness_alone(tiny_ckpt, tmp_path):
+    """--reward_plain reaches the reward: 1.0 for a correct trajectory, 0.0 otherwise (no format terms)."""
+    out = tmp_path / "r.jsonl"
+    assert rollout_script.main(["--model", str(tiny_ckpt), "--tasks", "builtin:mul", "--n", "2", "--limit", "2",
+                                "--max_new_tokens", "16", "--out", str(out), "--exec_timeout", "2",
+                                "--reward_plain"]) == 0
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(lines) == 4 and all(rec["reward"] == float(rec["score"] >= 1.0) for rec in lines)
+
+
 def test_group_samples_share_the_prompt_pages(tiny_ckpt):
     model, tok = checkpoint.load_pretrained(tiny_ckpt)
     sampler = Sampler(model, tok, kv_cache_bytes=64 << 20)
