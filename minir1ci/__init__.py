@@ -7,7 +7,7 @@ The public API, importable from the package root:
     minir1ci.save_pretrained(model, tokenizer, "runs/sft/final")   # transformers/vLLM load it
     model, tokenizer = minir1ci.init_from_config(tiny_dir(), seed=0)   # from minir1ci.presets
 
-Exports resolve lazily (PEP 562 `__getattr__`), so `import minir1ci.prompts` or the sandbox's
+Exports resolve lazily (PEP 562 `__getattr__`), so `import minir1ci.env.prompts` or the sandbox's
 worker processes do not pay for importing torch.
 """
 from __future__ import annotations
