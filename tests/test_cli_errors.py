@@ -234,6 +234,30 @@ def test_ctrl_c_reports_the_step_and_the_checkpoint_to_resume(tmp_path):
     assert not list(out.glob(".step-*.tmp-*"))
 
 
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run_at_the_step_end(tmp_path):
+    """Python drops a KeyboardInterrupt raised while a finalizer runs ("Exception ignored in ..."):
+    the run must stop at the end of the step all the same, not train on."""
+    from minir1ci.training import runs
+
+    class RaisesInsideFinalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):   # the handler runs here, inside __del__, and its exception is dropped
+                pass
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        runs.catch_interrupts()
+        RaisesInsideFinalizer()          # collected at once: the interrupt is swallowed
+        log = runs.MetricsLog(tmp_path, total_steps=10, resume=False)
+        with pytest.raises(KeyboardInterrupt):
+            log.log(3, {"loss": 1.0})
+        assert not (tmp_path / "metrics.jsonl").exists() and runs.RUN.last_step != 3
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        runs.RUN.interrupted = False
+
+
 def test_stale_save_directories_are_deleted_when_a_run_starts(tmp_path):
     out = tmp_path / "run"
     assert train_script.main([*PRETRAIN, "--steps=1", "--save_every=1", f"--out={out}"]) == 0

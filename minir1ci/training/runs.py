@@ -29,6 +29,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class RunState:
     """Where this process's run stands, for train.py's report when it is interrupted."""
     run_dir: Path | None = None
     last_step: int = -1        # the last completed step (-1: none)
+    interrupted: bool = False  # SIGINT seen (see catch_interrupts)
 
 
 RUN = RunState()
@@ -179,6 +181,16 @@ def release_run_dir(run_dir: Path | None = None) -> None:
             f.close()   # closing the last descriptor releases the flock
 
 
+def catch_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: Python drops an exception
+    raised while a finalizer or callback runs, so `MetricsLog.log` raises it again at the step's end."""
+    def on_sigint(signum, frame):
+        RUN.interrupted = True
+        raise KeyboardInterrupt
+    RUN.interrupted = False
+    signal.signal(signal.SIGINT, on_sigint)
+
+
 def interrupted_message() -> str:
     """train.py's one line for Ctrl-C: where the run stopped and what to resume from."""
     if RUN.run_dir is None:
@@ -300,6 +312,8 @@ class MetricsLog:
 
     def log(self, step: int, metrics: dict) -> None:
         """Record `step` as completed; write it every `every` steps and at the last."""
+        if RUN.interrupted:   # a Ctrl-C whose KeyboardInterrupt was swallowed on its way up
+            raise KeyboardInterrupt
         RUN.last_step = step
         if not self.enabled or (step % self.every and step != self.total - 1):
             return
