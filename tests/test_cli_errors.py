@@ -234,6 +234,7 @@ def test_ctrl_c_reports_the_step_and_the_checkpoint_to_resume(tmp_path):
     assert not list(out.glob(".step-*.tmp-*"))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing, on purpose
 def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run_at_the_step_end(tmp_path):
     """Python drops a KeyboardInterrupt raised while a finalizer runs ("Exception ignored in ..."):
     the run must stop at the end of the step all the same, not train on."""
