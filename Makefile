@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # On a machine without an NVIDIA GPU, pin the CPU build of torch so pip never pulls a CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install test test-slow test-gpu bench demo clean
+.PHONY: install test test-slow test-gpu bench demo ablations clean
 
 install:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench:
 
 demo:
 	$(BIN)/python demo.py
+
+ablations:  # after `make demo`: reuses its pretrain, SFT, GRPO and PPO runs
+	$(BIN)/python demo.py --ablations
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -69,8 +69,8 @@ def test_tiny_rl_budget_fits_every_oracle_answer(stage):
 
 
 def test_text_fraction_only_where_it_applies():
-    assert resolve(["--stage=sft"]).text_fraction == 0.4                      # the tiny preset mixes
-    assert resolve(["--stage=sft", "--use_code=false"]).text_fraction == 0.0  # records what ran
+    assert resolve(["--stage=sft"]).text_fraction == 0.0      # the tiny preset: every answer with code (best SFT)
+    assert resolve(["--stage=sft", "--text_fraction=0.4"]).text_fraction == 0.4
     assert resolve(["--stage=grpo"]).text_fraction == 0.0
     assert resolve(["--stage=sft", "--text_fraction=0.2"]).text_fraction == 0.2
     for argv in (["--stage=sft", "--use_code=false", "--text_fraction=0.2"], ["--stage=ppo", "--text_fraction=0.5"]):

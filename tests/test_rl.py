@@ -149,6 +149,8 @@ def test_rl_runs_two_steps_with_every_new_option_and_resumes_a_third(stage, tiny
     rl.train_rl(resolve(args + ["--steps=3", "--resume"]))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
+    # the tiny preset keeps every checkpoint (keep_checkpoints=0), for the demo's curves
+    assert sorted(p.name for p in out.glob("step-*")) == [f"step-{s:06d}" for s in range(3)]
     for r in rows:
         assert set(MISMATCH + FILTERS) <= r.keys()
         assert all(v == v for v in r.values() if isinstance(v, float))          # no NaN

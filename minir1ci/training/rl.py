@@ -155,7 +155,8 @@ def train_rl(cfg) -> dict:
     device, run_dir = setup_run(cfg)
     model, tokenizer, source, resume_dir = load_start_model(cfg, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train", seed=cfg.seed)
+    examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train", limit=cfg.num_train_examples,
+                          seed=cfg.seed)
     if dist.is_main():
         print(f"{cfg.stage}: {model.num_params() / 1e6:.2f}M params from {source}; {len(examples)} training "
               f"questions; {cfg.prompts_per_step} prompts x {cfg.n_samples} samples per step")
@@ -226,6 +227,7 @@ def train_rl(cfg) -> dict:
             log.log(step, last)
             if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
                 extra = {"pools": pools, **({"critic": dist.full_state_dict(critic)} if critic is not None else {})}
-                save_run_checkpoint(run_dir, step, model, tokenizer, opts, extra=extra)
+                save_run_checkpoint(run_dir, step, model, tokenizer, opts, extra=extra,
+                                    keep=cfg.keep_checkpoints or cfg.steps + 1)
     dist.shutdown()
     return last
