@@ -1,6 +1,6 @@
 """Attention for the sampler: paged KV-cache writes, varlen causal prefill and split-K decode.
 
-Each Triton kernel sits beside a plain-PyTorch twin that is the reference; `store_kvcache`,
+Each Triton kernel has a plain-PyTorch twin (twins.py) that is its reference; `store_kvcache`,
 `prefill_attention` and `decode_attention` dispatch once, to Triton for CUDA tensors and to the
 twin otherwise (`set_backend` overrides; the CPU tests run the Triton kernels under
 `TRITON_INTERPRET=1`, which must be set before this module is imported).
@@ -22,7 +22,6 @@ fp32 and outputs take the input dtype.
 from __future__ import annotations  # kernel annotations stay strings, so this imports without Triton
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -30,6 +29,8 @@ try:
     import triton.language as tl
 except ImportError:  # no Triton wheel for this platform (e.g. macOS): only the twins run
     triton = tl = None
+
+from .twins import decode_attention_torch, prefill_attention_torch, store_kvcache_torch  # noqa: F401 (public)
 
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 _LOG2E = 1.4426950408889634
@@ -98,23 +99,6 @@ def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     dst = (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_cs + h[:, None] * stride_ch + d[None, :]
     tl.store(k_cache_ptr + dst, tl.load(k_ptr + src, mask=mask), mask=mask)
     tl.store(v_cache_ptr + dst, tl.load(v_ptr + src, mask=mask), mask=mask)
-
-
-def store_kvcache_torch(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Twin of the Triton kernel: scatter k/v [N, Hkv, D] into the paged caches, skipping slot < 0.
-
-    A contiguous cache is written as [num_blocks * page_size, Hkv, D] rows with one index_copy_
-    (the CPU sampler's path: about half the cost of indexing by page and offset); rows with a
-    negative slot are dropped first, only when there are any."""
-    if bool((slot_mapping < 0).any()):
-        keep = slot_mapping >= 0
-        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
-    slots = slot_mapping.long()
-    for src, cache in ((k, k_cache), (v, v_cache)):
-        if cache.is_contiguous():
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, src.to(cache.dtype))
-        else:
-            cache[slots // cache.shape[1], slots % cache.shape[1]] = src.to(cache.dtype)
 
 
 def store_kvcache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -197,52 +181,6 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr, table_ptr,
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     o_off = (q_start + pos).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-def prefill_attention_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                            max_seqlen_q: int, max_seqlen_k: int, scale: float,
-                            block_table: Tensor | None = None) -> Tensor:
-    """Twin of the Triton prefill: dense causal softmax in fp32, all sequences at once.
-
-    Queries and keys are scattered into padded [B, L, H, D] blocks (keys gathered from the pages
-    when `block_table` is given), padding and future keys are hidden with one mask, and the
-    result is packed back. Batched because this is also the CPU sampler's prefill path.
-    """
-    B = cu_seqlens_q.numel() - 1
-    Hq, D = q.shape[1], q.shape[2]
-    Hkv = k.shape[-2]
-    if B == 0 or q.shape[0] == 0:
-        return torch.empty_like(q)
-    dev = q.device
-    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(dev).long()                # [B]
-    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(dev).long()
-    Lq, Lk = int(len_q.max()), max(int(len_k.max()), 1)
-    # Row b, column j of the padded query block holds packed query cu_q[b] + j.
-    qpos = torch.arange(Lq, device=dev)
-    q_valid = qpos[None, :] < len_q[:, None]                                   # [B, Lq]
-    q_idx = (cu_seqlens_q[:-1].to(dev).long()[:, None] + qpos[None, :]).clamp(max=q.shape[0] - 1)
-    qb = q.float()[q_idx]                                                      # [B, Lq, Hq, D]
-    kpos = torch.arange(Lk, device=dev)
-    if block_table is None:
-        k_idx = (cu_seqlens_k[:-1].to(dev).long()[:, None] + kpos[None, :]).clamp(max=k.shape[0] - 1)
-        kb, vb = k.float()[k_idx], v.float()[k_idx]                            # [B, Lk, Hkv, D]
-    else:
-        page = k.shape[1]
-        n_pages = -(-Lk // page)
-        pages = block_table[:, :n_pages].long()
-        kb = k[pages].flatten(1, 2)[:, :Lk].float()
-        vb = v[pages].flatten(1, 2)[:, :Lk].float()
-    k_valid = kpos[None, :] < len_k[:, None]                                   # [B, Lk]
-    vb = vb.masked_fill(~k_valid[:, :, None, None], 0.0)
-    # Bottom-right causal: query j sees keys up to len_k - len_q + j.
-    last_key = (len_k - len_q)[:, None] + qpos[None, :]                        # [B, Lq]
-    visible = (kpos[None, None, :] <= last_key[:, :, None]) & k_valid[:, None, :]  # [B, Lq, Lk]
-    G = Hq // Hkv
-    s = torch.einsum("bqhgd,bkhd->bhgqk", qb.view(B, Lq, Hkv, G, D), kb) * scale  # [B, Hkv, G, Lq, Lk]
-    s = s.masked_fill(~visible[:, None, None], float("-inf"))
-    p = torch.nan_to_num(s.softmax(-1))
-    out = torch.einsum("bhgqk,bkhd->bqhgd", p, vb).reshape(B, Lq, Hq, D)
-    return out[q_valid].to(q.dtype)
 
 
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -359,39 +297,6 @@ def _decode_reduce_kernel(part_o_ptr, part_m_ptr, part_l_ptr, o_ptr, stride_ob, 
     total = tl.sum(w * l, 0)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)  # [D]
     tl.store(o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
-
-
-def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
-                           context_lens: Tensor, scale: float, num_splits: int | None = None) -> Tensor:
-    """Twin of the Triton decode: each sequence's one query attends to all its cached keys.
-
-    Batched rather than a loop over sequences, since this is also the CPU sampler's decode path:
-    gather every sequence's pages into [B, K, Hkv, D] (K = the longest context, rounded up to
-    whole pages), zero the slots past each context length (stale slots may hold anything, NaN
-    included, and 0 * NaN would leak through the mask), one softmax (fp32 accumulation). Only those slots are
-    written, by row index: a masked_fill over the whole gather would cost more than the attention.
-    """
-    B, Hq, D = q.shape
-    page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if B == 0:
-        return torch.empty_like(q)
-    n_pages = max(-(-int(context_lens.max()) // page_size), 1)
-    pages = block_table[:, :n_pages].reshape(-1).long()                        # [B * P]
-    K = n_pages * page_size
-    k = k_cache.index_select(0, pages).view(B * K, Hkv * D)                    # fresh copies
-    v = v_cache.index_select(0, pages).view(B * K, Hkv * D)
-    visible = torch.arange(K, device=q.device)[None, :] < context_lens[:, None].to(q.device)  # [B, K]
-    stale = (~visible).view(-1).nonzero().squeeze(1)
-    k.index_fill_(0, stale, 0.0)
-    v.index_fill_(0, stale, 0.0)
-    k, v = (t.view(B, K, Hkv, D).transpose(1, 2) for t in (k, v))              # [B, Hkv, K, D]
-    # The G = Hq / Hkv query heads that share a KV head are G query rows of that head: no GQA
-    # expansion (a quarter less time than enable_gqa here). CPU SDPA accumulates in fp32 for bf16.
-    G = Hq // Hkv
-    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, G, D), k.to(q.dtype), v.to(q.dtype),
-                                         attn_mask=visible[:, None, None, :], scale=scale)  # [B, Hkv, G, D]
-    out = torch.where(context_lens.to(q.device)[:, None, None, None] > 0, out, 0.0)  # a context of 0 gives zeros
-    return out.reshape(B, Hq, D)
 
 
 def _default_num_splits(x: Tensor, batch: int, kv_heads: int, max_keys: int, block_n: int) -> int:
