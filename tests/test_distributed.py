@@ -134,7 +134,7 @@ def test_sharded_rl_runs_and_resumes_on_cpu(tmp_path, stage, tiny_sft):
     launcher = torchrun()
     args = [launcher, "--standalone", "--nproc_per_node", "2", str(RL_WORKER), f"--stage={stage}", "--preset=tiny",
             f"--model={tiny_sft}", "--prompts_per_step=2", "--n_samples=2",
-            "--max_new_tokens=24", "--kl_coef=0.01", "--save_every=1", f"--out={tmp_path / stage}", "--device=cpu"]
+            "--max_new_tokens=24", "--kl_coef=0.01", "--save_every=1", "--num_train_examples=4", f"--out={tmp_path / stage}", "--device=cpu"]
     run(args + ["--steps=2"], tmp_path, cpu_only=True)
     run(args + ["--steps=3", "--resume"], tmp_path, cpu_only=True)
     steps = [json.loads(line)["step"] for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
