@@ -58,7 +58,11 @@ def latest(run: Path) -> Path:
 
 def evaluate(ckpt: Path, use_code: bool, limit: int, greedy_only: bool = False) -> dict:
     """{"sampled": summary at EVAL_TEMPERATURE, EVAL_SAMPLES per question; "greedy": summary}
-    on the first `limit` test questions per family of seed EVAL_SEED."""
+    on the first `limit` test questions per family of seed EVAL_SEED. Kept in the checkpoint
+    directory, so a rerun (or the ablations) reads it instead of evaluating again."""
+    cache = ckpt / f"demo-eval-{limit}{'-greedy' if greedy_only else ''}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
     from minir1ci.inference.checkpoint import load_pretrained
     from minir1ci.config import TINY_TASKS
     from minir1ci.env.evaluation import evaluate_examples
@@ -76,6 +80,7 @@ def evaluate(ckpt: Path, use_code: bool, limit: int, greedy_only: bool = False) 
             params = RolloutParams(temperature=temperature, max_new_tokens=160, max_code_calls=2, use_code=use_code,
                                    seed=EVAL_SEED)
             out[key], _ = evaluate_examples(model.eval(), tok, sb, examples, n, params)
+    cache.write_text(json.dumps(out))
     return out
 
 
@@ -181,8 +186,9 @@ PAPER_ABLATIONS = {
 }
 
 
-def ablations(out: Path, rl_steps: int, limit: int, readme: bool) -> int:
-    """Train the RL runs that differ from the demo's GRPO, evaluate all rows, write the table."""
+def ablations(out: Path, rl_steps: int, limit: int, readme: bool, train_runs: bool = True) -> int:
+    """Train the RL runs that differ from the demo's GRPO, evaluate all rows, write the table.
+    Without `train_runs`, a row whose run has not finished is reported as not run."""
     base, code, grpo, ppo = out / "pretrain", out / "sft-code", out / "grpo", out / "ppo"
 
     def need(*runs):
@@ -208,13 +214,14 @@ def ablations(out: Path, rl_steps: int, limit: int, readme: bool) -> int:
     ]
     times, results = {}, {}
     for label, run, change, _ in rows:
-        if change is not None:
+        if change is not None and train_runs:
             times[run.name] = train([*common, f"--model={change[0]}", f"--out={run}", *change[1]])
+    done = [r for r in rows if (r[1] / "latest").exists() and latest(r[1]).name == f"step-{rl_steps - 1:06d}"]
     need(grpo, ppo)
     t0 = time.time()
     demo = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     same = demo.get("eval_limit") == limit      # the demo's own evaluation of its GRPO and PPO is reused
-    for label, run, _, _ in rows:
+    for label, run, _, _ in done:
         key = {grpo: "+GRPO", ppo: "+PPO"}.get(run)
         results[label] = demo[key] if same and key in demo else evaluate(latest(run), True, limit)
     times["evaluation"] = time.time() - t0
@@ -222,6 +229,9 @@ def ablations(out: Path, rl_steps: int, limit: int, readme: bool) -> int:
     ref = results[rows[0][0]]["sampled"]["average"]["accuracy"]
     lines = ["| run | accuracy (T=0.6) | Δ vs GRPO | greedy | code-use rate | paper |", "|---|---|---|---|---|---|"]
     for label, run, _, key in rows:
+        if label not in results:
+            lines.append(f"| {label} | not run (time) | | | | {PAPER_ABLATIONS.get(key, '')} |")
+            continue
         s, g = results[label]["sampled"]["average"], results[label]["greedy"]["average"]
         delta = "" if run == grpo else f"{100 * (s['accuracy'] - ref):+.1f}"
         lines.append(f"| {label} | {100 * s['accuracy']:.1f} | {delta} | {100 * g['accuracy']:.1f} | "
@@ -229,7 +239,7 @@ def ablations(out: Path, rl_steps: int, limit: int, readme: bool) -> int:
     tbl = "\n".join(lines)
     (out / "ablations.json").write_text(json.dumps(
         {label: {"run": str(run), "args": change and [f"--model={change[0]}", *change[1]], **results[label]}
-         for label, run, change, _ in rows}, indent=2))
+         for label, run, change, _ in done}, indent=2))
     print(f"\nAblations (held-out, {limit} per family, T={EVAL_TEMPERATURE} x {EVAL_SAMPLES}; greedy beside):\n{tbl}")
     print(f"\ntimes: {fmt_times(times)}; total {total / 60:.1f} min; {load_note()}")
     if readme:
@@ -249,11 +259,13 @@ def main() -> int:
     ap.add_argument("--sft_steps", type=int, default=SFT_STEPS)
     ap.add_argument("--rl_steps", type=int, default=RL_STEPS)
     ap.add_argument("--ablations", action="store_true", help="the ablation table (after the demo)")
+    ap.add_argument("--no-train", dest="train_runs", action="store_false",
+                    help="--ablations: report the finished runs only")
     ap.add_argument("--no-readme", dest="readme", action="store_false")
     args = ap.parse_args()
     out = Path(args.out)
     if args.ablations:
-        return ablations(out, args.rl_steps, args.eval_limit, args.readme)
+        return ablations(out, args.rl_steps, args.eval_limit, args.readme, args.train_runs)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     times = {}

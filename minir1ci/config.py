@@ -193,7 +193,7 @@ def tiny(stage: str) -> TrainConfig:
     if stage == "sft":
         return TrainConfig(stage="sft", tasks=TINY_TASKS, lr=2e-3, warmup_steps=20, steps=400, batch_size=32,
                            micro_batch_size=32, max_seq_len=320, num_train_examples=2000, save_every=100)
-    common = dict(tasks=TINY_TASKS, lr=2e-5, warmup_steps=0, steps=40, prompts_per_step=16, n_samples=4, batch_size=64,
+    common = dict(tasks=TINY_TASKS, lr=2e-5, warmup_steps=0, steps=30, prompts_per_step=16, n_samples=4, batch_size=64,
                   micro_batch_size=32, max_new_tokens=160, max_seq_len=320, max_code_calls=2,
                   exec_timeout=5.0, save_every=5, keep_checkpoints=0, kl_coef=0.001, min_lr_ratio=1.0,
                   curriculum=True, curriculum_samples=4, num_train_examples=100)
