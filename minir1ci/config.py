@@ -92,7 +92,7 @@ class TrainConfig:
     reward_plain: bool = False
     curriculum: bool = False
     curriculum_samples: int = 20
-    rollout_dtype: str = "float32"  # float32 | bfloat16 | auto (bf16 on CUDA): a bf16 copy of the policy samples
+    rollout_dtype: str = "float32"  # float32 | bfloat16 | auto (as --dtype auto evaluates)
     dynamic_sampling: bool = False  # GRPO: groups of equal rewards are replaced by newly sampled ones (DAPO)
     dynamic_sampling_rounds: int = 3  # at most this many extra rounds of prompts per step
     filter_void_turns: bool = False  # drop trajectories with a turn holding no closed code block nor answer

@@ -31,6 +31,14 @@ def test_auto_inference_dtype_follows_bf16_units(bf16_units):
     assert devices.inference_dtype("auto", torch.device("cuda")) is torch.bfloat16
 
 
+def test_auto_rollout_dtype_samples_where_inference_does(bf16_units):
+    bf16_units(True)     # a bf16 copy of the policy on a CPU with bf16 units, as evaluation uses
+    assert devices.rollout_dtype("auto", CPU) is torch.bfloat16
+    bf16_units(False)    # None: the fp32 policy samples itself, no copy
+    assert devices.rollout_dtype("auto", CPU) is None and devices.rollout_dtype("float32", CPU) is None
+    assert devices.rollout_dtype("auto", torch.device("cuda")) is torch.bfloat16
+
+
 def test_named_dtypes_override_auto(bf16_units):
     bf16_units(True)
     for name, want in (("fp32", torch.float32), ("float32", torch.float32), ("bf16", torch.bfloat16),

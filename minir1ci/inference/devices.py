@@ -10,7 +10,7 @@
   and optimizer state stay fp32 either way. `auto` is bf16 on CUDA and fp32 on a CPU: at the tiny
   preset bf16 autocast is slower even with AMX, and larger shapes are a choice to make with
   bench/train.py's bf16 rows (`--dtype bfloat16` turns it on). `autocast_for` is its context.
-- `rollout_dtype(name, device)`: the copy RL samples from; `auto` is bf16 on CUDA, the policy's fp32 elsewhere.
+- `rollout_dtype(name, device)`: the copy RL samples from, `inference_dtype`'s choice (None: the policy's own fp32).
 Log-softmax, log-probs and losses are computed in fp32 whatever the dtype (logprobs.py, sampling.py).
 """
 from __future__ import annotations
@@ -81,9 +81,9 @@ def train_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def rollout_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """What `--rollout_dtype` samples in: None = the policy's own weights (float32; a sharded
-    policy's gathered copy is always bf16), else a copy in that dtype; auto = bf16 on CUDA."""
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if name == "auto" else named_dtype(name)
+    """What `--rollout_dtype` samples in, as `inference_dtype` decides: None = the policy's own
+    weights (float32; a sharded policy's gathered copy is always bf16), else a copy in that dtype."""
+    dtype = inference_dtype(name, device)
     return None if dtype == torch.float32 else dtype
 
 

@@ -87,10 +87,11 @@ def inverse_cdf(probs: Tensor, generators: list[torch.Generator | None], rows: l
     (rows not in `rows` get u = 0; their token is replaced). `probs` [B, V] may be unnormalised.
 
     Over a large vocabulary, two levels, so no cumulative sum runs over the whole row (a
-    [32, 151936] one cost 12 ms a step, the largest op after the matrix products): the mass of each block of _CDF_BLOCK
-    tokens, cumulated, finds the block holding u * total; a cumulative sum inside that block alone
-    finds the token. Block sums are fp32 (fp64 ones cost 20x more), cumulated in fp64. A zero-probability token is never picked: its cumulative sum
-    equals its predecessor's, and when rounding puts the target past a block's (or the row's) last
+    [32, 151936] one cost 12 ms a step, the largest op after the matrix products): the mass of
+    each block of _CDF_BLOCK tokens, cumulated, finds the block holding u * total; a cumulative
+    sum inside that block alone finds the token. Block sums are fp32 (fp64 ones cost 20x more),
+    cumulated in fp64. A zero-probability token is never picked: its cumulative sum equals its
+    predecessor's, and when rounding puts the target past a block's (or the row's) last
     cumulative sum, the draw steps back to the last block (token) with mass."""
     B, V = probs.shape
     u = torch.zeros(B, dtype=torch.float64)
