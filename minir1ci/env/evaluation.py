@@ -1,10 +1,8 @@
-"""Evaluation as the paper reports it: per-task accuracy with the interpreter, and the average.
+"""Evaluation as the paper reports it: per-task metrics of n samples per question, and their average.
 
-`evaluate_examples` runs rollouts (n samples per question) and summarises each task: accuracy
-(mean score over all samples = pass@1), pass@k (unbiased estimator, k = n), code-use rate
-(trajectories with at least one code call), mean code calls, mean response tokens, truncations
-(trajectories stopped by the token budget). The average is the unweighted mean over tasks, as in
-the paper's tables. Used by evaluate.py and by the demo.
+Per task: accuracy (mean score = pass@1), pass@k (unbiased, k = n), code use (share of trajectories
+with a code call), mean code calls, mean response tokens, truncated (share stopped by the token
+budget). The average is the unweighted mean over tasks, as in the paper's tables.
 """
 from __future__ import annotations
 
@@ -59,8 +57,7 @@ def evaluate_examples(model, tokenizer, sandbox, examples, n: int = 1, params: R
 
 
 def check_summary(obj, name: str) -> dict:
-    """`obj` if it has the shape `summarize` writes (tasks: {name: {column: number}}, average:
-    {column: number}); ValueError naming the first field that does not."""
+    """`obj` if it has the shape `summarize` writes; else ValueError naming the first bad field."""
     def check_row(row, where: str) -> None:
         if not isinstance(row, dict):
             raise ValueError(f"{name}: {where} must be an object of metrics")
@@ -81,8 +78,7 @@ def format_table(summary: dict, title: str = "") -> str:
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     rows = list(summary["tasks"].items()) + [("AVERAGE", summary["average"])]
-    for name, m in rows:
-        lines.append(f"{name[:32]:32s} " + " ".join(f"{m[c]:15.3f}" for c in COLUMNS))
+    lines += [f"{name[:32]:32s} " + " ".join(f"{m[c]:15.3f}" for c in COLUMNS) for name, m in rows]
     return "\n".join(lines)
 
 

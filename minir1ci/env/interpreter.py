@@ -1,24 +1,23 @@
 """Code-interpreter rollouts: generate, execute each closed python block, insert its output, go on.
 
-All prompts x n samples decode in one batched sampler. A sequence pauses when its latest sampled
-segment closes a ```python block; the pending code of all paused sequences runs concurrently in
-the sandbox; each output is rendered, cut to a token budget, and appended as *forced* tokens that
-the sampler prefills into the KV cache before decoding resumes. Nothing is decoded and
-re-tokenized: the response is the sampler's own ids, interleaved with the tokenized outputs.
-A trajectory ends on end of turn / eos, an <<<answer>>>, a block past the code-call cap (the
-paper's v2: 8), or the token budget (sampled + inserted tokens). `use_code=False` runs the same
-prompts without execution, for the paper's text-versus-code comparison.
+All prompts x n samples decode in one batched sampler. A sequence pauses when its turn closes a
+```python block; the paused blocks run concurrently in the sandbox, and each rendered output is
+appended as forced tokens that the sampler prefills before decoding resumes, so the response is the
+sampler's own ids interleaved with the outputs' (nothing is re-tokenized). A trajectory ends on
+eos, an <<<answer>>>, a block past the code-call cap (paper v2: 8) or the token budget.
+`use_code=False` runs the same prompts without execution (the text-versus-code comparison).
 
-Simplified: one python block per model turn (R1-CI's convention; a turn that writes two blocks
-runs the last); a code block that would overflow the token budget ends the trajectory instead of
-being executed.
+Simplified: one python block per turn (a turn with two runs the last); a block whose output would
+overflow the token budget ends the trajectory instead.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from itertools import groupby
 
 from minir1ci.env import prompts
 from minir1ci.inference.engine import Sampler, SamplingParams
+
 
 @dataclass(frozen=True)
 class RolloutParams:
@@ -61,8 +60,7 @@ def prompt_ids(tokenizer, examples, use_code: bool) -> list[list[int]]:
 
 
 def turn_end(text: str, use_code: bool, stop_at_answer: bool) -> str | None:
-    """Why a model turn ends with `text`: "answer" (it holds <<<answer>>>), "code" (it has just
-    closed a python block), or None (it goes on)."""
+    """Why a model turn ends with `text`: "answer", "code" (a block just closed), or None (it goes on)."""
     if stop_at_answer and prompts.extract_answer(text) is not None:
         return "answer"
     if use_code and prompts.pending_code(text) is not None:
@@ -71,8 +69,8 @@ def turn_end(text: str, use_code: bool, stop_at_answer: bool) -> str | None:
 
 
 def make_stop_fn(tokenizer, use_code: bool, stop_at_answer: bool):
-    """stop_fn(segment_ids) -> True where `turn_end` ends the turn. The cheap test on the last few
-    tokens' text runs every step; the full decode only when a fence or `>>>` may have just appeared."""
+    """stop_fn(segment_ids) -> True where `turn_end` ends the turn. Every step decodes only the last
+    few tokens; the full decode runs when a fence or `>>>` may have just appeared."""
     def stop(segment_ids: list[int]) -> bool:
         tail = tokenizer.decode(segment_ids[-4:])
         if "```" not in tail and ">>>" not in tail:
@@ -83,12 +81,9 @@ def make_stop_fn(tokenizer, use_code: bool, stop_at_answer: bool):
 
 def render_for_model(tokenizer, result, max_tokens: int) -> list[int]:
     """The token ids inserted after a block: the rendered result, its body cut to `max_tokens`.
-
-    Cutting happens on text (head and tail of the body kept around a marker), then the final
-    text is tokenized once, so the inserted ids are exactly the tokenization of what is shown.
-    """
-    stdout, stderr = result.stdout, result.stderr
-    text = prompts.render_output(stdout, stderr, result.status)
+    The cut is made on text (head and tail around a marker), then tokenized once, so the ids are
+    exactly the tokenization of what is shown."""
+    text = prompts.render_output(result.stdout, result.stderr, result.status)
     ids = tokenizer.encode(text)
     if len(ids) <= max_tokens:
         return ids
@@ -110,14 +105,13 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
     stop_fn = make_stop_fn(tokenizer, params.use_code, params.stop_at_answer)
     trajs: list[Trajectory] = []
     seq_of: dict[int, int] = {}
-    for i, p in enumerate(prompt_ids):
-        for j in range(n):
-            k = len(trajs)
-            trajs.append(Trajectory(prompt_ids=list(p)))
+    for p in prompt_ids:
+        for _ in range(n):
             sp = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                 max_new_tokens=params.max_new_tokens, stop_token_ids=stop_ids,
-                                seed=params.seed * 1_000_003 + k, stop_fn=stop_fn)
-            seq_of[sampler.add_request(list(p), sp)] = k
+                                seed=params.seed * 1_000_003 + len(trajs), stop_fn=stop_fn)
+            seq_of[sampler.add_request(list(p), sp)] = len(trajs)
+            trajs.append(Trajectory(prompt_ids=list(p)))
     done = 0
 
     def finish(sid: int, c, reason: str) -> None:
@@ -176,13 +170,7 @@ def _finish(tr: Trajectory, c, reason: str, tokenizer, temperature: float) -> No
     tr.logprobs = [lp if m else 0.0 for lp, m in zip(source, c.mask)]
     tr.finish_reason = reason
     tr.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
-    tr.turns, run = [], []
-    for tok, m in zip(c.token_ids, c.mask):
-        if m:
-            run.append(tok)
-        elif run:
-            tr.turns.append(tokenizer.decode(run, skip_special_tokens=True))
-            run = []
-    if run:
-        tr.turns.append(tokenizer.decode(run, skip_special_tokens=True))
+    # a turn is a run of sampled tokens between inserted outputs
+    tr.turns = [tokenizer.decode([tok for tok, _ in run], skip_special_tokens=True)
+                for sampled, run in groupby(zip(c.token_ids, c.mask), key=lambda tm: tm[1]) if sampled]
 

@@ -4,17 +4,12 @@
            + (format_bonus if every turn is well formed else format_penalty)
            + (turn_penalty if there are more than max_turns turns else 0)
 
-With the defaults: +1 correct, +0.1 well formed / -0.1 not, -0.1 past 6 turns.
-`plain=True` drops the shaping and returns 1.0 or 0.0 for correctness only.
+With the defaults: +1 correct, +0.1 well formed / -0.1 not, -0.1 past 6 turns; `plain=True` gives
+1.0 or 0.0 for correctness only. A turn is the model's text between interpreter outputs. Well formed:
+every non-final turn ends with exactly one closed ```python block and holds no other fence; the final
+turn holds <<<...>>> and leaves no block unclosed.
 
-A *turn* is one model-generated chunk between interpreter outputs (a trajectory
-with k code calls has k+1 turns). Well formed means:
-  - every non-final turn ends with exactly one closed ```python block (the one
-    the interpreter ran: `prompts.pending_code` finds it) and holds no other fence;
-  - the final turn contains <<<...>>> and leaves no ```python block unclosed.
-
-Simplified: "correct" is binary (a task score below 1, such as reasoning-gym's
-partial credit, counts as incorrect), matching the paper's "+1 if correct".
+Simplified: "correct" is binary (partial credit below 1 counts as incorrect), the paper's "+1 if correct".
 """
 from __future__ import annotations
 
@@ -33,10 +28,6 @@ class RewardConfig:
     plain: bool = False
 
 
-def is_correct(score: float) -> bool:
-    return score >= 1.0 - 1e-9
-
-
 def turn_well_formed(turn: str, final: bool) -> bool:
     fences = turn.count("```")
     if final:
@@ -52,7 +43,7 @@ def well_formed(turns: list[str]) -> bool:
 
 def compute_reward(score: float, turns: list[str], cfg: RewardConfig = RewardConfig()) -> float:
     """Scalar reward of one trajectory; `score` is the task's score of the full response."""
-    correct = is_correct(score)
+    correct = score >= 1.0 - 1e-9
     if cfg.plain:
         return 1.0 if correct else 0.0
     reward = cfg.correct if correct else 0.0

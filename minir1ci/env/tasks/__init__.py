@@ -1,16 +1,10 @@
 """Tasks: `load_tasks(spec)` gives the `Example`s (example.py) of every task a spec names.
 
-Sources, named in a spec such as "builtin:mul,symbench:game24,bbh:navigate,gym:countdown":
-  builtin   procedural families with oracle code trajectories (`builtin.py`)
-  symbench  the SymBench / R1-CI folders under <data>/symbench (`symbench.py`)
-  bbh       the 27 BIG-Bench-Hard files under <data>/bbh (`bbh.py`)
-  gym       reasoning-gym datasets, optional extra minir1ci[gym] (`gym.py`)
-"<source>:all" expands to every task of the source (for gym: the paper's 84, `split.py`).
-
-`split` means different things per source, both fixed here and nowhere else:
-builtin families split their *questions* (a hash of the question text picks the
-test bucket, so train and test never share a question); the dataset sources split
-whole *tasks* by the paper's 107/37 list in `split.py`.
+A spec such as "builtin:mul,symbench:game24,bbh:navigate,gym:countdown" names tasks of four sources:
+builtin (builtin.py), symbench and bbh (files under the data directory), gym (reasoning-gym, extra
+minir1ci[gym]); "<source>:all" is every task of the source (for gym: the paper's 84, split.py).
+`split` splits builtin families by *question* (a hash of its text) and the other sources by whole
+*task* (the paper's 107/37 list in split.py).
 """
 from __future__ import annotations
 
@@ -27,10 +21,12 @@ SPLITS = (None, "train", "test")
 
 
 class Source(NamedTuple):
-    names: Callable[[Path | None], list[str]]          # data root -> the valid task names
-    every: Callable[[Path | None], list[str]]          # data root -> what "<source>:all" stands for
-    load: Callable[..., list[Example]]                 # (root, name, limit, split, seed) -> examples
-    needs_data: bool                                   # reads files under the data directory
+    names: Callable[[Path | None], list[str]]   # data root -> the valid task names
+    every: Callable[[Path | None], list[str]]   # data root -> what "<source>:all" stands for
+    load: Callable[..., list[Example]]          # (root, name, limit, split, seed) -> examples
+    # Reads files under the data directory; `limit` then draws a seeded subset, while the
+    # generated sources make `limit` questions.
+    needs_data: bool
 
 
 SOURCES = {
@@ -39,11 +35,8 @@ SOURCES = {
                                                                               split=split, seed=seed), False),
     # symbench:all is the tasks whose data is present
     "symbench": Source(lambda root: symbench.task_names(), symbench.task_names,
-                       lambda root, name, limit, split, seed: _subset(symbench.load(root, name), limit, seed,
-                                                                      f"symbench:{name}"), True),
-    "bbh": Source(bbh.task_names, bbh.task_names,
-                  lambda root, name, limit, split, seed: _subset(bbh.load(root, name), limit, seed, f"bbh:{name}"),
-                  True),
+                       lambda root, name, *_: symbench.load(root, name), True),
+    "bbh": Source(bbh.task_names, bbh.task_names, lambda root, name, *_: bbh.load(root, name), True),
     # gym:all is the paper's 84 of reasoning-gym's datasets
     "gym": Source(lambda root: gym.task_names(), lambda root: list(paper_split.GYM_84),
                   lambda root, name, limit, split, seed: gym.load(name, size=limit or gym.DEFAULT_SIZE, seed=seed),
@@ -91,29 +84,21 @@ def _subset(examples: list[Example], limit: int | None, seed: int, task: str) ->
     return [examples[i] for i in keep]
 
 
-def _expand(source: str, name: str, root: Path | None) -> list[str]:
-    """The task names a spec entry stands for; unknown names raise, listing the valid ones."""
-    known = SOURCES[source].names(root)   # first: a missing optional extra raises here, even for "all"
-    if name == "all":
-        return SOURCES[source].every(root)
-    if name not in known:
-        raise ValueError(f"unknown {source} task {name!r}; valid: all, {', '.join(known)}")
-    return [name]
-
-
 def task_names(spec: str, data_dir: str | os.PathLike | None = None, split: str | None = None) -> list[str]:
-    """The "source:name" tasks `spec` stands for in `split`, without loading a question. Raises
-    ValueError naming the entry that stands for no task (e.g. symbench:all over a folder without
-    SymBench data), so a bad spec fails before any work."""
+    """The "source:name" tasks `spec` stands for in `split`, without loading a question; ValueError
+    naming an entry that stands for no task, so a bad spec fails before any work."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     out: list[str] = []
     for source, name in parse_spec(spec):
         root = resolve_data_dir(data_dir) if SOURCES[source].needs_data else None
-        try:
-            names = _expand(source, name, root)
-        except ImportError as e:   # an optional extra (reasoning-gym) not installed: a spec we cannot serve
+        try:   # names() first: a missing optional extra (reasoning-gym) raises here, even for "all"
+            known = SOURCES[source].names(root)
+        except ImportError as e:
             raise ValueError(f"{source}:{name}: {e}") from None
+        if name != "all" and name not in known:
+            raise ValueError(f"unknown {source} task {name!r}; valid: all, {', '.join(known)}")
+        names = SOURCES[source].every(root) if name == "all" else [name]
         if name == "all" and not names:
             raise ValueError(f"{source}:all found no {source} tasks under {root / source}; pass --data DIR "
                              f"holding {source}/")
@@ -127,13 +112,9 @@ def task_names(spec: str, data_dir: str | os.PathLike | None = None, split: str 
 
 def load_tasks(spec: str, data_dir: str | os.PathLike | None = None, split: str | None = None,
                limit: int | None = None, seed: int = 0) -> list[Example]:
-    """Examples of every task named in `spec`, task after task.
-
-    `limit` caps the examples per task (a seeded sample, kept in file order); for
-    built-in families it is the number generated (default `builtin.DEFAULT_COUNT`)
-    and for gym the dataset size (default `gym.DEFAULT_SIZE`). `split` is None,
-    "train" or "test" (see the module docstring).
-    """
+    """Examples of every task named in `spec`, task after task. `limit` caps the examples per task:
+    a seeded sample in file order, or for builtin and gym the number generated; `split` is None,
+    "train" or "test"."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
     examples: list[Example] = []
@@ -141,6 +122,7 @@ def load_tasks(spec: str, data_dir: str | os.PathLike | None = None, split: str 
         source, _, n = task.partition(":")
         root = resolve_data_dir(data_dir) if SOURCES[source].needs_data else None
         found = SOURCES[source].load(root, n, limit, split, seed)
+        found = _subset(found, limit, seed, task) if SOURCES[source].needs_data else found
         if not found:
             raise ValueError(f"task {task} has no questions" + (f" in the {split} split" if split else "")
                              + (f" under {root}" if root else ""))

@@ -1,32 +1,25 @@
-"""Parsing helpers shared by the verifiers: numbers, lists, safe arithmetic.
+"""Parsing helpers shared by the verifiers: one strict reading of free-form answers, so that a
+format trick is judged the same way everywhere.
 
-Every verifier reads a model's free-form answer; these functions fix one strict
-reading so that a format trick is judged the same way everywhere:
-  a number is one number   '17', '-3.5', '3/4', '1.2e3', '$12', '50%', '1,234,567'.
-                           A comma is a thousands separator only in groups of exactly
-                           three digits after a first group of one to three ('1,234',
-                           not '1,7', '12,34' or '1234,567'); no other character (a
-                           space, '_', a thin space) joins digits, so '1 7' is not 17.
-  a list is its elements   brackets, parentheses and quotes around the list or an item
-                           are dropped; items are separated by commas, semicolons or
-                           whitespace; each item is then parsed on its own, so
-                           '7.5' is one item (not [7, 5]) and '1,000' in a list is [1, 0].
-  a string is a string     compared as written (leading zeros and inner spaces count);
-                           only surrounding whitespace and quotes are ignored.
+  a number   '17', '-3.5', '3/4', '1.2e3', '$12', '50%', '1,234,567'. A comma separates thousands
+             only in groups of three after one to three digits ('1,234'; not '1,7' or '12,34');
+             nothing else joins digits, so '1 7' is not 17.
+  a list     brackets and quotes dropped, items split at commas, semicolons or whitespace, each
+             parsed on its own: '7.5' is one item, '1,000' in a list is [1, 0].
+  a string   compared as written; only surrounding whitespace and quotes are ignored.
 
-`eval_arith` evaluates + - * / expressions on integers with exact fractions by
-walking the `ast`, never `eval`: model answers are untrusted text.
+`eval_arith` evaluates + - * / on integers exactly by walking the `ast`, never `eval`.
 """
 from __future__ import annotations
 
 import ast
 import math
+import operator
 import re
 from fractions import Fraction
 
-_DECIMAL = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_DECIMAL_RE = re.compile(_DECIMAL)
+_DECIMAL_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _INT_RE = re.compile(r"[-+]?\d+")
 _MAX_EXPR_CHARS = 4000
 
@@ -42,11 +35,15 @@ def _bare(text: str) -> str:
     return s[:-1] if s.endswith("%") else s
 
 
+def _bare_number(text: str) -> str:
+    """`_bare`, with the commas of a thousands-separated number removed."""
+    s = _bare(text)
+    return s.replace(",", "") if _THOUSANDS_RE.fullmatch(s) else s
+
+
 def parse_number(text: str) -> float | None:
     """'1,234.5', '$12', '-3/4', '50%', '1e3' -> a float; anything else ('1,7', '1 7', '7.5.1') -> None."""
-    s = _bare(text)
-    if _THOUSANDS_RE.fullmatch(s):
-        s = s.replace(",", "")
+    s = _bare_number(text)
     if "/" in s:
         num, _, den = s.partition("/")
         if _DECIMAL_RE.fullmatch(num) and _DECIMAL_RE.fullmatch(den) and float(den) != 0:
@@ -57,12 +54,8 @@ def parse_number(text: str) -> float | None:
 
 def parse_int(text: str) -> int | None:
     """An integer of any size ('-1,234' -> -1234, '12.0' -> 12), exactly; None if `text` is not one.
-
-    No fractions: '-23040/2' is a sum left undone, not the integer -11520.
-    """
-    s = _bare(text)
-    if _THOUSANDS_RE.fullmatch(s):
-        s = s.replace(",", "")
+    No fractions: '-23040/2' is a sum left undone, not the integer -11520."""
+    s = _bare_number(text)
     if _INT_RE.fullmatch(s):
         return int(s)
     value = float(s) if _DECIMAL_RE.fullmatch(s) else None
@@ -77,11 +70,8 @@ def strip_quotes(text: str) -> str:
 
 
 def list_items(text: str) -> list[str] | None:
-    """The items of a flat or nested list, as written ('[["A", 1], [2]]' -> ['A', '1', '2']).
-
-    None when an item is empty ('1,,2') or holds a stray quote. Nested lists are read
-    row by row; brackets of any kind are only grouping.
-    """
+    """The items of a flat or nested list, as written ('[["A", 1], [2]]' -> ['A', '1', '2']), row by
+    row; None when an item is empty ('1,,2') or holds a stray quote."""
     s = strip_quotes(text)
     s = s[:-1] if re.search(r"[\])}]\.$", s) else s  # '[1, 2].' ends a sentence
     s = re.sub(r"[\[\](){}]", " ", s).strip()
@@ -108,11 +98,8 @@ def decimals_written(text: str) -> int:
 
 
 def numbers_match(text: str, gold: float, rel_tol: float = 1e-9) -> bool:
-    """A written number equals `gold`, exactly or as `gold` rounded to the digits written.
-
-    '1.83' matches 1.8333.. (rounded to 2 places), '1.8' does not match it (one
-    decimal is too coarse to count as the answer); '11/6' matches it exactly.
-    """
+    """A written number equals `gold`, exactly or rounded to the (at least two) decimals written:
+    '1.83' and '11/6' match 1.8333.., '1.8' does not."""
     value = parse_number(text)
     if value is None or not math.isfinite(value):
         return False
@@ -127,30 +114,23 @@ def normalize_text(text: str) -> str:
     return " ".join(strip_quotes(text).lower().split()).rstrip(".").strip()
 
 
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
 def _walk(node: ast.AST, leaves: list[int]) -> Fraction:
     if isinstance(node, ast.Expression):
         return _walk(node.body, leaves)
     if isinstance(node, ast.Constant) and type(node.value) is int and node.value >= 0:
         leaves.append(node.value)
         return Fraction(node.value)
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-        left, right = _walk(node.left, leaves), _walk(node.right, leaves)
-        if isinstance(node.op, ast.Add):
-            return left + right
-        if isinstance(node.op, ast.Sub):
-            return left - right
-        if isinstance(node.op, ast.Mult):
-            return left * right
-        return left / right  # ZeroDivisionError -> caller
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:  # a division by zero raises to the caller
+        return _OPS[type(node.op)](_walk(node.left, leaves), _walk(node.right, leaves))
     raise ValueError(f"not allowed in an arithmetic answer: {ast.dump(node)[:60]}")
 
 
 def eval_arith(expr: str) -> tuple[Fraction, list[int]] | None:
-    """Exact value and the integers used (left to right) of a + - * / expression.
-
-    Unary minus, powers, names, calls and numbers not written as plain decimal integers
-    are rejected (None), as is division by zero. '×' and '÷' are read as * and /.
-    """
+    """Exact value and the integers used (left to right) of a + - * / expression ('×', '÷' read as
+    * and /); None for unary minus, powers, names, calls, other number forms, division by zero."""
     expr = expr.replace("×", "*").replace("÷", "/").replace("\\times", "*").replace("\\div", "/").strip()
     # plain decimal integers only: python would also read '0x10', '1_0' or '1e1' as numbers
     if not expr or len(expr) > _MAX_EXPR_CHARS or not re.fullmatch(r"[\d\s+\-*/()]+", expr):
@@ -164,10 +144,8 @@ def eval_arith(expr: str) -> tuple[Fraction, list[int]] | None:
 
 
 def expression_reaches(expr: str, numbers: list[int], target: int | Fraction, ordered: bool = False) -> bool:
-    """`expr` uses exactly `numbers` (as a multiset, or in order) and equals `target`.
-
-    A trailing '= target' is allowed, as is a leading 'target ='.
-    """
+    """`expr` uses exactly `numbers` (as a multiset, or in order) and equals `target`; a trailing
+    '= target' or a leading 'target =' is allowed."""
     parts = [p.strip() for p in expr.split("=")]
     candidates = [p for p in parts if p and parse_number(p) != float(target)] or parts[:1]
     if len(candidates) != 1:

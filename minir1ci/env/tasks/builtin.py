@@ -1,22 +1,14 @@
 """Built-in procedural task families, each with a verifier and an oracle code trajectory.
 
-The families are chosen so that code clearly beats text for a small model: the
-question is one fixed template, the oracle's python is a near-copy of the numbers
-or words in the question (learnable by a ~1M-parameter model that can copy), while answering in
-text needs the real computation.
+The families are chosen so that code clearly beats text for a small model: the oracle's python
+nearly copies the question (learnable by a ~1M-parameter model that can copy), while text needs the
+real computation. mul: a product of 3-4 digit numbers; add: a sum of 3-5 numbers; letters: count a
+letter in a random string; sort: 5-8 numbers; base: to base 2, 8 or 16; date: N days after a date;
+game24: four numbers 1-13 made into 24 with + - * /.
 
-  mul      product of two 3-4 digit numbers
-  add      sum of 3-5 numbers of 2-5 digits
-  letters  how often a letter occurs in a random 10-16 letter string
-  sort     sort 5-8 numbers, answer as a python list
-  base     a decimal number written in base 2, 8 or 16
-  date     the date N days after a given date
-  game24   four numbers 1-13 combined with + - * / into 24 (solvable ones only)
-
-Train and test questions are disjoint by construction: a question is a test
-question exactly when the hash of its text falls in bucket 0 of 10, whatever the
-seed. Generation is deterministic per (family, seed). The oracle code really runs
-(`Example.oracle_segments`), so the output in SFT data is what python printed.
+Generation is deterministic per (family, seed). A question is a test question exactly when the hash
+of its text falls in bucket 0 of 10, so train and test never share one. The oracle code really
+runs (`Example.oracle_segments`), so the output in SFT data is what python printed.
 
 Simplified: one wording per family, no paraphrases (R1-CI varies prompt formats).
 """
@@ -36,8 +28,8 @@ FAMILIES = ("mul", "add", "letters", "sort", "base", "date", "game24")
 DEFAULT_COUNT = 500
 TEST_BUCKETS = 10  # 1 question in TEST_BUCKETS is a test question
 
-# The game24 oracle: a recursive search over pairs, no eval. The same source is
-# exec'd here once to compute gold answers, so the gold is exactly what it prints.
+# The game24 oracle: a recursive search over pairs, no eval. The same source is exec'd here to
+# compute gold answers, so the gold is exactly what it prints.
 GAME24_SOLVER = '''from itertools import permutations
 
 def solve(items):
@@ -66,8 +58,6 @@ def _game24_answer(nums: tuple[int, ...]) -> str | None:
 def is_test_question(prompt: str) -> bool:
     return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % TEST_BUCKETS == 0
 
-
-# ---- verifiers: (answer text, example) -> 0/1 --------------------------------------------
 
 def check_integer(answer: str, ex: Example) -> float:
     return float(parse_int(strip_quotes(answer)) == int(ex.answer))
@@ -99,8 +89,7 @@ def check_game24(answer: str, ex: Example) -> float:
     return float(expression_reaches(answer, ex.metadata["numbers"], 24))
 
 
-# ---- generators: rng -> (prompt, answer, oracle, check, metadata) ---------------------------
-
+# generators: rng -> (prompt, answer, oracle, check, metadata)
 def _mul(rng: random.Random):
     a, b = rng.randint(100, 9999), rng.randint(100, 9999)
     ans = str(a * b)
@@ -186,10 +175,7 @@ _GENERATORS = {"mul": _mul, "add": _add, "letters": _letters, "sort": _sort, "ba
 
 def generate(family: str, n: int, split: str | None = None, seed: int = 0) -> list[Example]:
     """Up to `n` distinct questions of `family` in `split` (None: both), deterministic in `seed`.
-
-    Stops early (returns fewer) once 5000 draws in a row bring no new question,
-    which only game24's test split reaches (about 140 distinct test puzzles exist).
-    """
+    Fewer once 5000 draws in a row bring no new question (only game24's ~140 test puzzles do)."""
     if family not in _GENERATORS:
         raise ValueError(f"unknown builtin task {family!r}; valid: {', '.join(FAMILIES)}")
     rng = random.Random(f"builtin:{family}:{seed}")

@@ -1,12 +1,10 @@
 """The one example type of every task source, and trusted execution of the built-in oracle code.
 
-An example is a question (`prompt`), a gold answer (`answer`, the text that goes inside <<<...>>>),
-metadata, and a verifier. `score(response)` extracts the last <<<...>>> of a response with
-`prompts.extract_answer` and asks the verifier; a response without one, or one the verifier cannot
-parse, scores 0.
+`Example.score(response)` hands the last <<<...>>> of a response to the example's verifier; a
+response without one, or one the verifier cannot parse, scores 0.
 
-Simplified: verifiers are plain functions of (answer text, example); there is no LLM-based answer
-extraction as in CodeSteer, so an answer must be inside <<<>>>.
+Simplified: verifiers are plain functions of (answer text, example); no LLM extracts answers as in
+CodeSteer, so an answer must be inside <<<>>>.
 """
 from __future__ import annotations
 
@@ -65,11 +63,8 @@ class Example:
                 {"role": "user", "content": self.prompt}]
 
     def oracle_segments(self, use_code: bool = True) -> list[dict]:
-        """Assistant content as segments (see the tokenizer contract in DEVELOPERS.md).
-
-        With code: reasoning + python block, the block's real output rendered by
-        `prompts.render_output`, then the conclusion. Without: one text segment.
-        """
+        """Assistant content as segments (DEVELOPERS.md): with code, reasoning + python block, the
+        block's real output, then the conclusion; without, one text segment."""
         if self.oracle is None:
             if use_code:
                 raise ValueError(f"{self.id}: no oracle code trajectory (only built-in families have one)")
@@ -91,11 +86,8 @@ def exact_match(answer: str, example: Example) -> float:
 
 @functools.lru_cache(maxsize=8192)
 def run_trusted(code: str) -> tuple[str, str]:
-    """Run our own oracle code in-process and capture what it prints.
-
-    Only for code this package wrote (the oracle templates): model code goes to
-    the sandbox. Cached, since SFT data asks for the same question more than once.
-    """
+    """(stdout, stderr) of our own oracle code, run in-process: model code goes to the sandbox.
+    Cached, since SFT data asks for the same question more than once."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

@@ -10,12 +10,10 @@ Layouts handled (as released with CodeSteer, Apache-2.0):
   Letters/<lengths>/<letter>_<count>_<i>/test_words.json
   gsmhardv2.jsonl, MATH/train/{geometry,counting_and_probability}/*.json
 
-Each task pairs a loader with a verifier (symbench_verify.py, symbench_plan.py).
-Every loaded gold answer is checked by its verifier; a sample whose reference
-answer breaks its own question's rules gets a solver's answer where there is a
-solver and is dropped otherwise, with one warning per task giving the counts.
-Not covered: Path Plan (no data in this copy) and the BIG-Bench-Hard subfolder
-(the same files as bbh/, loaded by bbh.py).
+Each task pairs a loader with a verifier (symbench_verify.py, symbench_plan.py), which checks every
+loaded gold answer: a reference answer that breaks its own question's rules is replaced by a
+solver's where there is one and dropped otherwise, with one warning per task.
+Not covered: Path Plan (no data in this copy) and BIG-Bench-Hard/ (the files bbh.py loads).
 """
 from __future__ import annotations
 
@@ -56,8 +54,16 @@ def _sample_dirs(folder: Path) -> list[Path]:
             for s in sorted(group.glob("sample_*"), key=_natural)]
 
 
-# ---- per-task gold answers and metadata from (question, solution) ---------------------------
+def _nested(location: Path, pattern: str) -> list[Path]:
+    """Files <group>/<item>/<pattern> under `location`, groups and items in natural order."""
+    return sorted(location.glob(f"*/*/{pattern}"), key=lambda p: (_natural(p.parent.parent), _natural(p.parent)))
 
+
+def _two_levels(folder: Path) -> str:
+    return f"{folder.parent.name}/{folder.name}"
+
+
+# ---- per-task gold answers and metadata from (question, solution) ----
 def _synthesis_target(question: str, sol: dict) -> list[int]:
     """The question asks for [A, B, X] (3 items) or the first 4 or 5 of the state list."""
     asked = re.findall(r"as a list showing \[([^\]]*)\]", question)
@@ -169,8 +175,8 @@ def _load_samples(root: Path, name: str) -> list[Example]:
             raise ValueError(f"{sample}: question.txt / solution.json not as expected ({err!r})") from err
         if check in (v.check_ints, v.check_digit_string):
             meta["target_ints"] = v.int_list(answer)
-        out.append(Example(f"symbench:{name}:{sample.parent.name}/{sample.name}" if folder else
-                           f"symbench:{name}:{sample.name}", f"symbench:{name}", question, answer, meta, check))
+        out.append(Example(f"symbench:{name}:{_two_levels(sample) if folder else sample.name}", f"symbench:{name}",
+                           question, answer, meta, check))
     if name == "pattern_recognition":
         seen = {ex.prompt for ex in out}
         out += [ex for ex in _pattern_json(root) if ex.prompt not in seen]
@@ -192,17 +198,16 @@ def _pattern_json(root: Path) -> list[Example]:
 
 
 def _load_other(root: Path, name: str) -> list[Example]:
+    if name.startswith("game24"):
+        return _load_game24(root, name)
     out: list[Example] = []
-    task = f"symbench:{name}"
-    location = root / _OTHER_TASKS[name]
+    task, location = f"symbench:{name}", root / _OTHER_TASKS[name]
     if name.startswith("number_multiply"):
         for sample in _sample_dirs(location):
             question = (sample / "input_prompt_1.txt").read_text().strip()
             answer = (sample / "target_answer.txt").read_text().strip()
-            out.append(Example(f"{task}:{sample.parent.name}/{sample.name}", task, question + ANSWER_HINT, answer,
+            out.append(Example(f"{task}:{_two_levels(sample)}", task, question + ANSWER_HINT, answer,
                                {"target_ints": [int(answer)], "source": str(sample.relative_to(root))}, v.check_ints))
-    elif name.startswith("game24"):
-        out = _load_game24(root, name)
     elif name == "blocksworld":
         for folder in sorted(location.iterdir(), key=_natural):
             path = folder / "blocksworld_task.txt"
@@ -211,37 +216,33 @@ def _load_other(root: Path, name: str) -> list[Example]:
                                plan.plan_blocksworld(initial, goal), {"initial": initial, "goal": goal},
                                plan.check_blocksworld))
     elif name.startswith("boxlift"):
-        for path in sorted(location.glob("*/*/BoxLift.json"), key=lambda p: (_natural(p.parent.parent),
-                                                                               _natural(p.parent))):
+        for path in _nested(location, "BoxLift.json"):
             data = _read_json(path)
             steps = plan.plan_boxlift(data["boxes"], data["lifters"])
-            out.append(Example(f"{task}:{path.parent.parent.name}/{path.parent.name}", task,
+            out.append(Example(f"{task}:{_two_levels(path.parent)}", task,
                                plan.boxlift_prompt(data["boxes"], data["lifters"], len(steps)),
                                plan.format_boxlift(steps), {**data, "max_steps": len(steps)}, plan.check_boxlift))
     elif name.startswith("boxnet"):
-        for path in sorted(location.glob("*/*/pg_state*.json"), key=lambda p: (_natural(p.parent.parent),
-                                                                                 _natural(p.parent))):
+        for path in _nested(location, "pg_state*.json"):
             grid = _read_json(path)
-            out.append(Example(f"{task}:{path.parent.parent.name}/{path.parent.name}", task, plan.boxnet_prompt(grid),
+            out.append(Example(f"{task}:{_two_levels(path.parent)}", task, plan.boxnet_prompt(grid),
                                plan.plan_boxnet(grid), {"grid": grid}, plan.check_boxnet))
     elif name == "letters":
-        for path in sorted(location.glob("*/*/test_words.json"),
-                           key=lambda p: (_natural(p.parent.parent), _natural(p.parent))):
+        for path in _nested(location, "test_words.json"):
             word, letter = _read_json(path), path.parent.name.split("_")[0]
             positions = [i + 1 for i, ch in enumerate(word) if ch == letter]
-            out.append(Example(f"{task}:{path.parent.parent.name}/{path.parent.name}", task,
+            out.append(Example(f"{task}:{_two_levels(path.parent)}", task,
                                f"How many '{letter}'s are in the word '{word}' and what are their positions? "
                                "Positions count from 1. Answer in the format <<<Count: X, Positions: [Y, Z, ...]>>>.",
                                f"Count: {len(positions)}, Positions: {positions}", {"word": word, "letter": letter},
                                v.check_letters))
     elif name == "gsm_hard":
-        path = location
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        for lineno, line in enumerate(location.read_text().splitlines(), 1):
             try:
                 row = json.loads(line)
                 target = float(row["target"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}:{lineno}: malformed line ({err})") from err
+                raise ValueError(f"{location}:{lineno}: malformed line ({err})") from err
             out.append(Example(f"{task}:{lineno}", task, row["input"].strip() + ANSWER_HINT, f"{target:.10g}",
                                {"target_number": target}, v.check_number))
     elif name.startswith("math_"):
@@ -284,20 +285,14 @@ _REPAIRS = {"constrained_linear_arrangement": v.solve_card_game, "logic_puzzle":
 
 
 def _repair(name: str, ex: Example) -> Example | None:
-    solver = _REPAIRS.get(name)
-    answer = solver(ex) if solver else None
-    if answer is None:
-        return None
-    return Example(ex.id, ex.task, ex.prompt, answer, {**ex.metadata, "reference_rejected": ex.answer}, ex.check)
+    answer = _REPAIRS[name](ex) if name in _REPAIRS else None
+    return None if answer is None else Example(ex.id, ex.task, ex.prompt, answer,
+                                               {**ex.metadata, "reference_rejected": ex.answer}, ex.check)
 
 
 def load(root: Path, name: str) -> list[Example]:
-    """Every usable sample of one SymBench task, in file order.
-
-    A sample whose reference answer fails the question's own rules gets a solver's
-    answer where there is a solver (`_REPAIRS`), and is dropped otherwise; either
-    is reported in one warning.
-    """
+    """Every usable sample of one SymBench task, in file order; reference answers that fail their
+    question's rules are re-solved (`_REPAIRS`) or dropped, and counted in one warning."""
     if name not in task_names():
         raise ValueError(f"unknown symbench task {name!r}; valid: {', '.join(task_names())}")
     root = Path(root) / "symbench"

@@ -22,9 +22,8 @@ from collections import Counter, deque
 
 from minir1ci.env.tasks.example import Example
 
-# ---- Blocksworld ------------------------------------------------------------------------------
 
-
+# ---- Blocksworld ----
 def read_blocksworld(text: str, path: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """'Initial State:' / 'Goal State:' sections of 'stackN: A B' lines (bottom to top)."""
     states: dict[str, dict[str, list[str]]] = {"initial": {}, "goal": {}}
@@ -101,9 +100,7 @@ def plan_blocksworld(initial: dict[str, list[str]], goal: dict[str, list[str]]) 
     raise ValueError("goal state unreachable")
 
 
-# ---- BoxLift -------------------------------------------------------------------------------------
-
-
+# ---- BoxLift ----
 def plan_boxlift(boxes: list[int], lifters: list[int]) -> list[list[tuple[int, list[int]]]]:
     """Greedy schedule: each step, heaviest boxes first, lifters taken in index order until strong enough."""
     remaining = sorted(boxes, reverse=True)
@@ -160,9 +157,7 @@ def check_boxlift(answer: str, ex: Example) -> float:
     return float(sum(remaining.values()) == 0)
 
 
-# ---- BoxNet -------------------------------------------------------------------------------------------
-
-
+# ---- BoxNet ----
 def _square(key: str) -> tuple[float, float]:
     r, c = key.split("_")
     return float(r), float(c)

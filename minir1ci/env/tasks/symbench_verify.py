@@ -1,16 +1,9 @@
 """Verifiers for the SymBench fact and puzzle tasks (planning tasks: symbench_plan.py).
 
-Each verifier is `check(answer_text, example) -> float` and reads what it needs
-from `example.metadata` (the sample's `solution.json` is under "solution").
-Three kinds:
-  exact       one right answer (string, list, matrix, number with tolerance)
-  constraint  any answer that satisfies the puzzle's rules (queens, sudoku,
-              letter grids, arrangements, equation systems, arithmetic targets)
-  math        MATH boxed answers, compared after LaTeX normalisation
-Numbers and lists are read by answers.py's strict rules: '7.5' is not [7, 5], '1,7' is not 17.
-
-Where the dataset's reference answer violates its own question's rules, the
-loader drops that sample (with a warning) rather than scoring it; see symbench.py.
+Each is `check(answer_text, example) -> float`, reading `example.metadata` (the sample's
+solution.json is under "solution"). Exact checks want the one right answer; constraint checks
+accept any answer that satisfies the puzzle's rules; MATH answers are compared after LaTeX
+normalisation. Numbers and lists are read by answers.py's strict rules.
 """
 from __future__ import annotations
 
@@ -23,15 +16,11 @@ from minir1ci.env.tasks.answers import (expression_reaches, int_list, list_items
                                         parse_number, strip_quotes)
 from minir1ci.env.tasks.example import Example
 
-# ---- exact answers ------------------------------------------------------------------------
 
-
+# ---- exact answers ----
 def check_ints(answer: str, ex: Example) -> float:
-    """The integer items, in order, equal the gold list (matrices read row by row).
-
-    A single-number gold also takes one number with thousands separators ('-514,828');
-    '7.5' is never [7, 5] and '1,7' or '1 7' is never 17 (answers.py).
-    """
+    """The integer items, in order, equal the gold list (matrices read row by row); a single-number
+    gold also takes one number with thousands separators ('-514,828')."""
     target = ex.metadata["target_ints"]
     if len(target) == 1 and parse_int(strip_quotes(answer)) == target[0]:
         return 1.0
@@ -39,11 +28,8 @@ def check_ints(answer: str, ex: Example) -> float:
 
 
 def check_digit_string(answer: str, ex: Example) -> float:
-    """The counts as one string of digits ('201100000'), or as a list of integers (string_synthesis).
-
-    The question asks for "a string of the number of certain block": the string is
-    compared as written, so its leading zeros count.
-    """
+    """The counts as one string of digits ('201100000', leading zeros count), or as a list of
+    integers (string_synthesis asks for "a string of the number of certain block")."""
     target = ex.metadata["target_ints"]
     return float(strip_quotes(answer) == "".join(map(str, target)) or int_list(answer) == target)
 
@@ -73,9 +59,7 @@ def check_string(answer: str, ex: Example) -> float:
     return float(strip_quotes(answer) == ex.answer)
 
 
-# ---- constraint checks ----------------------------------------------------------------------
-
-
+# ---- constraint checks ----
 _PAIR = r"[\(\[]\s*(\d+)\s*,\s*(\d+)\s*[\)\]]"
 
 
@@ -101,11 +85,8 @@ def check_queens(answer: str, ex: Example) -> float:
         return 0.0
     if not {tuple(p) for p in sol["placed_queens"]} <= set(queens):
         return 0.0
-    for i, (r1, c1) in enumerate(queens):
-        for r2, c2 in queens[i + 1:]:
-            if r1 == r2 or c1 == c2 or abs(r1 - r2) == abs(c1 - c2):
-                return 0.0
-    return 1.0
+    return float(not any(r1 == r2 or c1 == c2 or abs(r1 - r2) == abs(c1 - c2)
+                         for (r1, c1), (r2, c2) in itertools.combinations(queens, 2)))
 
 
 def solve_logic_puzzle(ex: Example, max_tries: int = 50_000) -> str | None:
@@ -134,17 +115,10 @@ def check_logic_puzzle(answer: str, ex: Example) -> float:
         return 0.0
     lines = [[grid[r][c] for r, c in cells if r == i] for i in range(n)]
     lines += [[grid[r][c] for r, c in cells if c == i] for i in range(n)]
-    for values in lines:
-        if not values:
-            continue
-        if sol["constraints"]["type"] == "sum_le_4" and sum(values) > 4:
+    rule = sol["constraints"]["type"]
+    for values in filter(None, lines):
+        if (rule == "sum_le_4" and sum(values) > 4) or (rule == "product_gt_0" and math.prod(values) <= 0):
             return 0.0
-        if sol["constraints"]["type"] == "product_gt_0":
-            product = 1
-            for v in values:
-                product *= v
-            if product <= 0:
-                return 0.0
     return 1.0
 
 
@@ -198,11 +172,10 @@ def check_equations(answer: str, ex: Example) -> float:
     values = dict(zip(meta["letters"], nums))
     for relation in meta["relations"]:
         parts = relation.split()
+        left, right = _term(parts[0], values), _term(parts[2], values)
         if len(parts) == 3:  # X = 3.0Y, X > Y, X < Y
-            left, right = _term(parts[0], values), _term(parts[2], values)
             ok = {"=": left == right, ">": left > right, "<": left < right}[parts[1]]
         else:  # X + Y = 5, X - Y = -3
-            left, right = _term(parts[0], values), _term(parts[2], values)
             ok = (left + right if parts[1] == "+" else left - right) == Fraction(parts[4])
         if not ok:
             return 0.0
@@ -256,11 +229,13 @@ def _round_result(game: str, mine: str, theirs: str) -> str:
     return "win" if captures(mine, theirs) else "loss" if captures(theirs, mine) else "draw"
 
 
+_CARDS = {"elements": "ABCDE", "stick_game": "ABCD", "animal": "ABCDEFGH"}
+
+
 def solve_card_game(ex: Example) -> str | None:
     """Opponent cards consistent with the stated rules (for references that break them)."""
     sol = ex.metadata["solution"]
-    pieces = {"elements": "ABCDE", "stick_game": "ABCD", "animal": "ABCDEFGH"}[sol["game_type"]]
-    for cards in itertools.permutations(pieces, len(sol["player_moves"])):
+    for cards in itertools.permutations(_CARDS[sol["game_type"]], len(sol["player_moves"])):
         if check_card_game(",".join(cards), ex):
             return ",".join(cards)
     return None
@@ -270,19 +245,16 @@ def check_card_game(answer: str, ex: Example) -> float:
     """Opponent cards, each used once, that give every announced round result."""
     sol = ex.metadata["solution"]
     cards = [t.upper() for t in list_items(answer) or []]
-    pieces = {"elements": "ABCDE", "stick_game": "ABCD", "animal": "ABCDEFGH"}[sol["game_type"]]
-    if len(cards) != len(sol["player_moves"]) or len(set(cards)) != len(cards) or not set(cards) <= set(pieces):
+    if len(cards) != len(sol["player_moves"]) or len(set(cards)) != len(cards) \
+            or not set(cards) <= set(_CARDS[sol["game_type"]]):
         return 0.0
     return float(all(_round_result(sol["game_type"], mine, theirs) == result
                      for mine, theirs, result in zip(sol["player_moves"], cards, sol["results"])))
 
 
 def check_arithmetic_list(answer: str, ex: Example) -> float:
-    """'[6, /, 2, +, 7]' (or '6/2+7'): the numbers in the given order, reaching the target.
-
-    In the list form each item is one number, operator or parenthesis: '[1, 2, +, 3]'
-    does not read as 12+3.
-    """
+    """'[6, /, 2, +, 7]' (or '6/2+7'): the numbers in the given order, reaching the target. A list
+    item is one number, operator or parenthesis: '[1, 2, +, 3]' is not 12+3."""
     sol = ex.metadata["solution"]
     body = strip_quotes(answer)
     if body.startswith("[") and body.endswith("]"):
@@ -307,9 +279,7 @@ def check_letters(answer: str, ex: Example) -> float:
     return float(int(m.group(1)) == len(positions) and int_list(m.group(2)) == positions)
 
 
-# ---- MATH ------------------------------------------------------------------------------------------
-
-
+# ---- MATH ----
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
