@@ -1,26 +1,19 @@
 """The processes below the sandbox's fork server (server.py), and the code run inside each execution.
 
-    server ─fork─> zygote: forked before the server reads any request, so it never holds one nor
-                   any output; forks every slot init, first ones and respawns alike
-                   └─fork─> slot init: root, pid 1 of the slot's PID namespace, own network namespace
-                            (no interface up), own mount namespace with /proc and capped tmpfs on
-                            /tmp (the workdir) and /dev/shm; dies with the zygote; never reads a
-                            request or an output either
-                            └─fork─> user (one per request): reads its own request, then gets a fresh
-                                     IPC namespace, rlimits, the slot's uid, closes every descriptor
-                                     but 0-2, and runs the code (`run_code`)
-                   then the init kills everything else in its namespace (kill(-1) from pid 1: setsid'd
-                   grandchildren, fork bombs), reaps it all, mounts fresh tmpfs if the run left any
-                   file (it counts inodes, never reads names), and reports the user's wait status.
+    server ─fork─> zygote: forked before the server reads any request; forks every slot init
+                   └─fork─> slot init: root, pid 1 of the slot's PID, network (no interface up) and mount
+                            namespaces (/proc, capped tmpfs on /tmp and /dev/shm); reads no request or output
+                            └─fork─> user (one per request): reads its request, gets an IPC namespace,
+                                     rlimits, the slot's uid, fds 0-2 only, and runs the code (`run_code`)
+                   then the init kills (kill(-1) from pid 1) and reaps all else in its namespace, mounts
+                   fresh tmpfs if the run left a file (it counts inodes, never reads names), and reports.
 
 So every execution forks from processes that never held another execution's data. Without PID
-namespaces, inits and zygote are child subreapers that kill the process group, then every orphan
-that reaches them. Stdlib only: imported by the server, which runs with `python -I`.
+namespaces, inits and zygote are child subreapers that kill the process group, then every orphan.
 """
 from __future__ import annotations
 
 import builtins
-import json
 import linecache
 import math
 import os
@@ -34,22 +27,21 @@ import sys
 import tempfile
 import traceback
 import types
+from contextlib import suppress
 from typing import NoReturn
 
-from minir1ci.env.sandbox.isolation import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, MNT_DETACH,
-                                            MS_NODEV, MS_NOEXEC, MS_NOSUID, PR_SET_CHILD_SUBREAPER,
-                                            PR_SET_PDEATHSIG, fork, fresh_tmp, libc, prctl)
+from minir1ci.env.sandbox.client import read_frame
+from minir1ci.env.sandbox.isolation import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, MS_NODEV,
+                                            MS_NOEXEC, MS_NOSUID, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, fork,
+                                            fresh_tmpfs, libc, prctl, tmpfs_inodes)
 
 CTRL_IN, CTRL_OUT = 3, 4  # the server's request and result fds
 REQ_FD, STATUS_FD = 3, 4  # in a slot init (0-2 are stdin, stdout, stderr)
-USER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "HOME": "/tmp",
-            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def zygote_main(sock_fd: int, server: int, cfg: dict, iso: dict) -> None:
-    """Fork slot inits on the server's demand: a slot index and the init's four pipe ends arrive on
-    the socket, the init's pid goes back. The previous init of that slot is reaped only then (the
-    server has seen it die), so its pid cannot be reused while the server might still signal it."""
+def zygote_main(sock_fd: int, server: int, cfg: dict, iso: dict) -> NoReturn:
+    """Fork slot inits on the server's demand (a slot index and four pipe ends in, the init's pid out).
+    A slot's previous init is reaped only then: its pid is not reused while the server might signal it."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server died: so do we, and the inits with us
     if os.getppid() != server:
         os._exit(0)
@@ -69,19 +61,15 @@ def zygote_main(sock_fd: int, server: int, cfg: dict, iso: dict) -> None:
             os.waitpid(inits.pop(slot), 0)
         if not iso["pid_ns"]:  # its user process and theirs are now our orphans
             _sweep(set(inits.values()))
-        pid = -1
-        try:
-            if iso["pid_ns"]:
-                libc("unshare", CLONE_NEWPID)  # our next child is pid 1 of a fresh namespace
-            pid = fork()
-        finally:
-            if iso["pid_ns"] and pid != 0:
-                libc("setns", own_pidns, CLONE_NEWPID)  # later children: back in our namespace
-        if pid == 0:
+        if iso["pid_ns"]:
+            libc("unshare", CLONE_NEWPID)  # our next child is pid 1 of a fresh namespace
+        if (pid := fork()) == 0:
             try:
                 _slot_main(slot, tuple(fds), cfg, iso)
             finally:
                 os._exit(70)
+        if iso["pid_ns"]:
+            libc("setns", own_pidns, CLONE_NEWPID)  # later children: back in our namespace
         for fd in fds:
             os.close(fd)
         inits[slot] = pid
@@ -101,11 +89,11 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
     try:
         if iso["net_ns"]:  # abstract unix sockets and the like reach no other slot
             libc("unshare", CLONE_NEWNET)
-        if iso["mount_ns"]:  # the slot's own /tmp (the workdir) and /dev/shm, fresh after any run that wrote
+        if iso["mount_ns"]:
             libc("unshare", CLONE_NEWNS)
             if iso["pid_ns"]:  # a /proc that shows only this namespace
                 libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-            clean = _fresh_tmpfs(opts, remount=False)
+            clean = fresh_tmpfs(opts, remount=False)
     except OSError:  # every request then fails with the reason (a respawn would fail the same way)
         failed = f"sandbox set-up failed:\n{traceback.format_exc()}"
     if not iso["pid_ns"]:
@@ -114,9 +102,8 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
     poll.register(REQ_FD, select.POLLIN)
     while all(events & select.POLLIN for _, events in poll.poll()):  # a request waits (not read here)
         workdir = "/tmp" if iso["mount_ns"] else tempfile.mkdtemp(dir=cfg["scratch"])
-        # Forked children would share one random state (`random` reseeds only after os.fork, numpy
-        # never): reseed here, before the fork, so the user process touches none of those pages.
-        # An int seed keeps numpy on its cheap C path. A session's seed is set in the user process.
+        # Forks share one random state (numpy never reseeds): reseed here, so the user process touches
+        # none of those pages; an int keeps numpy on its cheap C path. Sessions reseed in the user process.
         seed = int.from_bytes(os.urandom(4), "little")
         for name in ("random", "numpy.random"):
             if name in sys.modules:
@@ -127,17 +114,15 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
         _, status = os.waitpid(pid, 0)
         if iso["pid_ns"]:
             ignore(os.kill, -1, signal.SIGKILL)  # from pid 1: every other process of the namespace
-            while True:
-                try:
+            with suppress(ChildProcessError):
+                while True:
                     os.waitpid(-1, 0)
-                except ChildProcessError:
-                    break
         else:
             ignore(os.killpg, pid, signal.SIGKILL)
             _sweep(set())
-        if iso["mount_ns"] and not failed and _inodes() != clean:  # every writer is dead
+        if iso["mount_ns"] and not failed and tmpfs_inodes() != clean:  # every writer is dead
             try:
-                clean = _fresh_tmpfs(opts, remount=True)
+                clean = fresh_tmpfs(opts, remount=True)
             except OSError:  # retire the slot: the server reports this run as lost and respawns it
                 os._exit(0)
         elif not iso["mount_ns"]:  # in a child, so that the names of its files never enter our memory
@@ -149,26 +134,15 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
     os._exit(0)
 
 
-def _fresh_tmpfs(opts: str, remount: bool) -> tuple[int, int]:
-    """Mount empty tmpfs on /tmp and /dev/shm (first detaching the used ones, with everything in
-    them); returns their inode counts, which differ after a run exactly when it left something."""
-    if remount:
-        libc("umount2", "/tmp", MNT_DETACH)
-        libc("umount2", "/dev/shm", MNT_DETACH)
-    fresh_tmp(opts)
-    libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
-    return _inodes()
-
-
-def _inodes() -> tuple[int, int]:
-    used = [os.statvfs(p) for p in ("/tmp", "/dev/shm")]
-    return tuple(st.f_files - st.f_ffree for st in used)
-
-
 def _sweep(keep: set[int]) -> None:
     """Kill our children except `keep`, and the orphans that reach us (a subreaper) as they die."""
+    me = os.getpid()
     for _ in range(1000):
-        strays = [pid for pid in _children() if pid not in keep]
+        strays = []
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            with suppress(OSError), open(f"/proc/{name}/stat", "rb") as f:  # ppid: field 4, after the name's ")"
+                if int(f.read().rsplit(b")", 1)[1].split()[1]) == me and int(name) not in keep:
+                    strays.append(int(name))
         for pid in strays:
             ignore(os.killpg, pid, signal.SIGKILL)
             ignore(os.kill, pid, signal.SIGKILL)
@@ -178,22 +152,8 @@ def _sweep(keep: set[int]) -> None:
             return
 
 
-def _children() -> list[int]:
-    kids, me = [], os.getpid()
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:  # field 4, after the ")" of the name
-                kids += [int(name)] if int(f.read().rsplit(b")", 1)[1].split()[1]) == me else []
-        except OSError:
-            pass
-    return kids
-
-
-# ---------------------------------------------------------------- the user process (one per execution)
-
-def _user_main(slot: int, cfg: dict, iso: dict, workdir: str, failed: str | None):
-    """Read the request, set up as root (mounts, limits), drop to the slot's uid, run the code.
-    Never returns."""
+def _user_main(slot: int, cfg: dict, iso: dict, workdir: str, failed: str | None) -> NoReturn:
+    """Read the request, set up as root (namespaces, limits), drop to the slot's uid, run the code."""
     try:
         req = read_frame(REQ_FD)  # here, not in the init: the next execution forks from the init
         os.closerange(REQ_FD, os.sysconf("SC_OPEN_MAX"))  # the init's request and status pipes
@@ -238,11 +198,8 @@ def _user_main(slot: int, cfg: dict, iso: dict, workdir: str, failed: str | None
     run_code(req["code"], req["prelude"])
 
 
-# ---------------------------------------------------------------- inside the user process
-
 def run_code(code: str, prelude: list[str]) -> NoReturn:
-    """Inside an execution's user process (set up by `user_main`): run the code as `python -c`
-    would, in a fresh __main__, and leave with its exit code. Holds no descriptor but 0-2."""
+    """Run the code as `python -c` would, in a fresh __main__, and leave with its exit code."""
     sys.argv = ["-c"]
     main = types.ModuleType("__main__")  # fresh globals; the server's __main__ stays untouched
     main.__builtins__ = builtins
@@ -250,10 +207,8 @@ def run_code(code: str, prelude: list[str]) -> NoReturn:
     if prelude:  # session replay: earlier blocks run silently, their errors ignored
         sys.stdout = sys.stderr = open(os.devnull, "w")
         for i, block in enumerate(prelude):
-            try:
+            with suppress(BaseException):  # they were reported when they first ran
                 exec(_compile(block, f"<block {i + 1}>"), main.__dict__)
-            except BaseException:  # noqa: BLE001 - they were reported when they first ran
-                pass
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     try:
         exec(_compile(code, "<string>"), main.__dict__)
@@ -265,16 +220,17 @@ def run_code(code: str, prelude: list[str]) -> NoReturn:
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
             tb = tb.tb_next  # our frames: the traceback starts in the code, as with `python -c`
-        _safe(lambda: traceback.print_exception(type(exc), exc, tb, limit=-1000))  # as the C printer
-    _safe(sys.stdout.flush)
-    _safe(sys.stderr.flush)
+        with suppress(BaseException):  # reporting must never mask the exit code
+            traceback.print_exception(type(exc), exc, tb, limit=-1000)  # as the C printer
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(BaseException):
+            stream.flush()
     os._exit(rc)  # no interpreter shutdown: leftover threads and atexit hooks are dropped
 
 
 def _exit_code(exc: SystemExit) -> int:
-    """The exit status `python -c` gives an uncaught SystemExit: code None -> 0; an int is converted
-    to a C long (255 when it does not fit: the conversion fails to -1), then to its low byte; any
-    other code is printed to stderr and gives 1. Never raises, whatever the code's class does."""
+    """The exit status `python -c` gives an uncaught SystemExit: None -> 0; an int -> the low byte of
+    a C long (255 when it does not fit); anything else is printed to stderr -> 1. Never raises."""
     try:
         code = exc.code
         if code is None:
@@ -293,35 +249,6 @@ def _compile(source: str, name: str) -> types.CodeType:
     return compile(source, name, "exec")
 
 
-def _safe(fn) -> None:
-    try:
-        fn()
-    except BaseException:  # noqa: BLE001 - reporting must never mask the exit code
-        pass
-
-
 def ignore(fn, *args) -> None:
-    try:
+    with suppress(ProcessLookupError, ChildProcessError, PermissionError):
         fn(*args)
-    except (ProcessLookupError, ChildProcessError, PermissionError):
-        pass
-
-
-def read_frame(fd: int) -> dict | None:
-    """Blocking read of one length-prefixed JSON frame; None at EOF."""
-    buf, need = b"", 4
-    while len(buf) < need:
-        chunk = os.read(fd, need - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-        if len(buf) == 4 == need:
-            buf, need = b"", struct.unpack(">I", buf)[0]
-    return json.loads(buf)
-
-
-def write_frame(fd: int, obj: dict) -> None:
-    data = json.dumps(obj).encode()
-    data = struct.pack(">I", len(data)) + data
-    while data:
-        data = data[os.write(fd, data):]

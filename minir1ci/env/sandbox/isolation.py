@@ -1,13 +1,11 @@
-"""Kernel plumbing for the sandbox's fork server (`server.py`, `child.py`): libc calls, a lean fork, and
-setting up the isolation layers the kernel allows (see those files for what each layer is for).
-
-Imported by the server only, which runs with `python -I`; stdlib only.
-"""
+"""Kernel plumbing for the sandbox's fork server (server.py, child.py): libc calls, a lean fork, and
+the isolation layers the kernel allows. Stdlib only: the server runs with `python -I`."""
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import struct
 import sys
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
@@ -42,9 +40,8 @@ def prctl(option: int, arg: int) -> None:
 
 
 def fork() -> int:
-    """fork(2) without os.fork's after-fork work (thread and lock re-initialisation, at-fork hooks),
-    which dirties some 200 shared pages, about 0.7 ms here. Safe only in a single-threaded process
-    that holds the GIL across the call; the slot init reseeds `random` before each fork."""
+    """fork(2) without os.fork's after-fork work (locks, at-fork hooks), which dirties some 200 shared
+    pages (0.7 ms). Only for a single-threaded process; the slot init reseeds `random` before each fork."""
     pid = _pyfork()
     if pid < 0:
         raise OSError(ctypes.get_errno(), "fork failed")
@@ -52,11 +49,9 @@ def fork() -> int:
 
 
 def refuse_key_syscalls() -> None:
-    """Install a seccomp filter under which add_key, request_key and keyctl fail with ENOSYS, for
-    this process and everything it forks. Kernel keyrings outlive processes (a uid's user keyring
-    lives as long as the kernel) and the session keyring is inherited from the client: refused,
-    no key passes between executions or out of the client. Syscalls of another ABI (i386, x32)
-    fail the same way. Needs no_new_privs (or root)."""
+    """A seccomp filter, for this process and all it forks, under which add_key, request_key, keyctl
+    and every syscall of another ABI (i386, x32) fail with ENOSYS: keyrings outlive processes (a uid's
+    lives as long as the kernel) and the session keyring comes from the client. Needs no_new_privs."""
     if os.uname().machine not in KEY_SYSCALLS:
         raise OSError(errno.ENOSYS, f"no key syscall table for {os.uname().machine}")
     arch, numbers = KEY_SYSCALLS[os.uname().machine]
@@ -65,22 +60,15 @@ def refuse_key_syscalls() -> None:
     prog = [(ld, 0, 0, 4), (jeq, 0, len(checks) + 2, arch), (ld, 0, 0, 0)]  # seccomp_data.arch, .nr
     prog += [(op, len(checks) - i, 0, k) for i, (op, k) in enumerate(checks)]  # true: jump to refuse
     prog += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | errno.ENOSYS)]  # ALLOW; ERRNO(ENOSYS)
-    insns = (_SockFilter * len(prog))(*prog)
-    fprog = _SockFprog(len(prog), insns)
+    # struct sock_filter {u16 code; u8 jt, jf; u32 k}[]; struct sock_fprog {unsigned short len; filter *}
+    insns = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *insn) for insn in prog))
+    fprog = ctypes.create_string_buffer(struct.pack("@HP", len(prog), ctypes.addressof(insns)))
     libc("prctl", PR_SET_SECCOMP, 2, ctypes.addressof(fprog), 0, 0)  # 2: SECCOMP_MODE_FILTER
 
 
-class _SockFilter(ctypes.Structure):  # one classic-BPF instruction
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
-
-
 def setup_isolation(cfg: dict) -> dict:
-    """Enable each shared layer the kernel allows, and probe the per-execution ones in a child."""
+    """Enable each shared layer the kernel allows (a read-only root: a per-mount flag in a private mount
+    namespace, the host's stays writable), and probe the per-execution ones in a child."""
     iso = dict(uid=False, net_ns=False, mount_ns=False, readonly_root=False, pid_ns=False, seccomp=False)
     try_call(lambda: prctl(PR_SET_NO_NEW_PRIVS, 1))  # inherited by every execution: no setuid gains
     iso["seccomp"] = try_call(refuse_key_syscalls)
@@ -110,9 +98,12 @@ def interpreter_paths() -> list[str]:
     return [p for p in (*sys.path, sys.prefix, sys.base_prefix) if os.path.isdir(p)]
 
 
-def fresh_tmp(opts: str) -> None:
-    """Mount the slot's empty tmpfs on /tmp; the interpreter's directories under /tmp (a venv
-    there) stay visible through bind mounts, or lazily imported modules would vanish."""
+def fresh_tmpfs(opts: str, remount: bool) -> tuple[int, int]:
+    """Mount empty tmpfs on /tmp and /dev/shm (detaching used ones), bind-mounting back the interpreter's
+    directories under /tmp (a venv there); returns the inode counts, which change when a run leaves a file."""
+    if remount:
+        libc("umount2", "/tmp", MNT_DETACH)
+        libc("umount2", "/dev/shm", MNT_DETACH)
     keep = sorted({q for q in map(os.path.realpath, interpreter_paths()) if q.startswith("/tmp/")})
     keep = [p for p in keep if not any(p.startswith(q + "/") for q in keep)]  # outermost only
     if keep:  # stage the original /tmp on /dev/shm, which gets its own tmpfs next
@@ -125,6 +116,12 @@ def fresh_tmp(opts: str) -> None:
     os.umask(umask)
     if keep:
         libc("umount2", "/dev/shm", MNT_DETACH)
+    libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    return tmpfs_inodes()
+
+
+def tmpfs_inodes() -> tuple[int, int]:
+    return tuple(st.f_files - st.f_ffree for st in map(os.statvfs, ("/tmp", "/dev/shm")))
 
 
 def expose(paths: list[str]) -> None:
@@ -151,11 +148,8 @@ def expose(paths: list[str]) -> None:
 
 
 def huge_pages() -> None:
-    """Back the preloaded heap (~50 MB with numpy and sympy) with 2 MB pages, so that each fork
-    copies some 25 page-directory entries instead of ~13,000 page-table entries: fork plus exit
-    costs about 1 ms less CPU per execution here (measured alternating with and without).
-    A child's first write to a shared huge page splits only its own mapping and copies 4 KB
-    (Linux >= 5.8; older kernels copied the whole 2 MB, so they are left alone). Best effort."""
+    """Back the preloaded heap (~50 MB) with 2 MB pages: each fork copies ~25 page-directory entries, not
+    ~13,000 page-table entries (1 ms less CPU). Linux >= 5.8 only, where a child's write copies 4 KB, not 2 MB."""
     release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2] if x.isdigit())
     if release < (5, 8):
         return
@@ -185,4 +179,4 @@ def probe(fn) -> bool:
     pid = os.fork()
     if pid == 0:
         os._exit(0 if try_call(fn) else 1)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    return os.waitpid(pid, 0)[1] == 0

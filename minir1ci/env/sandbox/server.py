@@ -1,20 +1,10 @@
-"""The sandbox's fork server: a long-lived process that forks one execution per request.
+"""The sandbox's fork server, run by `Sandbox` (client.py) as `python -I server.py CONFIG_JSON`.
 
-`Sandbox` (client.py) runs this file as `python -I server.py CONFIG_JSON` with a minimal environment
-(a clean spawn, never a fork of the trainer: no model memory, no secrets). It imports what model code
-usually uses, sets up what all executions share, forks a zygote and, through it, one init per slot
-(child.py), then serves length-prefixed JSON frames: requests on fd 3, results on fd 4.
-
-Shared, once (each layer is skipped where the kernel refuses it): a seccomp filter that refuses the
-kernel-key syscalls; a private mount namespace whose root is remounted read-only (a per-mount flag:
-the host's view stays writable), where a parent that hides the interpreter from other uids (/root
-under pyenv or conda) is covered by a tmpfs holding only bind mounts of the interpreter's directories.
-
-The slot's stdout and stderr pipes are read without pause, so a chatty child never stalls; they
-belong to the slot's current execution, whose writers are all dead before its status arrives. The
-deadline and the status are the server's alone: its clock, the init's wait status, and the output
-it counted. At the deadline, or past the output ceiling, the server SIGKILLs the init (the kernel
-kills the namespace) and the zygote forks a new one.
+It preloads modules, sets up the shared isolation layers (isolation.py), forks a zygote and through it
+one init per slot (child.py), then serves length-prefixed JSON frames: requests on fd 3, results on
+fd 4. Each slot's stdout and stderr are read without pause; the deadline, the output count and the
+wait status are the server's alone. At the deadline or past the output ceiling it SIGKILLs the slot's
+init (the kernel kills the namespace) and the zygote forks a new one.
 Simplified: one uid per slot (`uid_base + slot`), so RLIMIT_NPROC bounds each execution alone.
 """
 from __future__ import annotations
@@ -32,10 +22,11 @@ import sys
 import tempfile
 import time
 from collections import deque
+from contextlib import suppress
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
-from minir1ci.env.sandbox.child import (CTRL_IN, CTRL_OUT, USER_ENV, ignore, write_frame,  # noqa: E402
-                                        zygote_main)
+from minir1ci.env.sandbox.child import CTRL_IN, CTRL_OUT, ignore, zygote_main  # noqa: E402
+from minir1ci.env.sandbox.client import USER_ENV, write_frame  # noqa: E402
 from minir1ci.env.sandbox.isolation import PR_SET_DUMPABLE, fork, huge_pages, prctl, setup_isolation  # noqa: E402
 
 del sys.path[0]  # executions should not import this checkout by accident
@@ -49,31 +40,22 @@ class _Capture:
 
     def add(self, data: bytes) -> None:
         self.total += len(data)
-        room = self.half - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if data:
-            self.tail += data
-            if len(self.tail) > self.half:
-                del self.tail[:len(self.tail) - self.half]
+        room = max(0, self.half - len(self.head))
+        self.head += data[:room]
+        self.tail += data[room:]
+        del self.tail[:max(0, len(self.tail) - self.half)]
 
-    def parts(self) -> tuple[str, str, int]:
-        """(head, tail, bytes omitted between them)."""
+    def parts(self) -> tuple[str, str, int]:  # head, tail, bytes omitted between them
         omitted = self.total - len(self.head) - len(self.tail)
         return self.head.decode("utf-8", "replace"), self.tail.decode("utf-8", "replace"), omitted
 
-
-
-# ---------------------------------------------------------------- the server
 
 class _Job:
     def __init__(self, req: dict, keep: int):
         self.req = req
         self.out, self.err = _Capture(keep), _Capture(keep)
         self.start = time.monotonic()
-        # The server's alone: a session's replayed blocks and the new one share one budget, so the
-        # new block gets at least about `timeout` of its own, however fast the replay went.
+        # one budget for a session's replay and new block: the new one gets about `timeout` at least
         self.deadline = self.start + req["timeout"] * (1 + len(req["prelude"]))
         self.timed_out = self.flooded = False
 
@@ -85,14 +67,17 @@ class _Slot:
 
 class Server:
     def __init__(self, cfg: dict, iso: dict):
-        self.cfg, self.iso, self.lim = cfg, iso, cfg["limits"]
+        self.cfg, self.lim = cfg, cfg["limits"]
         self.epoll, self.handlers = select.epoll(), {CTRL_IN: ("ctrl", None)}  # fd -> (kind, slot)
         self.epoll.register(CTRL_IN, select.EPOLLIN)
         self.inbuf, self.queue = bytearray(), deque()
         self.zygote, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         server = os.getpid()
         if fork() == 0:  # before any request: the zygote holds nothing of an execution
-            zygote_main(theirs.fileno(), server, cfg, iso)
+            try:
+                zygote_main(theirs.fileno(), server, cfg, iso)
+            finally:
+                os._exit(70)  # never back into the server's code
         theirs.close()
         self.slots = [_Slot(i) for i in range(cfg["workers"])]
         for slot in self.slots:
@@ -116,8 +101,7 @@ class Server:
                 if slot.job and not slot.job.timed_out and now >= slot.job.deadline:
                     slot.job.timed_out = True
                     ignore(os.kill, slot.pid, signal.SIGKILL)  # the namespace goes with its init
-            for slot in self.slots:
-                if self.queue and slot.job is None:
+                elif self.queue and slot.job is None:
                     self._dispatch(slot, self.queue.popleft())
 
     def _read_requests(self) -> bool:
@@ -175,11 +159,14 @@ class Server:
         except BlockingIOError:  # a stale event for a reused fd number (a respawn in this batch)
             return
         status = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else None
-        if slot.job is not None:
+        if (job := slot.job) is not None:
             for kind in ("out", "err"):  # every writer is dead: read what they wrote
                 while self._read_stream(slot, kind):
                     pass
-            self._finish(slot.job, status)
+            # raw facts only: the client's `_result` turns them into a status and texts
+            write_frame(CTRL_OUT, {"id": job.req["id"], "out": job.out.parts(), "err": job.err.parts(),
+                                   "wait_status": status, "timed_out": job.timed_out, "flooded": job.flooded,
+                                   "duration": time.monotonic() - job.start})
             slot.job = None
         if status is None:  # EOF: the init died (killed at a deadline or for output, or crashed)
             for fd in (slot.req_w, *slot.fds.values()):
@@ -187,12 +174,6 @@ class Server:
                 os.close(fd)
             slot.fds = {}
             self._spawn(slot)  # the zygote reaps the dead init first
-
-    def _finish(self, job: _Job, st: int | None) -> None:
-        """Raw facts only; `sandbox._result` turns them into a status and texts."""
-        write_frame(CTRL_OUT, {"id": job.req["id"], "out": job.out.parts(), "err": job.err.parts(),
-                                "wait_status": st, "timed_out": job.timed_out, "flooded": job.flooded,
-                                "duration": time.monotonic() - job.start})
 
     def _shutdown(self) -> None:
         for slot in self.slots:
@@ -204,9 +185,6 @@ class Server:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    # BLAS pools must be single-threaded before numpy is imported: fork copies only the calling
-    # thread, and a pool of one never starts another.
-    os.environ.update({k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     # Requests and results move to fds 3 and 4; fd 1 becomes stderr so that a stray print cannot
     # corrupt the protocol. With 0-4 always open, every pipe the server makes is >= 5.
     os.dup2(0, CTRL_IN, inheritable=False)
@@ -214,14 +192,10 @@ def main() -> None:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
     sys.stdout.reconfigure(errors="backslashreplace")  # executions print through copies of these
-    preloaded = []
     for name in cfg["preload"]:
-        try:
+        with suppress(Exception):  # a missing optional module is not fatal
             importlib.import_module(name)
-            preloaded.append(name)
-        except Exception:  # noqa: BLE001 - a missing optional module is reported, not fatal
-            pass
-    os.environ.clear()  # the client passed a minimal environment; executions inherit exactly this
+    os.environ.clear()  # the client passed USER_ENV (BLAS pools of one); executions inherit exactly it
     os.environ.update(USER_ENV)
     iso = setup_isolation(cfg)
     if len(os.listdir("/proc/self/task")) != 1:
@@ -237,7 +211,7 @@ def main() -> None:
     gc.freeze()  # executions share the heap copy-on-write; a collection would touch every page
     huge_pages()
     server = Server(cfg, iso)
-    write_frame(CTRL_OUT, {"ready": True, "isolation": iso, "preloaded": preloaded, "pid": os.getpid()})
+    write_frame(CTRL_OUT, {"isolation": iso})
     server.serve()
 
 
