@@ -1,12 +1,10 @@
 """Hugging Face checkpoint directories: load and save the model, its config and its tokenizer.
 
-The layout transformers and vLLM read and write: config.json (plus the saved dtype),
-generation_config.json (eos and pad ids), model.safetensors or, above `max_shard_size`, numbered
-shards with model.safetensors.index.json, and the tokenizer files when a tokenizer is given.
+The layout transformers and vLLM read and write: config.json, generation_config.json (eos and pad
+ids), model.safetensors or numbered shards with model.safetensors.index.json, and the tokenizer.
 
-Simplified against transformers: safetensors only (no `pytorch_model.bin`), Qwen2 only, no
-quantised weights, no loading straight into a sharded (FSDP) model: a distributed trainer
-gathers a full state dict and passes it as `state_dict=`.
+Simplified against transformers: safetensors only (no `pytorch_model.bin`), Qwen2 only, no quantised
+weights, no loading into a sharded (FSDP) model: a distributed trainer passes a gathered `state_dict=`.
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from minir1ci.inference.devices import named_dtype
-from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM, RotaryEmbedding
+from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM, RotaryEmbedding, read_json
 from minir1ci.inference.tokenizer import Tokenizer
 
 CONFIG = "config.json"
@@ -61,18 +59,14 @@ def parse_size(size: int | str) -> int:
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> tuple[Qwen2ForCausalLM, Tokenizer | None]:
     """(model, tokenizer) from a HF checkpoint directory; tokenizer is None without tokenizer.json.
-
-    dtype None keeps the checkpoint's dtype (config `dtype`/`torch_dtype`, else the tensors');
-    device None means CPU.
-    """
+    dtype None keeps the checkpoint's (config `dtype`/`torch_dtype`, else the tensors'); device None is CPU."""
     model = load_model(path, dtype, device)
     return model, _load_tokenizer(Path(path))
 
 
 def check_checkpoint(path: str | Path, need_tokenizer: bool = True) -> ModelConfig:
-    """Everything loading would refuse, found without reading a weight: the directory, config.json
-    (types and values), the weight files and their headers against the model, and tokenizer.json
-    when `need_tokenizer`. Raises FileNotFoundError or ValueError naming the file; returns the config."""
+    """Everything loading would refuse, found without reading a weight (config.json, the weight headers
+    against the model, tokenizer.json when `need_tokenizer`); raises naming the file, returns the config."""
     path = _checkpoint_dir(path)
     if need_tokenizer and not (path / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {path}: a checkpoint to train or sample from needs "
@@ -82,11 +76,7 @@ def check_checkpoint(path: str | Path, need_tokenizer: bool = True) -> ModelConf
 
 def _plan(path: Path):
     """(config, raw config dict, meta-device model, {name: file}, headers), all checked."""
-    raw = _read_json(path / CONFIG)
-    try:
-        config = ModelConfig.from_json(raw)
-    except ValueError as e:
-        raise ValueError(f"{path / CONFIG}: {e}") from None
+    config, raw = _read_config(path)
     files = _weight_files(path)
     headers = {file: _read_header(file) for file in files}   # file -> {name: (shape, dtype)}
     location = {name: file for file, header in headers.items() for name in header}
@@ -101,10 +91,8 @@ def _plan(path: Path):
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None) -> Qwen2ForCausalLM:
     """The model alone (e.g. to start a critic from a policy checkpoint); see `load_pretrained`.
-
-    Built on the meta device and filled one tensor at a time, cast on the way, so the peak is one
-    model plus one tensor (Qwen-2.5-14B: 30 GB, not 60). `_plan` checks every file's header first:
-    a wrong checkpoint fails in milliseconds naming the missing, unexpected and misshaped tensors."""
+    Built on the meta device and filled one tensor at a time, cast on the way: the peak is one model
+    plus one tensor (Qwen-2.5-14B: 30 GB, not 60); headers are checked first (`_plan`)."""
     path = _checkpoint_dir(path)
     config, raw, model, location, headers = _plan(path)
     device = torch.device(device or "cpu")
@@ -120,8 +108,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta).to(device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-        if "lm_head.weight" in location:
-            _check_tied_copy(location["lm_head.weight"], model, device, dtype)
+        # A tied checkpoint may still carry lm_head.weight: accepted only if it equals the embedding.
+        head_file = location.get("lm_head.weight")
+        if head_file and not torch.equal(_read_tensor(head_file, "lm_head.weight", device, dtype),
+                                         model.lm_head.weight.detach()):
+            raise ValueError(f"{head_file}: lm_head.weight differs from model.embed_tokens.weight, "
+                             "but config.json says tie_word_embeddings=true")
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:  # a parameter the model has but the check above did not expect: a bug here
         raise RuntimeError(f"parameters left unloaded: {leftover}")
@@ -131,15 +123,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
 def init_from_config(path: str | Path, seed: int = 0, dtype: torch.dtype | str | None = None,
                      device: torch.device | str | None = None) -> tuple[Qwen2ForCausalLM, Tokenizer | None]:
     """(model, tokenizer) with random weights, for training from scratch (e.g. the tiny preset).
-
-    `path` holds config.json (and tokenizer.json); any weights there are ignored. dtype None is fp32.
-    """
+    `path` holds config.json (and tokenizer.json); any weights there are ignored. dtype None is fp32."""
     path = _checkpoint_dir(path)
-    try:
-        config = ModelConfig.from_json(_read_json(path / CONFIG))
-    except ValueError as e:
-        raise ValueError(f"{path / CONFIG}: {e}") from None
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(_read_config(path)[0])
     model.init_weights(seed)
     model.to(torch.device(device or "cpu"))
     dtype = resolve_dtype(dtype)
@@ -157,20 +143,20 @@ def _checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        raise FileNotFoundError(f"no {file.name} at {file}")
+def _read_config(path: Path) -> tuple[ModelConfig, dict]:
+    """(config, raw config.json dict); an invalid config raises naming the file."""
+    raw = read_json(path / CONFIG)
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
+        return ModelConfig.from_json(raw), raw
+    except ValueError as e:
+        raise ValueError(f"{path / CONFIG}: {e}") from None
 
 
 def _weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint, from the index when there is one."""
     index_file = path / INDEX_FILE
     if index_file.is_file():
-        weight_map = _read_json(index_file).get("weight_map")
+        weight_map = read_json(index_file).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_file} has no weight_map")
         files = [path / name for name in dict.fromkeys(weight_map.values())]  # unique, in order
@@ -226,25 +212,13 @@ def _check_tensors(path: Path, expected: dict[str, tuple[int, ...]],
 
 
 def _read_tensor(file: Path, name: str, device: torch.device, dtype: torch.dtype | None) -> Tensor:
-    """One tensor of `file`, cast and moved, in memory of its own.
-
-    safetensors maps the whole file and returns CPU tensors that are copy-on-write views of the
-    mapping. Opening the file per tensor and copying out of the view releases the mapping (and the
-    file pages it made resident) after each tensor, so the peak stays one model plus one tensor; a
-    model left backed by the file would also keep a deleted checkpoint's disk space in use.
-    """
+    """One tensor of `file`, cast and moved, in memory of its own: safetensors returns views of a
+    mapping of the whole file, so opening it per tensor and copying out releases the mapping (and its
+    resident pages) after each tensor; a model backed by the file would also pin a deleted file's space."""
     with _open(file) as f:
         view = f.get_tensor(name)
     out = view.to(device=device, dtype=dtype)
     return out.clone() if out.data_ptr() == view.data_ptr() else out
-
-
-def _check_tied_copy(file: Path, model: Qwen2ForCausalLM, device: torch.device, dtype: torch.dtype) -> None:
-    """A tied checkpoint may still carry lm_head.weight; accept it only if it equals the embedding."""
-    head = _read_tensor(file, "lm_head.weight", device, dtype)
-    if not torch.equal(head, model.model.embed_tokens.weight.detach()):
-        raise ValueError(f"{file}: lm_head.weight differs from model.embed_tokens.weight, "
-                         "but config.json says tie_word_embeddings=true")
 
 
 def _load_tokenizer(path: Path) -> Tokenizer | None:
@@ -258,13 +232,11 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer: Tokenizer | None, path: 
                     state_dict: dict[str, Tensor] | None = None) -> Path:
     """Write a HF checkpoint directory at `path` atomically; returns the path.
 
-    dtype None keeps the parameters' dtype. `state_dict` (full tensors, e.g. gathered from FSDP)
-    replaces `model.state_dict()`; the model then only supplies the config. An existing
-    checkpoint at `path` is replaced; an existing non-empty directory without config.json is
-    refused rather than deleted. Written in a temporary sibling, fsynced, renamed into place (the
-    old one renamed aside first, deleted last): a crash never leaves a half-written checkpoint,
-    only a `.NAME.tmp-*` directory that a training run deletes when it starts. Shards are written
-    one at a time, so one shard's CPU copies exist at once.
+    dtype None keeps the parameters'. `state_dict` (full tensors, e.g. gathered from FSDP) replaces
+    `model.state_dict()`. An existing checkpoint at `path` is replaced; a non-empty directory without
+    config.json is refused. Written in a temporary sibling, fsynced, renamed into place (the old one
+    moved aside first, deleted last), so a crash leaves at most a `.NAME.tmp-*` directory that a
+    training run deletes; one shard's CPU copies exist at a time.
     """
     path = Path(path).absolute()
     config = model.config
@@ -272,13 +244,13 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer: Tokenizer | None, path: 
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # HF layout: the head is the embedding
     dtype = resolve_dtype(dtype) or tensors["model.embed_tokens.weight"].dtype
-    shards = _plan_shards(tensors, dtype, parse_size(max_shard_size))
+    limit = parse_size(max_shard_size)
     _check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # same filesystem
     try:
         os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it 0700; a checkpoint gets the usual mode
-        _write_weights(tensors, shards, dtype, tmp)
+        _write_weights(tensors, dtype, limit, tmp)
         dtype_name = str(dtype).removeprefix("torch.")
         _write_json(tmp / CONFIG, {**config.to_hf_dict(), "torch_dtype": dtype_name, "dtype": dtype_name})
         _write_json(tmp / GENERATION_CONFIG, _generation_config(config, tokenizer))
@@ -298,8 +270,9 @@ def _umask() -> int:
     return mask
 
 
-def _plan_shards(tensors: dict[str, Tensor], dtype: torch.dtype, limit: int) -> list[list[str]]:
-    """Greedy split in state-dict order; a tensor larger than the limit gets a shard of its own."""
+def _write_weights(tensors: dict[str, Tensor], dtype: torch.dtype, limit: int, directory: Path) -> None:
+    """Shards of at most `limit` bytes, split greedily in state-dict order (a larger tensor gets a shard
+    of its own), and the index when there are several."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[str]] = [[]]
     size = 0
@@ -310,11 +283,6 @@ def _plan_shards(tensors: dict[str, Tensor], dtype: torch.dtype, limit: int) -> 
             size = 0
         shards[-1].append(name)
         size += nbytes
-    return shards
-
-
-def _write_weights(tensors: dict[str, Tensor], shards: list[list[str]], dtype: torch.dtype,
-                   directory: Path) -> None:
     n = len(shards)
     weight_map = {}
     for i, names in enumerate(shards):
@@ -322,8 +290,7 @@ def _write_weights(tensors: dict[str, Tensor], shards: list[list[str]], dtype: t
         _write_shard({name: tensors[name] for name in names}, dtype, directory / file)
         weight_map.update(dict.fromkeys(names, file))
     if n > 1:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        total = sum(tensors[name].numel() * itemsize for name in weight_map)
+        total = sum(t.numel() * itemsize for t in tensors.values())
         _write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
@@ -363,17 +330,12 @@ def _check_target(path: Path) -> None:
 
 def _fsync_tree(directory: Path) -> None:
     """Flush the new files to disk before the rename, so a power loss cannot expose empty files."""
-    for file in directory.iterdir():
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(directory)
+    for file in [*directory.iterdir(), directory]:
+        _fsync(file)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -381,11 +343,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an old checkpoint is moved aside first and removed last.
-
-    Between the two renames the target briefly does not exist; a crash exactly there leaves the
-    old checkpoint at `.NAME.old-*` beside it, complete.
-    """
+    """Rename `tmp` to `path`; an old checkpoint is moved aside first and removed last (a crash
+    between the two renames leaves it complete at `.NAME.old-*`)."""
     if not path.exists():
         os.rename(tmp, path)
     else:
@@ -397,4 +356,4 @@ def _move_into_place(tmp: Path, path: Path) -> None:
             os.rename(old, path)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)

@@ -1,17 +1,10 @@
 """Device and dtype, resolved once at the edge (command line, trainer set-up); model code reads none.
 
-- `resolve_device("auto" | "cpu" | "cuda" | "cuda:N")`: CUDA when present (device `local_rank`), else CPU;
-  `pick_device` also refuses a device this machine does not have.
-- `inference_dtype(name, device)`: the dtype sampling and evaluation run in. `auto` is bf16 on CUDA;
-  on a CPU, bf16 only where it has bf16 matrix units (AMX-BF16 or AVX512-BF16), since without them
-  torch's bf16 products are emulated and slower than fp32 (2.4x slower for a 2048x896 -> 4864
-  linear on an AVX512 Xeon without them), else fp32.
-- `train_autocast_dtype(name, device)`: the autocast dtype for training, None for plain fp32. Weights
-  and optimizer state stay fp32 either way. `auto` is bf16 on CUDA and fp32 on a CPU: at the tiny
-  preset bf16 autocast is slower even with AMX, and larger shapes are a choice to make with
-  bench/train.py's bf16 rows (`--dtype bfloat16` turns it on). `autocast_for` is its context.
-- `rollout_dtype(name, device)`: the copy RL samples from, `inference_dtype`'s choice (None: the policy's own fp32).
-Log-softmax, log-probs and losses are computed in fp32 whatever the dtype (logprobs.py, sampling.py).
+`auto` means CUDA when present. For sampling (`inference_dtype`, `rollout_dtype`) it is bf16 on CUDA,
+and on a CPU only where it has bf16 matrix units (AMX-BF16 or AVX512-BF16): without them torch's
+bf16 products are emulated, 2.4x slower than fp32 for a 2048x896 -> 4864 linear. For training
+(`train_autocast_dtype`) it is bf16 autocast on CUDA and fp32 on a CPU (slower even with AMX at the
+tiny preset; see bench/train.py). Weights, optimizer state, log-probs and losses stay fp32.
 """
 from __future__ import annotations
 
@@ -81,8 +74,8 @@ def train_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def rollout_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """What `--rollout_dtype` samples in, as `inference_dtype` decides: None = the policy's own
-    weights (float32; a sharded policy's gathered copy is always bf16), else a copy in that dtype."""
+    """What `--rollout_dtype` samples in (`inference_dtype`'s choice): None = the policy's own fp32
+    weights (a sharded policy's gathered copy is always bf16), else a copy in that dtype."""
     dtype = inference_dtype(name, device)
     return None if dtype == torch.float32 else dtype
 

@@ -1,30 +1,18 @@
 """Token log-probabilities, entropy and cross-entropy through the LM head, a chunk at a time.
 
-Every trainer needs log pi(token | prefix) for the sampled tokens: SFT sums their negatives,
-GRPO/PPO take ratios of them, the KL term compares them with a frozen reference. Computed the
-obvious way, `lm_head(hidden).float().log_softmax(-1)` holds [B*T, V] logits in bf16, again in
-fp32, and once more as the saved log-softmax; with Qwen's 151,936-token vocabulary that is
-about 6 GB per 4,096 tokens, more than the rest of a 0.5B model's activations.
+`lm_head(hidden).float().log_softmax(-1)` would hold [N, V] logits three times (bf16, fp32, the
+saved log-softmax): about 6 GB per 4,096 tokens with Qwen's 151,936-token vocabulary. Here the LM
+head, log-softmax and gather are one autograd Function over `chunk_size` rows at a time: forward
+saves one log-sum-exp (and entropy) per token, backward recomputes each chunk's logits from the
+saved hidden states. Saved activations are O(N*H + N), the working set O(chunk_size*V).
 
-Here the LM head, the log-softmax and the gather are one autograd Function that walks the
-tokens `chunk_size` rows at a time. Forward keeps only one number per token (the log-sum-exp,
-plus the entropy when asked); backward recomputes each chunk's logits from the saved hidden
-states and the weight, turns them into the gradient of the logits in place and folds it into
-the gradients of hidden and weight. Saved activations are O(N*H + N), the transient working
-set O(chunk_size*V), never O(N*V).
+`targets[b, t]` is the token predicted from `hidden[b, t]`. Logits are computed in the input dtype
+(as lm_head does), upcast to fp32, then divided by `temperature`: the sampler scales the same way,
+or sampler and trainer log-probs disagree. With a `mask`, only masked-in tokens are projected
+(targets elsewhere may be anything, e.g. -100).
 
-Conventions:
-- `targets[b, t]` is the token predicted *from* `hidden[b, t]`: callers shift (hidden of
-  positions 0..T-2, targets = input_ids[:, 1:]).
-- Logits are computed in the input dtype (as HF's lm_head does), then upcast to fp32 and
-  divided by `temperature` before the log-softmax. The sampler must scale the same way
-  (fp32 logits / temperature), or sampler and trainer log-probs disagree.
-- With a `mask`, only masked-in tokens are projected (prompt and interpreter-output tokens
-  cost nothing); outputs are 0 elsewhere and targets there may be anything (e.g. -100).
-
-Simplified: chunks run over tokens, not over the vocabulary, so each chunk still holds full
-[chunk, V] rows; the weight gradient of a low-precision weight is accumulated in fp32 across
-chunks and cast once at the end; no double backward.
+Simplified: chunks run over tokens, not the vocabulary; a low-precision weight's gradient is summed
+in fp32 over chunks and cast once; no double backward.
 """
 from __future__ import annotations
 
@@ -36,11 +24,7 @@ DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: 1024 x 151936 fp32 is 0.6 GB of tra
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of softmax(logits) over the last dim, in fp32: [..., V] -> [...].
-
-    Works on any leading shape, so a caller holding one chunk of logits can use it directly.
-    H = logsumexp(z) - sum_v softmax(z)_v * z_v, which needs no log(0); entries at -inf (a
-    filtered vocabulary) have p = 0 and contribute 0 rather than 0 * -inf = NaN.
-    """
+    H = logsumexp(z) - sum_v p_v z_v needs no log(0); -inf entries count 0, not 0 * -inf = NaN."""
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1)  # [...]
     p = torch.exp(z - lse.unsqueeze(-1))  # [..., V]
@@ -55,11 +39,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     """The lm_head matmul dtype: autocast's when it is on (as nn.Linear would get), else the inputs'.
-
-    Fixed once in forward and reused in backward (which autocast does not cover), so the
-    recomputed logits are bit-for-bit those of forward and softmax sums to one against the
-    saved log-sum-exp.
-    """
+    Fixed in forward and reused in backward (outside autocast), so recomputed logits match bit for bit."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -77,10 +57,7 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
 
 class _ChunkedLinearLogProb(torch.autograd.Function):
     """logp[n] = log_softmax(hidden[n] @ weight.T / temperature)[targets[n]], optionally entropy[n].
-
-    hidden [N, H], weight [V, H], targets [N] int64. Outputs [N] (and [N]) in fp32 (fp64 for
-    fp64 inputs).
-    """
+    hidden [N, H], weight [V, H], targets [N] int64 -> [N] in fp32 (fp64 for fp64 inputs)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
@@ -154,21 +131,11 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
-def token_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    with_entropy: bool = False,
-    mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Log-probability of each target token (and the entropy of each position's distribution).
-
-    hidden [B, T, H] (final normed hidden states), weight [V, H] (lm_head.weight),
-    targets [B, T] int, mask [B, T] or None. Returns (logp [B, T] fp32, entropy [B, T] fp32 or
-    None), both differentiable w.r.t. hidden and weight; 0 where mask is 0.
-    """
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, with_entropy: bool = False,
+                   mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """hidden [B, T, H] (final normed), weight [V, H] (lm_head.weight), targets [B, T], mask [B, T] | None
+    -> (logp [B, T], entropy [B, T] | None) in fp32, differentiable in hidden and weight; 0 where mask is 0."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     B, T, H = hidden.shape
@@ -187,20 +154,10 @@ def token_logprobs(
     return logp.view(B, T), (ent.view(B, T) if ent is not None else None)
 
 
-def chunked_cross_entropy(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    reduction: str = "sum",
-) -> Tensor:
-    """Masked next-token cross-entropy through the LM head, never holding [B*T, V] logits.
-
-    hidden [B, T, H], weight [V, H], targets [B, T], mask [B, T] (1 = token in the loss).
-    reduction "sum" -> scalar sum of -logp over masked tokens (divide by a step denominator,
-    see losses.step_denominator); "none" -> per-token losses [B, T], 0 where mask is 0.
-    """
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
+                          chunk_size: int = DEFAULT_CHUNK_SIZE, reduction: str = "sum") -> Tensor:
+    """Masked next-token cross-entropy through the LM head (shapes as `token_logprobs`): "sum" -> the
+    scalar sum over masked tokens (divide by a step denominator); "none" -> [B, T], 0 where mask is 0."""
     logp, _ = token_logprobs(hidden, weight, targets, 1.0, chunk_size, False, mask)
     loss_tok = -logp  # [B, T]
     if reduction == "sum":

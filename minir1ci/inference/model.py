@@ -1,14 +1,9 @@
 """The Qwen-2.5 decoder (HF `Qwen2ForCausalLM`), one class for training and sampling.
 
-Parameter names are exactly Hugging Face's (`model.layers.N.self_attn.q_proj.weight`, ...), so
-published checkpoints load strictly with no mapping table (see checkpoint.py).
-
-Two ways to call the backbone:
-- training: padded `input_ids [B, T]` with an `attention_mask [B, T]` (1 = token, 0 = padding,
-  left or right) and optional `position_ids`; attention is causal SDPA with padded keys masked;
-- sampling: packed `input_ids [N]` of several sequences with `position_ids [N]`, the paged KV
-  cache (`kv_caches`, one (k, v) pair per layer) and an `AttnMeta` describing where each token
-  sits; the cache belongs to the sampler and is passed in explicitly, never held here.
+Parameter names are Hugging Face's, so checkpoints load strictly with no mapping table. The
+backbone runs padded `input_ids [B, T]` with an `attention_mask` (training: causal SDPA, padded
+keys masked), or packed `input_ids [N]` of several sequences with the sampler's paged KV cache and
+an `AttnMeta`, both passed in explicitly (see DEVELOPERS.md).
 
 Simplified against HF: no sliding-window attention, no rope scaling, no dropout; such configs are
 refused rather than silently run wrong.
@@ -61,26 +56,23 @@ class ModelConfig:
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
+        def need(ok: bool, name: str, want: str) -> None:
+            if not ok:
+                raise ValueError(f"config field {name} must be {want}, got {getattr(self, name)!r}")
+
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+            need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "a positive integer")
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
-            if not (is_int(value) or isinstance(value, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"config field {name} must be a positive number, got {value!r}")
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise ValueError(f"config field tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
-        if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim < 1):
-            raise ValueError(f"config field head_dim must be a positive integer, got {self.head_dim!r}")
+            need((is_int(value) or isinstance(value, float)) and 0 < value < float("inf"), name, "a positive number")
+        need(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", "true or false")
+        need(self.head_dim is None or (is_int(self.head_dim) and self.head_dim >= 1), "head_dim", "a positive integer")
         eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
         for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos)):
-            if any(i is not None and (not is_int(i) or not 0 <= i < self.vocab_size) for i in ids):
-                raise ValueError(f"config field {name} must be a token id below vocab_size "
-                                 f"{self.vocab_size}, got {getattr(self, name)!r}")
-        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
-            raise ValueError(f"config field torch_dtype must be a string, got {self.torch_dtype!r}")
+            need(all(i is None or (is_int(i) and 0 <= i < self.vocab_size) for i in ids), name,
+                 f"a token id below vocab_size {self.vocab_size}")
+        need(self.torch_dtype is None or isinstance(self.torch_dtype, str), "torch_dtype", "a string")
 
     @classmethod
     def from_json(cls, source: str | Path | dict) -> "ModelConfig":
@@ -89,14 +81,7 @@ class ModelConfig:
             raw = source
         else:
             path = Path(source)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"no config.json at {path}")
-            try:
-                raw = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raw = read_json(path / "config.json" if path.is_dir() else path)
         if not isinstance(raw, dict):
             raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type", "qwen2")
@@ -133,6 +118,16 @@ class ModelConfig:
                  use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers,
                  attention_dropout=0.0, rope_scaling=None, use_cache=True)
         return {k: v for k, v in d.items() if v is not None or k in ("sliding_window", "rope_scaling")}
+
+
+def read_json(file: Path) -> dict:
+    """A JSON file's contents; FileNotFoundError or ValueError naming the file."""
+    if not file.is_file():
+        raise FileNotFoundError(f"no {file.name} at {file}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
 
 
 @dataclass
@@ -175,13 +170,9 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # HF's rotate_half
 
 
 class Qwen2Attention(nn.Module):
@@ -207,10 +198,7 @@ class Qwen2Attention(nn.Module):
         rep = self.n_heads // self.n_kv
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor,
@@ -234,8 +222,7 @@ class Qwen2Attention(nn.Module):
                                                meta.max_seqlen_q, meta.max_seqlen_k, self.scale,
                                                block_table=meta.block_table)
         else:
-            y = attn_kernels.decode_attention(q, k_cache, v_cache, meta.block_table, meta.context_lens,
-                                              self.scale)
+            y = attn_kernels.decode_attention(q, k_cache, v_cache, meta.block_table, meta.context_lens, self.scale)
         return self.o_proj(y.reshape(N, -1))
 
 
@@ -247,9 +234,8 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        # gate and up are not fused for sampling as q, k, v are: measured on a 2-core CPU at batch
-        # 32, one product saved 7 us of 70 at the tiny preset and was 4% slower at Qwen2.5-0.5B's
-        # shape, while its copy of the weights would cost 2/3 of the MLP's memory again.
+        # gate and up are not fused for sampling as q, k, v are: on a 2-core CPU at batch 32 that saved
+        # 7 us of 70 at the tiny preset, was 4% slower at the 0.5B shape, and copies 2/3 of the MLP.
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -257,10 +243,9 @@ def fused_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[Ten
     """The weights (and biases) of `linears` concatenated along the output dim, for sampling on a
     CPU: one product instead of several (q, k, v at the tiny preset: 27 us instead of 41).
 
-    A copy, cached on `owner` until `forget_fused_weights` (the sampler calls it whenever the
-    weights change, between requests), so training and checkpoints only ever see the separate
-    HF-named parameters (views into one tensor would share storage, which safetensors refuses to
-    save). Checking the parts' version counters on every call instead cost 20 us, all of the gain."""
+    A copy cached on `owner` until `forget_fused_weights` (the sampler calls it when the weights
+    change), so training and safetensors see only the separate HF-named parameters. Checking the
+    parts' version counters on every call instead cost 20 us, all of the gain."""
     cache = owner.__dict__.get("_fused")
     if cache is None:
         weight = torch.cat([lin.weight.detach() for lin in linears])          # (sum of outs, in)
@@ -326,11 +311,8 @@ class Qwen2Model(nn.Module):
 
 
 def padded_causal_mask(attention_mask: Tensor) -> Tensor:
-    """Boolean SDPA mask (B, 1, T, T): causal, padded keys hidden.
-
-    A padding query would see no key at all (a NaN row in softmax), so each query may always
-    see itself; padding positions' outputs are garbage but finite and are never used.
-    """
+    """Boolean SDPA mask (B, 1, T, T): causal, padded keys hidden. Each query always sees itself, so a
+    padding query gets a finite (unused) output instead of a NaN softmax row."""
     T = attention_mask.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     keys = attention_mask.bool()[:, None, None, :]                               # (B, 1, 1, T)
@@ -359,14 +341,9 @@ class Qwen2ForCausalLM(nn.Module):
                 kv_caches=None, attn_meta: AttnMeta | None = None, *, targets: Tensor | None = None,
                 target_mask: Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False,
                 chunk_size: int = 1024):
-        """Logits [B, T, V] (training) or [N, V] (packed sampling).
-
-        With `targets [B, T]` (the token each position predicts), returns instead
-        `(logp [B, T], entropy [B, T] | None)` computed through the LM head a chunk of tokens at a
-        time (logprobs.py), never holding [B, T, V] logits; only `target_mask` positions are
-        projected. Doing this inside forward keeps it one call for FSDP2, which gathers the
-        LM head's weight only around the root module's forward.
-        """
+        """Logits [B, T, V] (training) or [N, V] (packed sampling); with `targets [B, T]`, instead
+        `(logp [B, T], entropy [B, T] | None)` through the chunked LM head (logprobs.py). Inside
+        forward, because FSDP2 gathers the LM head's weight only around the root module's forward."""
         hidden = self.model(input_ids, attention_mask, position_ids, kv_caches, attn_meta)
         if targets is None:
             return self.lm_head(hidden)

@@ -1,24 +1,13 @@
 """The Qwen-2.5 tokenizer and its ChatML chat template, with the loss mask rollouts need.
 
-`Tokenizer` wraps a `tokenizers.Tokenizer` read from a Hugging Face `tokenizer.json`
-(byte-level BPE; 151643 regular tokens plus 22 special tokens for Qwen-2.5, about
-1000 plus the same 22 for the tiny preset in `minir1ci/presets/tiny`).
+`Tokenizer` wraps a `tokenizers.Tokenizer` read from a HF `tokenizer.json` (byte-level BPE, with
+Qwen-2.5's 22 special tokens). Plain text never turns into control tokens: `encode(text)` spells
+a literal "<|im_end|>" in interpreter output out byte by byte, so a program cannot end the
+assistant turn; only `allow_special=True` maps it to its id. `apply_chat_template` builds ChatML
+ids directly and returns the assistant loss mask.
 
-Two things matter for training with an interpreter:
-- Plain text never turns into control tokens. Interpreter output or a user prompt may
-  contain the literal string "<|im_end|>"; `encode(text)` spells it out byte by byte
-  (a second `tokenizers` object with `encode_special_tokens` on), so a program cannot
-  end the assistant turn. Only `encode(text, allow_special=True)` maps such strings to
-  their special ids.
-- `apply_chat_template` builds ChatML ids directly, token for token equal to tokenizing
-  the rendered string, and returns the assistant mask that trainers use as the loss
-  mask: 1 on what the model wrote and on its closing `<|im_end|>`, 0 on headers, on
-  other turns and on interpreter output.
-
-Simplified: no tool-call rendering (Qwen-2.5's template has a tools branch), no
-truncation or padding (trainers pad token id lists themselves), and every added
-token is treated as special (Qwen's own file marks `<tool_call>` and the FIM tokens
-as non-special; we still never let plain text produce them).
+Simplified: no tool-call rendering, no truncation or padding, and every added token is treated
+as special (Qwen's file marks `<tool_call>` and the FIM tokens non-special).
 """
 from __future__ import annotations
 
@@ -34,12 +23,10 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 # Qwen-2.5's 22 special tokens, in id order; they follow the regular vocabulary.
 SPECIAL_TOKENS = (
-    ENDOFTEXT, IM_START, IM_END,
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
+    ENDOFTEXT, IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+    "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 )
 # Splits text into pieces before BPE; each digit is its own piece.
 PRETOKENIZE_REGEX = (
@@ -74,11 +61,9 @@ def qwen_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tokenizers.Tokenizer:
-    """Qwen-2.5's pipeline around a byte-level BPE model, with SPECIAL_TOKENS appended.
-
-    `vocab` maps GPT-2 byte-to-unicode strings to ids 0..len-1; `merges` are in priority
-    order. Pipeline: NFC, split by PRETOKENIZE_REGEX, bytes to unicode, BPE; ByteLevel decoder.
-    """
+    """Qwen-2.5's pipeline (NFC, PRETOKENIZE_REGEX, bytes to unicode, BPE; ByteLevel decoder) around a
+    BPE of `vocab` (GPT-2 byte-to-unicode strings -> ids 0..len-1) and `merges` (in priority order),
+    with SPECIAL_TOKENS appended."""
     bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
                      continuing_subword_prefix="", end_of_word_suffix="",
                      fuse_unk=False, byte_fallback=False)
@@ -94,9 +79,8 @@ class Tokenizer:
     """Qwen-2.5 byte-level BPE with ChatML; see the module docstring."""
 
     def __init__(self, tok: tokenizers.Tokenizer, config: dict[str, Any] | None = None):
-        """Wrap `tok` (marked in place: all its added tokens become special); `config` is
-        the tokenizer_config.json dict, of which `pad_token` is used and the rest kept."""
-        # Treat every added token as special, so `plain` below spells all of them out.
+        """Wrap `tok`, marking all its added tokens special in place (so `_plain` spells them all out);
+        of `config` (tokenizer_config.json) `pad_token` is used and the rest kept."""
         added = tok.get_added_tokens_decoder()
         loose = [t.content for t in added.values() if not t.special]
         if loose:
@@ -112,12 +96,10 @@ class Tokenizer:
         pad = self.config.get("pad_token") or ENDOFTEXT
         if isinstance(pad, dict):  # older configs store AddedToken dicts
             pad = pad.get("content", ENDOFTEXT)
-        if pad == IM_END:
-            # pad == eos would mask the real end of turn out of the loss.
+        if pad == IM_END:  # it would mask the real end of turn out of the loss
             raise ValueError("pad_token must differ from the chat eos token <|im_end|>")
         self._pad_id = self.token_to_id(pad)
 
-    # ---- files -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Tokenizer":
         """Load `tokenizer.json` (and `tokenizer_config.json` when present) from `directory`."""
@@ -146,25 +128,17 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / "tokenizer.json"))
         config = {
-            "tokenizer_class": "Qwen2Tokenizer",
-            "model_max_length": 32768,
-            "errors": "replace",
-            "clean_up_tokenization_spaces": False,
-            "split_special_tokens": False,
-            "add_prefix_space": False,
+            "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "errors": "replace",
+            "clean_up_tokenization_spaces": False, "split_special_tokens": False, "add_prefix_space": False,
             # tokenizer.json is authoritative for added tokens; drop a loaded copy of them.
             **{k: v for k, v in self.config.items() if k != "added_tokens_decoder"},
             # Qwen2.5-Instruct's roles: chat turns end with <|im_end|>, padding is <|endoftext|>.
-            "bos_token": None,
-            "unk_token": None,
-            "eos_token": IM_END,
-            "pad_token": self._tok.id_to_token(self._pad_id),
-            "chat_template": CHAT_TEMPLATE,
+            "bos_token": None, "unk_token": None, "eos_token": IM_END,
+            "pad_token": self._tok.id_to_token(self._pad_id), "chat_template": CHAT_TEMPLATE,
         }
         text = json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
         (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
 
-    # ---- ids ---------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings are ordinary text unless `allow_special`."""
         tok = self._tok if allow_special else self._plain
@@ -208,30 +182,17 @@ class Tokenizer:
     def im_end_id(self) -> int:
         return self.token_to_id(IM_END)
 
-    # ---- chat --------------------------------------------------------------------------
-    def apply_chat_template(
-        self,
-        messages: Sequence[dict[str, Any]],
-        add_generation_prompt: bool = False,
-        return_assistant_mask: bool = False,
-    ) -> list[int] | tuple[list[int], list[int]]:
-        """ChatML ids of `messages`, and with `return_assistant_mask` the loss mask.
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+                            return_assistant_mask: bool = False) -> list[int] | tuple[list[int], list[int]]:
+        """ChatML ids of `messages` (Qwen2.5-Instruct's default system message first when there is
+        none), and with `return_assistant_mask` the loss mask: 1 on assistant content and its closing
+        <|im_end|>, 0 on headers, the "\\n" after <|im_end|>, other roles, output segments and the
+        generation prompt. The special tokens split the rendered string, so each turn is tokenized
+        on its own: [im_start] + encode(role + "\\n" + content) + [im_end] + encode("\\n").
 
-        Each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`; Qwen2.5-Instruct's
-        default system message comes first when the first message is not a system one.
-        The special tokens split the rendered string, so each turn is tokenized on its own:
-        [im_start] + encode(role + "\\n" + content) + [im_end] + encode("\\n").
-
-        `content` may instead be a list of segments {"type": "text" | "output", "text": str}.
-        The header "{role}\\n" and each segment are then tokenized separately and
-        concatenated, exactly as a rollout builds its ids (generation prompt, sampled
-        tokens, tokenized interpreter output, ...); "output" segments get mask 0.
-        The two forms give the same ids unless a segment boundary falls inside a
-        pre-tokenizer piece (e.g. content starting with "\\n" after the header's "\\n").
-
-        Mask: 1 on assistant content tokens (not output segments) and the assistant's
-        closing <|im_end|>; 0 on role headers, the "\\n" after <|im_end|>, other roles and
-        the generation prompt.
+        `content` may be a list of segments {"type": "text" | "output", "text": str}: the header and
+        each segment are tokenized separately and concatenated, as a rollout builds its ids (the same
+        ids as a string unless a boundary falls inside a pre-tokenizer piece, e.g. a leading "\\n").
         """
         messages = list(messages)
         if not messages or messages[0].get("role") != "system":
@@ -244,8 +205,8 @@ class Tokenizer:
             learn = 1 if role == "assistant" else 0
             ids.append(self.im_start_id)
             mask.append(0)
+            head = self.encode(role + "\n")
             if isinstance(content, str):
-                head = self.encode(role + "\n")
                 body = self.encode(role + "\n" + content)
                 # The header's tokens end where the two tokenizations first disagree
                 # (content that starts with whitespace and a newline merges into "\n").
@@ -255,7 +216,6 @@ class Tokenizer:
                 ids += body
                 mask += [0] * n_head + [learn] * (len(body) - n_head)
             else:
-                head = self.encode(role + "\n")
                 ids += head
                 mask += [0] * len(head)
                 for segment in content:

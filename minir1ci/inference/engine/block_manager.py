@@ -1,29 +1,15 @@
-"""The paged KV cache's bookkeeping: a pool of fixed-size blocks, refcounts and prefix sharing.
+"""The paged KV cache's bookkeeping: a pool of fixed-size pages, refcounts and prefix sharing.
 
-The cache is `num_blocks` pages of `block_size` token slots (per layer, K and V); the number of
-pages comes from a memory budget (the sampler's `kv_cache_bytes`), not from batch x max length. A
-sequence holds a list of pages (its block table); token t of a sequence lives in slot
-`block_table[t // block_size] * block_size + t % block_size`.
+Token t of a sequence lives in slot `block_table[t // block_size] * block_size + t % block_size`;
+block tables are mirrored in `tables` (int32 [rows, max_pages], CPU) for one-op gathers. Each full
+block a prefill allocates is registered under (content id of the previous block, its token ids), so
+a later prompt with the same leading tokens shares those pages (refcount + 1), even in the same step
+(all new K/V is written before attention reads). The partial last block stays private (no
+copy-on-write); content ids are never reused, so a key cannot match an overwritten page. Freed pages
+keep their key until reused, least recently freed first, until the weights change (`forget_prefixes`).
 
-Prefix sharing, by content: every *full* block a prefill allocates is registered under the key
-(content id of the previous block, the block's token ids). A later sequence whose prompt starts
-with the same tokens finds those keys and takes the same pages (refcount + 1) instead of
-computing them again, so the n samples of a GRPO group compute their prompt's full blocks once,
-even when they are admitted in the same step (the layer writes every new K/V before any
-attention reads the cache). Content ids are never reused, so a key can never match a page that
-has since been overwritten. Only full blocks are shared: the partial last block of a prompt is
-private to each sequence and recomputed by each (at most block_size - 1 tokens), which removes
-any need for copy-on-write. When every block of a prompt hits, the last prompt token is still
-run (its logits are needed) but its K/V is not written again (slot -1).
-
-Freed pages keep their content and key until reused, least recently freed first, so a system
-prompt shared by all requests stays cached across `generate` calls, until the weights change
-(`forget_prefixes`, called by the sampler). Block tables are mirrored
-in `tables`, an int32 [rows, max_pages] CPU tensor updated only when a page is added, so a
-decode step gathers its block table with one indexing op instead of rebuilding it.
-
-Simplified against vLLM: no swapping to host memory (preempted sequences are recomputed), no
-sliding-window or cross-layer sharing, and keys are exact token tuples rather than hashes.
+Simplified against vLLM: no swapping (preempted sequences are recomputed), no sliding-window or
+cross-layer sharing, and keys are exact token tuples rather than hashes.
 """
 from __future__ import annotations
 
@@ -60,12 +46,9 @@ class BlockManager:
         return len(self.free)
 
     def forget_prefixes(self) -> None:
-        """Make every cached page unfindable (its K/V came from weights that have since changed).
-        Pages in use stay with their sequences; they just can no longer be shared."""
+        """Make every cached page unfindable (its K/V came from old weights); pages in use stay."""
         self.block_of_key.clear()
         self.key_of = [None] * self.num_blocks
-
-    # ---------------------------------------------------------------- pages
 
     def _take_block(self) -> int:
         block, _ = self.free.popitem(last=False)
@@ -77,15 +60,6 @@ class BlockManager:
         self._next_content += 1
         self.ref[block] = 1
         return block
-
-    def _share_block(self, block: int) -> None:
-        if self.ref[block] == 0:
-            del self.free[block]
-        self.ref[block] += 1
-
-    def _key(self, seq: Sequence, i: int) -> tuple:
-        parent = self.content_id[seq.block_table[i - 1]] if i > 0 else -1
-        return parent, tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Pages that already hold the leading full blocks of `seq.tokens`."""
@@ -101,10 +75,8 @@ class BlockManager:
         return hits
 
     def allocate(self, seq: Sequence) -> bool:
-        """Give `seq` pages for all its tokens; False (and no change) when the pool is too small.
-
-        A sequence without pages (new or preempted) first looks up shared prefix blocks and sets
-        `num_cached` to what they cover; one that holds pages (resumed) just grows its table."""
+        """Give `seq` pages for all its tokens; False (and no change) when the pool is too small. One
+        without pages (new or preempted) first takes shared prefix blocks, which set `num_cached`."""
         if seq.block_table:
             return self.extend(seq, len(seq.tokens))
         hits = self._prefix_hits(seq)
@@ -115,7 +87,9 @@ class BlockManager:
         if fresh > self.num_free:
             return False
         for b in hits:
-            self._share_block(b)
+            if self.ref[b] == 0:
+                del self.free[b]
+            self.ref[b] += 1
         self._take_row(seq)
         seq.block_table = list(hits)
         seq.num_cached = len(hits) * self.block_size
@@ -140,7 +114,8 @@ class BlockManager:
             seq.block_table.append(self._take_block())
             full = (i + 1) * self.block_size <= len(seq.tokens)
             if register and full and self.enable_prefix_caching:
-                key = self._key(seq, i)
+                parent = self.content_id[seq.block_table[i - 1]] if i > 0 else -1
+                key = parent, tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])
                 self.key_of[seq.block_table[i]] = key
                 self.block_of_key[key] = seq.block_table[i]
         if needed > first:
@@ -160,9 +135,8 @@ class BlockManager:
             self._free_rows.append(seq.row)
             seq.row = -1
 
-    # ---------------------------------------------------------------- rows of `tables`
-
     def _take_row(self, seq: Sequence) -> None:
+        """A row of `tables` for `seq`, growing `tables` when none is free."""
         if not self._free_rows:
             old = self.tables.shape[0]
             new = max(8, 2 * old)

@@ -1,19 +1,14 @@
 """Running the model for one sampler step: the KV cache tensors, attention metadata, CUDA graphs.
 
-The runner owns one (k_cache, v_cache) pair per layer, each [num_blocks, block_size, n_kv_heads,
-head_dim] in the model's dtype, and turns a list of sequences into the packed call of
-`model.model(input_ids[N], position_ids[N], kv_caches, attn_meta)` (see DEVELOPERS.md):
-- prefill: the uncached tokens of each sequence (`tokens[num_cached:]`, at least the last one),
-  packed; `cu_seqlens_q` counts new tokens, `cu_seqlens_k` all keys. A token whose K/V is already
-  cached (the re-run last token of a fully shared prompt) gets slot -1, so it is not rewritten;
-- decode: the last token of each sequence, one query each.
-Only the last position of each sequence goes through lm_head; logits come back in fp32 [B, V].
-All metadata is computed with a handful of vectorised ops from `BlockManager.tables`.
+Owns one (k_cache, v_cache) pair per layer, [num_blocks, block_size, n_kv_heads, head_dim], and
+packs a step's sequences into `model.model(input_ids[N], position_ids[N], kv_caches, attn_meta)`:
+a prefill runs each sequence's uncached tokens (at least its last one; a token whose K/V is cached
+gets slot -1), a decode its last token. Only the last position of each sequence goes through
+lm_head; logits come back fp32 [B, V].
 
-On CUDA, decode steps replay CUDA graphs captured once per batch-size bucket (1, 2, 4, 8, then
-multiples of 16): the inputs are copied into static buffers, padded rows get slot -1 and one
-key, and the block table has its full width (max_model_len / block_size pages). Graphs read the
-model's parameters in place, so weights updated with `copy_` (a training step) stay valid.
+On CUDA, decode replays graphs captured per batch-size bucket (1, 2, 4, 8, then multiples of 16)
+with the full-width block table; padded rows get slot -1 and one key. Graphs read the parameters
+in place, so weights updated with `copy_` (a training step) stay valid.
 
 Simplified against nano-vllm: no tensor parallelism, no torch.compile, prefill is never graphed.
 """
@@ -105,8 +100,6 @@ class ModelRunner:
         hidden = self.model.model(ids, position_ids=pos, kv_caches=self.kv_caches, attn_meta=meta)    # [B, H]
         return self.model.lm_head(hidden).float()
 
-    # ---------------------------------------------------------------- CUDA graphs
-
     def _capture_graphs(self, max_batch: int) -> None:
         width = self.bm.max_pages
         n = max_batch
@@ -140,13 +133,9 @@ class ModelRunner:
 
     def _replay(self, seqs: list[Sequence], bucket: int) -> Tensor:
         B = len(seqs)
-        ids, pos, slots, table, lens = self._decode_inputs(seqs, self.bm.max_pages)
         s = self.static
-        s["ids"][:B].copy_(ids, non_blocking=True)
-        s["pos"][:B].copy_(pos, non_blocking=True)
-        s["slots"][:B].copy_(slots, non_blocking=True)
-        s["table"][:B].copy_(table, non_blocking=True)
-        s["lens"][:B].copy_(lens, non_blocking=True)
+        for name, t in zip(("ids", "pos", "slots", "table", "lens"), self._decode_inputs(seqs, self.bm.max_pages)):
+            s[name][:B].copy_(t, non_blocking=True)
         if bucket > B:  # padded rows: write nothing, attend to one key of page 0
             s["slots"][B:bucket].fill_(-1)
             s["lens"][B:bucket].fill_(1)

@@ -1,45 +1,19 @@
 """The batched sampler: a paged KV cache, continuous batching, prefix sharing, resumable sequences.
 
-Two ways in.
-
     sampler = Sampler(model, tokenizer)                  # tokenizer may be None (ids only)
     outs = sampler.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=512, seed=0))
-    outs[i].token_ids, outs[i].logprobs, outs[i].sampling_logprobs, outs[i].finish_reason
-
-`generate` runs a list of prompts (token ids) to completion and returns one `Completion` each, in
-order. With one SamplingParams that has a seed, request i uses seed + i, so the n copies of a
-prompt in a GRPO group differ; pass a list of SamplingParams to choose each request's.
-
-The step API, for the code-interpreter rollout driver:
-
-    sid = sampler.add_request(prompt_ids, params)        # queued; returns its seq_id
-    events = sampler.step()                              # one batched forward; Completions of the
-                                                         # sequences that stopped in this step
+    sid = sampler.add_request(prompt_ids, params)        # the step API, for the interpreter driver
+    events = sampler.step()                              # Completions of the sequences that stopped
     sampler.append_tokens(sid, output_ids)               # forced tokens (mask 0), then resume
     done = sampler.release(sid)                          # final Completion; pages freed
 
-A stopped sequence (eos, stop token, stop string, stop_fn, length) keeps its KV pages until
-`release`, so after a ```python block the driver runs the code, appends the tokenized output
-and the next `step` prefills only the new tokens (plus the last sampled one, whose K/V is not
-cached yet) on top of the cached conversation, then sampling continues. If memory runs short,
-stopped sequences lose their pages first and are recomputed from their tokens when resumed;
-results do not change. `max_new_tokens` bounds the whole response, appended tokens included.
-
-Finish reasons: "eos" (an eos id of the tokenizer or model config, unless ignore_eos), "stop"
-(a stop token id, stop string or stop_fn; `stop_reason` names the id or string), "length"
-(max_new_tokens or max_model_len). The token that triggered a stop is kept in the response.
-
-Prompt pages stay cached after their sequences finish and are shared by later requests, but only
-while the weights are the ones that computed them: every new request compares the identity and
-in-place version counter of each parameter and buffer with those seen last (an optimizer step,
-`copy_` or `load_state_dict` changes them), and a change drops the whole prefix cache (and the
-model's fused q/k/v copies, `model.fused_weights`). Change
-weights only while the sampler is idle: sequences in flight keep the K/V they already have.
-
-The KV cache is sized from a byte budget (`kv_cache_bytes`; default 1 GiB on CPU, half the free
-memory on CUDA), capped at what max_num_seqs x max_model_len could use. See block_manager.py
-for paging and prefix sharing, scheduler.py for batching and preemption, runner.py for the
-forward passes and CUDA graphs, sampling.py for temperature/top-k/top-p and log-probs.
+With one seeded SamplingParams, `generate` gives request i seed + i, so a GRPO group's copies
+differ. A stopped sequence keeps its pages until `release`, so a resumed one prefills only the
+appended tokens; when memory runs short, stopped sequences lose their pages first and are
+recomputed from their tokens (same results). Finish reasons: "eos", "stop" (`stop_reason` names
+the id or string), "length"; the token that stopped a sequence stays in its response.
+Cached prompt pages are dropped when the weights change (see `_check_weights`): change weights
+only while the sampler is idle. The KV cache is sized from `kv_cache_bytes`.
 """
 from __future__ import annotations
 
@@ -70,13 +44,11 @@ class Sampler:
         param = next(model.parameters())
         block_bytes = kv_block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, block_size,
                                      param.dtype)
-        if kv_cache_bytes is None:
-            if param.device.type == "cuda":
-                kv_cache_bytes = torch.cuda.mem_get_info(param.device)[0] // 2
-            else:
-                kv_cache_bytes = _CPU_DEFAULT_KV_BYTES
+        if kv_cache_bytes is None:  # half the free memory on CUDA
+            on_cuda = param.device.type == "cuda"
+            kv_cache_bytes = torch.cuda.mem_get_info(param.device)[0] // 2 if on_cuda else _CPU_DEFAULT_KV_BYTES
         max_pages = -(-self.max_model_len // block_size)
-        num_blocks = min(kv_cache_bytes // block_bytes, max_num_seqs * max_pages)
+        num_blocks = min(kv_cache_bytes // block_bytes, max_num_seqs * max_pages)  # no more than can be used
         self.block_manager = BlockManager(num_blocks, block_size, max_pages, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, self.block_manager, use_cuda_graphs, max_graph_batch=max_num_seqs)
@@ -93,28 +65,21 @@ class Sampler:
 
     @staticmethod
     def _default_eos(cfg, tokenizer) -> list[int]:
-        ids = []
-        if tokenizer is not None:
-            ids.append(tokenizer.eos_token_id)
         eos = cfg.eos_token_id
-        ids.extend(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        return ids
+        ids = [tokenizer.eos_token_id] if tokenizer is not None else []
+        return ids + (list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
     def _check_weights(self) -> None:
-        """Drop the prefix cache if the weights changed: the (id, in-place version) of every
-        parameter and buffer differs from the last request's. The tensors are listed again only
-        while the sampler is idle (walking the modules costs more than reading the versions), which
-        also catches replaced tensors. Inference tensors keep no version counter, so they are left
-        out: a model whose weights were made under inference_mode must not be trained in place."""
+        """Drop the prefix cache (and fused q/k/v copies) if the (id, version) of a parameter or buffer
+        changed. Tensors are re-listed only while idle (walking modules costs more than reading versions).
+        Inference tensors have no version counter: weights made under inference_mode must not be trained."""
         if not self.has_unfinished():
             self._tensors = [t for t in (*self.model.parameters(), *self.model.buffers()) if not t.is_inference()]
         stamp = tuple((id(t), t._version) for t in self._tensors)
-        if stamp != self._weights_seen:  # cached prompt pages hold K/V of the old weights
+        if stamp != self._weights_seen:
             self.block_manager.forget_prefixes()
-            forget_fused_weights(self.model)  # and the fused q/k/v copies (model.fused_weights)
+            forget_fused_weights(self.model)
             self._weights_seen = stamp
-
-    # ---------------------------------------------------------------- step API
 
     def add_request(self, prompt_ids: SequenceABC[int], params: SamplingParams) -> int:
         """Queue a prompt; returns its seq_id. Identical prompt prefixes share KV pages."""
@@ -127,9 +92,7 @@ class Sampler:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_model_len "
                              f"{self.max_model_len}")
         self._check_weights()
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        gen = None if params.seed is None else torch.Generator(device=self.runner.device).manual_seed(params.seed)
         seq = Sequence(self._next_id, [int(t) for t in prompt_ids], len(prompt_ids), params, gen)
         self._next_id += 1
         self.seqs[seq.seq_id] = seq
@@ -155,9 +118,7 @@ class Sampler:
 
     def append_tokens(self, seq_id: int, token_ids: SequenceABC[int]) -> None:
         """Append forced tokens (mask 0) to a stopped sequence and queue it to resume sampling.
-
-        The next step prefills them on top of its cached tokens. If the response budget is
-        already spent, the sequence finishes with "length" and the next step reports it."""
+        If the response budget is spent, it finishes with "length", reported by the next step."""
         seq = self.seqs[seq_id]
         if seq.status is not Status.STOPPED:
             raise ValueError(f"sequence {seq_id} is {seq.status.value}; only a stopped sequence can be extended")
@@ -181,8 +142,6 @@ class Sampler:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending)
 
-    # ---------------------------------------------------------------- generate
-
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Run every prompt to completion; one Completion per prompt, in order."""
         if self.has_unfinished():
@@ -198,8 +157,6 @@ class Sampler:
             for event in self.step():
                 done[event.seq_id] = self.release(event.seq_id)
         return [done[i] for i in ids]
-
-    # ---------------------------------------------------------------- stop conditions
 
     def _check_stop(self, seq: Sequence, tok: int) -> bool:
         p = seq.params
@@ -217,15 +174,13 @@ class Sampler:
 
     def _stop_string_hit(self, seq: Sequence) -> str | None:
         """A stop string that ends inside the token just sampled, within the current segment.
-
-        Decodes only a tail: a string of L characters is at most 4L bytes, so it spans at most
-        4L + 1 byte-level tokens. Matches must end after the text without the new token, so a
-        string completed earlier (or inside appended interpreter output) does not count."""
+        Decodes only a tail: L characters are at most 4L bytes, so at most 4L + 1 byte-level tokens."""
         longest = max(len(s) for s in seq.params.stop_strings)
         start = max(seq.segment_start, len(seq) - 4 * longest - 1)
         tail = seq.tokens[start:]
         text = self.tokenizer.decode(tail)
-        # A trailing partial UTF-8 character decodes as U+FFFD and is completed by the new token.
+        # Matches must end past the text before the new token (a trailing partial UTF-8 character,
+        # U+FFFD, is completed by it), so a string completed earlier does not count.
         before = len(self.tokenizer.decode(tail[:-1]).rstrip("\ufffd"))
         for s in seq.params.stop_strings:
             if text.find(s, max(0, before - len(s) + 1)) >= 0:

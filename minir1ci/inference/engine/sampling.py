@@ -1,19 +1,12 @@
-"""Turning one step's logits into tokens and log-probs, vectorised over the batch.
+"""Turning one step's logits into tokens and log-probs: pure functions, vectorised over the batch.
 
-Pure functions on tensors. For each row:
-- the raw log-prob of the chosen token under the model at temperature 1 (what a trainer
-  recomputes as pi_old), its logit minus the row's logsumexp, in fp32;
-- the processed distribution it was drawn from: fp32 logits / temperature (the same scaling as
-  logprobs.py, so sampler and trainer agree), then top-k, then top-p (nucleus) masking;
-- the token: argmax for temperature 0; otherwise, on a GPU, the exponential race, argmax(p / E)
-  with E ~ Exp(1) drawn per vocabulary entry, which picks token i with probability p_i (it is the
-  Gumbel-max trick in another form) and needs no cumulative sum or host sync; on a CPU, where
-  drawing B x V exponentials costs more than the rest of a tiny model's step (and ~0.1 s a step
-  with Qwen's 151,936 entries at batch 32), the inverse CDF: one uniform per row, located by a
-  two-level cumulative sum (blocks, then one block). Both pick token i with probability p_i;
-  they draw different tokens.
-Rows with a seed draw from their own torch.Generator, so their samples do not depend on the
-other rows; unseeded rows share one draw from the sampler's generator.
+Per row: the raw log-prob of the token at temperature 1 (what a trainer recomputes as pi_old); the
+processed distribution it is drawn from (fp32 logits / temperature, scaled as in logprobs.py, then
+top-k, then top-p); the token: argmax at temperature 0, else on a GPU the exponential race
+argmax(p / E), E ~ Exp(1) per entry (Gumbel-max in another form: no cumsum, no host sync), and on a
+CPU, where B x V exponentials cost more than a tiny model's step, the inverse CDF with one uniform
+per row. Both draw token i with probability p_i, but not the same tokens. Seeded rows draw from
+their own generator; unseeded rows share one draw from the sampler's.
 
 Simplified against vLLM/HF: no repetition penalties, min_p, typical-p or logit bias.
 """
@@ -86,13 +79,10 @@ def inverse_cdf(probs: Tensor, generators: list[torch.Generator | None], rows: l
     """Token [B] of each row: the first whose cumulative probability exceeds u * total, u ~ U[0, 1)
     (rows not in `rows` get u = 0; their token is replaced). `probs` [B, V] may be unnormalised.
 
-    Over a large vocabulary, two levels, so no cumulative sum runs over the whole row (a
-    [32, 151936] one cost 12 ms a step, the largest op after the matrix products): the mass of
-    each block of _CDF_BLOCK tokens, cumulated, finds the block holding u * total; a cumulative
-    sum inside that block alone finds the token. Block sums are fp32 (fp64 ones cost 20x more),
-    cumulated in fp64. A zero-probability token is never picked: its cumulative sum equals its
-    predecessor's, and when rounding puts the target past a block's (or the row's) last
-    cumulative sum, the draw steps back to the last block (token) with mass."""
+    Two levels over a large vocabulary (a [32, 151936] cumsum cost 12 ms a step): block masses of
+    _CDF_BLOCK tokens find the block, a cumsum inside it the token. Block sums are fp32 (fp64 cost
+    20x more), cumulated in fp64. A zero-probability token is never picked; a target rounded past
+    the last cumulative sum steps back to the last block (token) with mass."""
     B, V = probs.shape
     u = torch.zeros(B, dtype=torch.float64)
     shared = [i for i in rows if generators[i] is None]

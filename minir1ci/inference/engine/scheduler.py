@@ -1,21 +1,14 @@
 """Which sequences run in the next step: continuous batching over a fixed pool of KV pages.
 
-Each step is either a prefill or a decode, never a mix:
-- prefill: admit waiting sequences in order (new requests, sequences resumed after tokens were
-  appended, preempted ones) while they fit in `max_num_seqs`, `max_num_batched_tokens` and the
-  free pages; a sequence longer than the token budget still runs, alone;
-- decode: otherwise every running sequence advances one token; a sequence whose next token
-  starts a new page gets one.
-Prefill goes first, so a finished sequence's pages are picked up by waiting ones on the next step.
+A step is a prefill or a decode, never a mix. Prefill goes first: waiting sequences (new, resumed
+after appended tokens, preempted) are admitted in order while they fit in `max_num_seqs`,
+`max_num_batched_tokens` and the free pages (one longer than the token budget runs alone).
+Otherwise every running sequence decodes one token, taking a new page when it needs one.
+When pages run out, stopped sequences' caches are evicted, least recently stopped first; then,
+for a decode, the most recently admitted sequence is preempted: it goes back to the front of the
+queue without its pages, to be recomputed from its tokens (results stay exact).
 
-When pages run out, in this order: caches of stopped sequences (paused for the interpreter, or
-finished but not yet released) are evicted, least recently stopped first; then, for a decode,
-the most recently admitted running sequence is preempted: it loses its pages and goes back to
-the front of the queue, to be recomputed from its tokens (results stay exact; its sampled
-tokens, log-probs and generator state are kept).
-
-Simplified against vLLM: no chunked prefill, no mixed prefill/decode batches, no priorities,
-no swapping to host memory.
+Simplified against vLLM: no chunked prefill, no mixed batches, no priorities, no swapping to host.
 """
 from __future__ import annotations
 

@@ -1,16 +1,11 @@
 """What a request is: its sampling parameters, its running state, and the result handed back.
 
-A sequence is `prompt + response`. The response mixes two kinds of tokens:
-- sampled tokens (mask 1), each with its log-probability under the raw model (temperature 1)
-  and under the distribution it was actually drawn from (temperature, top-k, top-p applied);
-- forced tokens (mask 0), appended from outside with `Sampler.append_tokens` (interpreter
-  output). They are prefilled into the KV cache, never sampled, and get log-prob 0.0.
-So `Completion.token_ids`, `logprobs`, `sampling_logprobs` and `mask` are aligned one-to-one
-with the response, which is exactly what a rollout hands a trainer (mask 0 = not trained on).
+A response mixes sampled tokens (mask 1, with their raw and sampling log-probs) and forced tokens
+appended with `Sampler.append_tokens` (interpreter output: prefilled, never sampled, mask 0 and
+log-prob 0.0), so a `Completion`'s lists align one-to-one with the response, as a trainer needs.
 
-Simplified against vLLM: no beam search, no `n` per request (a GRPO group is the same prompt
-added n times; its full KV blocks are shared by content, see block_manager.py), no penalties,
-no logit bias, no min_p, and stop strings are not stripped from the returned tokens.
+Simplified against vLLM: no beam search, no `n` per request (a GRPO group adds its prompt n times and
+shares its full KV blocks), no penalties, logit bias or min_p; stop strings are not stripped.
 """
 from __future__ import annotations
 
@@ -25,12 +20,10 @@ import torch
 class SamplingParams:
     """How to sample one request. temperature 0 is greedy; top_k 0 and top_p 1.0 are off.
 
-    max_new_tokens bounds the whole response (sampled plus appended tokens), so a multi-turn
-    rollout has one budget. stop_strings need a tokenizer; they and `stop_fn` are matched only
-    against tokens sampled since the last (re)start, so inserted interpreter output never stops
-    a sequence. `stop_fn(segment_ids) -> bool` is called after every sampled token with the ids
-    sampled since that (re)start. With `seed`, the request draws from its own torch.Generator,
-    so its samples do not depend on which other requests share its batches.
+    max_new_tokens bounds the whole response, appended tokens included. stop_strings (they need a
+    tokenizer) and `stop_fn(segment_ids) -> bool` see only the tokens sampled since the last
+    (re)start, so interpreter output never stops a sequence. With `seed`, the request draws from its
+    own generator, whatever else shares its batches.
     """
     temperature: float = 1.0
     top_p: float = 1.0
@@ -43,7 +36,7 @@ class SamplingParams:
     stop_fn: Callable[[list[int]], bool] | None = None
 
     def __post_init__(self):
-        # Accept lists from callers, store tuples so the params stay hashable and immutable.
+        # Lists accepted, tuples stored: the params stay hashable and immutable.
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if isinstance(self.stop_strings, str):
             raise TypeError("stop_strings must be a sequence of strings, not one string")

@@ -1,23 +1,17 @@
 """Attention for the sampler: paged KV-cache writes, varlen causal prefill and split-K decode.
 
-Each Triton kernel has a plain-PyTorch twin (twins.py) that is its reference; `store_kvcache`,
-`prefill_attention` and `decode_attention` dispatch once, to Triton for CUDA tensors and to the
-twin otherwise (`set_backend` overrides; the CPU tests run the Triton kernels under
-`TRITON_INTERPRET=1`, which must be set before this module is imported).
-
-Layouts (one token's heads packed per row, as the model produces them):
-  q            [Nq, Hq, D]  packed tokens of several sequences (prefill) or [B, Hq, D] (decode)
-  k, v         [Nk, Hkv, D] packed keys (prefill without a block table)
-  k/v_cache    [num_blocks, page_size, Hkv, D]; slot = page * page_size + offset
-  block_table  [B, P] int32 page ids of each sequence, in order; pages may be anywhere in the cache
-Grouped-query attention: query head h reads KV head h // (Hq // Hkv). Both kernels give all query
-heads of one KV head to one program, so each K/V tile is loaded once for the whole group.
+`store_kvcache`, `prefill_attention` and `decode_attention` dispatch once: Triton for CUDA tensors,
+the PyTorch twin (twins.py, their reference) otherwise; `set_backend` overrides. The CPU tests run
+the kernels under `TRITON_INTERPRET=1`, which must be set before this module is imported.
+Layouts: q [Nq, Hq, D] packed (prefill) or [B, Hq, D] (decode); packed k, v [Nk, Hkv, D]; caches
+[num_blocks, page_size, Hkv, D] (slot = page * page_size + offset); block_table [B, P] int32.
+Query head h reads KV head h // (Hq // Hkv); one program takes all query heads of a KV head, so
+each K/V tile is loaded once per group. Softmax runs in base 2 (`exp2`, scale * log2(e)), all
+accumulation in fp32, outputs in the input dtype.
 
 Simplified against FlashAttention-2 / vLLM: no sliding window, ALiBi, soft-capping or fp8 caches;
-the causal mask is computed on every key tile instead of only on the diagonal; block sizes are
-fixed per dtype instead of autotuned; the decode split count is a heuristic on the table width.
-Softmax runs in base 2 (`exp2`) with the scale folded into `scale * log2(e)`; all accumulation is
-fp32 and outputs take the input dtype.
+the causal mask is computed on every key tile; block sizes are fixed per dtype, not autotuned; the
+decode split count is a heuristic on the table width.
 """
 from __future__ import annotations  # kernel annotations stay strings, so this imports without Triton
 
@@ -46,7 +40,7 @@ def set_backend(name: str) -> None:
 
 
 def _use_triton(x: Tensor) -> bool:
-    """The one dispatch point shared by the three public functions."""
+    """The one dispatch point of the three public functions."""
     if _BACKEND == "torch" or (_BACKEND == "auto" and not x.is_cuda):
         return False
     if triton is None:

@@ -1,8 +1,5 @@
-"""PyTorch twins of the Triton attention kernels (attention.py): the references the kernels are
-tested against, and the CPU sampler's path (so batched, not loops over sequences).
-
-Layouts are attention.py's: k/v_cache [num_blocks, page_size, Hkv, D], block_table [B, P], q packed
-[Nq, Hq, D] (prefill) or [B, Hq, D] (decode); grouped-query head h reads KV head h // (Hq // Hkv).
+"""PyTorch twins of the Triton attention kernels (attention.py, same layouts): the references the
+kernels are tested against, and the CPU sampler's path (so batched, not loops over sequences).
 """
 from __future__ import annotations
 
@@ -12,11 +9,8 @@ from torch import Tensor
 
 
 def store_kvcache_torch(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Twin of the Triton kernel: scatter k/v [N, Hkv, D] into the paged caches, skipping slot < 0.
-
-    A contiguous cache is written as [num_blocks * page_size, Hkv, D] rows with one index_copy_
-    (the CPU sampler's path: about half the cost of indexing by page and offset); rows with a
-    negative slot are dropped first, only when there are any."""
+    """Scatter k/v [N, Hkv, D] into the paged caches, skipping slot < 0. A contiguous cache takes one
+    index_copy_ over its [num_blocks * page_size] rows: half the cost of indexing by page and offset."""
     if bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
@@ -31,12 +25,8 @@ def store_kvcache_torch(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, 
 def prefill_attention_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                             max_seqlen_q: int, max_seqlen_k: int, scale: float,
                             block_table: Tensor | None = None) -> Tensor:
-    """Twin of the Triton prefill: dense causal softmax in fp32, all sequences at once.
-
-    Queries and keys are scattered into padded [B, L, H, D] blocks (keys gathered from the pages
-    when `block_table` is given), padding and future keys are hidden with one mask, and the
-    result is packed back. Batched because this is also the CPU sampler's prefill path.
-    """
+    """Dense causal softmax in fp32: queries and keys (gathered from the pages with a `block_table`)
+    scattered into padded [B, L, H, D] blocks, padding and future keys hidden by one mask, packed back."""
     B = cu_seqlens_q.numel() - 1
     Hq, D = q.shape[1], q.shape[2]
     Hkv = k.shape[-2]
@@ -76,14 +66,9 @@ def prefill_attention_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
 
 def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                            context_lens: Tensor, scale: float, num_splits: int | None = None) -> Tensor:
-    """Twin of the Triton decode: each sequence's one query attends to all its cached keys.
-
-    Batched rather than a loop over sequences, since this is also the CPU sampler's decode path:
-    gather every sequence's pages into [B, K, Hkv, D] (K = the longest context, rounded up to
-    whole pages), zero the slots past each context length (stale slots may hold anything, NaN
-    included, and 0 * NaN would leak through the mask), one softmax (fp32 accumulation). Only those slots are
-    written, by row index: a masked_fill over the whole gather would cost more than the attention.
-    """
+    """Each sequence's one query over its cached keys: pages gathered into [B, K, Hkv, D] (K = the
+    longest context in whole pages), slots past each context zeroed (stale slots may hold NaN, and
+    0 * NaN would leak through the mask) by row index, which costs less than a masked_fill."""
     B, Hq, D = q.shape
     page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     if B == 0:
