@@ -1,14 +1,9 @@
 """BIG-Bench-Hard: the 27 task files <data>/bbh/<task>.json ({"examples": [{"input", "target"}]}, MIT).
 
-Each question is the file's `input` plus one line asking for the answer inside
-<<<>>>. Verification is exact match after the usual normalisation for the kind of
-target:
-  choice    "(B)": accepts "(B)", "B", "B)", "(B) <option B text>", or the option text alone
-  yes/no    "Yes", "True", "valid": case, quotes and a final period ignored
-  number    "-50": compared as integers (answers.py: "1,024" is 1024, "1,7", "1 7" and "-100/2" are refused)
-  dyck      "] ) >": whitespace ignored
-  words     word_sorting: the same words in the same order, spaces or commas between
-  text      anything else (e.g. the rare free-text target in a choice task): normalised text
+A question is the file's `input` plus a line asking for the answer inside <<<>>>. Verification is
+exact match after normalising for the kind of target: choice "(B)" (also "B", "B)", "(B) <its text>"
+or the option text), yes/no (case, quotes, final period ignored), number (integers, answers.py),
+dyck "] ) >" (whitespace ignored), words (word_sorting: same words, spaces or commas), else text.
 
 Simplified: no few-shot chain-of-thought exemplars (BBH's cot-prompts are not used).
 """

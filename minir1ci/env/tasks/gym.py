@@ -1,17 +1,10 @@
-"""reasoning-gym datasets by name (optional extra: pip install minir1ci[gym]).
+"""reasoning-gym datasets by name (optional extra: pip install minir1ci[gym]; nothing is downloaded).
 
-`load(name, size, seed)` builds the procedural dataset with reasoning-gym's own
-`create_dataset` and wraps each item as an Example; scoring hands the extracted
-<<<answer>>> to the dataset's own `score_answer(answer, entry)`, so partial
-credit (some datasets give 0.01-0.5 for near misses) passes through unchanged.
-The data lives inside the package; nothing is downloaded.
-
-A few datasets (e.g. rubiks_cube, boxnet) have no single gold answer (`answer`
-is None): their examples load with answer "", metadata "no_gold", and
-`gold_response()` raises. An empty-string answer (possible in "ab") is a real gold.
-
-Examples keep only the dataset name, size, seed and item index; the dataset is
-rebuilt (cached) where a score is needed, so examples pickle across processes.
+Each item of reasoning-gym's `create_dataset` becomes an Example scored by the dataset's own
+`score_answer`, so partial credit passes through. Examples keep only the dataset name, size, seed and
+index, and the dataset is rebuilt (cached) where a score is needed, so they pickle across processes.
+Datasets without a single gold answer (e.g. rubiks_cube) load with answer "" and metadata "no_gold"
+(`gold_response()` raises); an empty-string answer (possible in "ab") is a real gold.
 """
 from __future__ import annotations
 

@@ -32,8 +32,12 @@ from minir1ci.env.tasks.symbench_verify import last_boxed
 ANSWER_HINT = "\nReturn your final answer with the format <<<answer>>>."
 
 
-def _natural(path: Path) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    """`folder.glob(pattern)` with numbers in names in numeric order (sample_2 before sample_10)."""
+    def natural(path: Path) -> list:
+        return [[int(t) if t.isdigit() else t for t in re.split(r"(\d+)", part)]
+                for part in path.relative_to(folder).parts]
+    return sorted(folder.glob(pattern), key=natural)
 
 
 def _read_json(path: Path):
@@ -47,16 +51,7 @@ def _sample_dirs(folder: Path) -> list[Path]:
     """sample_* under `folder`, or under each of its groups (the varied-complexity layout)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist (is --data pointing at the folder holding symbench/?)")
-    direct = sorted(folder.glob("sample_*"), key=_natural)
-    if direct:
-        return direct
-    return [s for group in sorted(folder.iterdir(), key=_natural) if group.is_dir()
-            for s in sorted(group.glob("sample_*"), key=_natural)]
-
-
-def _nested(location: Path, pattern: str) -> list[Path]:
-    """Files <group>/<item>/<pattern> under `location`, groups and items in natural order."""
-    return sorted(location.glob(f"*/*/{pattern}"), key=lambda p: (_natural(p.parent.parent), _natural(p.parent)))
+    return _glob(folder, "sample_*") or _glob(folder, "*/sample_*")
 
 
 def _two_levels(folder: Path) -> str:
@@ -89,10 +84,6 @@ def _equation_meta(question: str, sol: list) -> dict:
             "relations": relations}
 
 
-def _join(values) -> str:
-    return ", ".join(map(str, values))
-
-
 # name: (folder, verifier, gold answer from (question, solution), extra metadata from (question, solution))
 _SAMPLE_TASKS = {
     "2048": ("2048_dataset", v.check_ints, lambda q, s: s["solution"], None),
@@ -105,7 +96,7 @@ _SAMPLE_TASKS = {
                      lambda q, s: ", ".join(f"{r} {c}" for r, c in s["solution"]), None),
     "letter_logic_diagram": ("letter_logic_diagram", v.check_letter_grid,
                              lambda q, s: "\n".join(",".join(row) for row in s["solution"]), None),
-    "light_puzzles": ("light_puzzles_dataset", v.check_ints, lambda q, s: _join(s["solution"]), None),
+    "light_puzzles": ("light_puzzles_dataset", v.check_ints, lambda q, s: ", ".join(map(str, s["solution"])), None),
     "logic_puzzle": ("logic_puzzle_dataset", v.check_logic_puzzle,
                      lambda q, s: ", ".join(f"{r} {c}" for r, c in s["solution"]), _logic_puzzle_meta),
     "logical_equation": ("logical_equation", v.check_equations, lambda q, s: str(s), _equation_meta),
@@ -117,7 +108,8 @@ _SAMPLE_TASKS = {
     "pattern_recognition": ("pattern_recognition", v.check_ints, lambda q, s: f"[{s['row']}, {s['column']}]", None),
     "permutations_and_combinations": ("permutations_and_combinations", v.check_arrangement,
                                       lambda q, s: json.dumps(s["correct_solution"]), None),
-    "pooling": ("pooling_dataset", v.check_number_list, lambda q, s: _join(x for row in s["solution"] for x in row),
+    "pooling": ("pooling_dataset", v.check_number_list,
+                lambda q, s: ", ".join(str(x) for row in s["solution"] for x in row),
                 lambda q, s: {"target_numbers": [float(x) for row in s["solution"] for x in row]}),
     "reversi": ("reversi_dataset", v.check_tokens, lambda q, s: s["solution"], None),
     "standard_sudoku": ("standard_sudoku", v.check_sudoku, lambda q, s: json.dumps(s["solution"]), None),
@@ -177,23 +169,15 @@ def _load_samples(root: Path, name: str) -> list[Example]:
             meta["target_ints"] = v.int_list(answer)
         out.append(Example(f"symbench:{name}:{_two_levels(sample) if folder else sample.name}", f"symbench:{name}",
                            question, answer, meta, check))
-    if name == "pattern_recognition":
-        seen = {ex.prompt for ex in out}
-        out += [ex for ex in _pattern_json(root) if ex.prompt not in seen]
-    return out
-
-
-def _pattern_json(root: Path) -> list[Example]:
-    """pattern_recognition_dataset.json: the 70 sample folders' puzzles and 30 more, in one file."""
     path = root / "pattern_recognition" / "pattern_recognition_dataset.json"
-    items = _read_json(path) if path.exists() else []
-    out = []
-    for i, item in enumerate(items):
-        sol = item["solution"]
-        answer = f"[{sol['row']}, {sol['column']}]"
-        out.append(Example(f"symbench:pattern_recognition:json_{i}", "symbench:pattern_recognition",
-                           item["question"].strip(), answer, {"solution": sol, "target_ints": v.int_list(answer),
-                                                              "source": f"{path.name}[{i}]"}, v.check_ints))
+    if name == "pattern_recognition" and path.exists():  # the sample folders' puzzles and 30 more
+        seen = {ex.prompt for ex in out}
+        for i, item in enumerate(_read_json(path)):
+            sol, answer = item["solution"], gold(None, item["solution"])
+            if item["question"].strip() not in seen:
+                out.append(Example(f"symbench:{name}:json_{i}", f"symbench:{name}", item["question"].strip(), answer,
+                                   {"solution": sol, "target_ints": v.int_list(answer), "source": f"{path.name}[{i}]"},
+                                   check))
     return out
 
 
@@ -209,26 +193,26 @@ def _load_other(root: Path, name: str) -> list[Example]:
             out.append(Example(f"{task}:{_two_levels(sample)}", task, question + ANSWER_HINT, answer,
                                {"target_ints": [int(answer)], "source": str(sample.relative_to(root))}, v.check_ints))
     elif name == "blocksworld":
-        for folder in sorted(location.iterdir(), key=_natural):
+        for folder in _glob(location, "*"):
             path = folder / "blocksworld_task.txt"
             initial, goal = plan.read_blocksworld(path.read_text(), str(path))
             out.append(Example(f"{task}:{folder.name}", task, plan.blocksworld_prompt(initial, goal),
                                plan.plan_blocksworld(initial, goal), {"initial": initial, "goal": goal},
                                plan.check_blocksworld))
     elif name.startswith("boxlift"):
-        for path in _nested(location, "BoxLift.json"):
+        for path in _glob(location, "*/*/BoxLift.json"):
             data = _read_json(path)
             steps = plan.plan_boxlift(data["boxes"], data["lifters"])
             out.append(Example(f"{task}:{_two_levels(path.parent)}", task,
                                plan.boxlift_prompt(data["boxes"], data["lifters"], len(steps)),
                                plan.format_boxlift(steps), {**data, "max_steps": len(steps)}, plan.check_boxlift))
     elif name.startswith("boxnet"):
-        for path in _nested(location, "pg_state*.json"):
+        for path in _glob(location, "*/*/pg_state*.json"):
             grid = _read_json(path)
             out.append(Example(f"{task}:{_two_levels(path.parent)}", task, plan.boxnet_prompt(grid),
                                plan.plan_boxnet(grid), {"grid": grid}, plan.check_boxnet))
     elif name == "letters":
-        for path in _nested(location, "test_words.json"):
+        for path in _glob(location, "*/*/test_words.json"):
             word, letter = _read_json(path), path.parent.name.split("_")[0]
             positions = [i + 1 for i, ch in enumerate(word) if ch == letter]
             out.append(Example(f"{task}:{_two_levels(path.parent)}", task,
@@ -246,7 +230,7 @@ def _load_other(root: Path, name: str) -> list[Example]:
             out.append(Example(f"{task}:{lineno}", task, row["input"].strip() + ANSWER_HINT, f"{target:.10g}",
                                {"target_number": target}, v.check_number))
     elif name.startswith("math_"):
-        for path in sorted(location.glob("*.json"), key=_natural):
+        for path in _glob(location, "*.json"):
             row = _read_json(path)
             answer = last_boxed(row.get("solution", ""))
             if answer is None:
@@ -260,7 +244,7 @@ def _load_game24(root: Path, name: str) -> list[Example]:
     """game24: the 4nums.com list (24/24.csv, gold from a solver); game24_varied: n-number puzzles with solutions."""
     task, out = f"symbench:{name}", []
     files = ([root / "game24_dataset" / "24" / "24.csv"] if name == "game24" else
-             sorted((root / "game24_dataset").glob("*/*_number.csv"), key=lambda p: (_natural(p.parent), _natural(p))))
+             _glob(root / "game24_dataset", "*/*_number.csv"))
     for path in files:
         target = int(path.parent.name)
         with path.open() as f:

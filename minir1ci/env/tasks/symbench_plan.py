@@ -1,17 +1,12 @@
-"""The three SymBench planning tasks: prompts, plan simulators (the verifiers) and planners.
+"""The SymBench planning tasks Blocksworld, BoxLift and BoxNet: prompts, plan simulators (the
+verifiers) and planners.
 
-  Blocksworld  stacks of blocks -> a goal arrangement, one top block moved at a time
-  BoxLift      boxes lifted by lifters (several may share a box) within a step budget
-  BoxNet       agents on a grid move coloured boxes to adjacent squares or onto targets
+The data holds only instances, so the gold plan comes from a planner here (breadth-first search, a
+greedy lift schedule, a one-box-at-a-time route). Any valid plan scores 1; unlike CodeSteer's
+checkers, an invalid action fails the whole plan instead of being skipped.
 
-The data gives only the instance, not a plan, so the gold answer is produced by a
-planner here (breadth-first search, the greedy lift schedule that also sets the
-BoxLift step budget, a one-box-at-a-time BoxNet route). Any valid plan scores 1:
-the verifier simulates it. Unlike CodeSteer's checkers, an invalid action fails
-the whole plan instead of being skipped, since the rules forbid it.
-
-Simplified: the prompts paraphrase CodeSteer's; BoxNet gets no step budget and
-BoxLift's budget is our greedy schedule's length.
+Simplified: the prompts paraphrase CodeSteer's; BoxNet has no step budget and BoxLift's is the length
+of our greedy schedule.
 """
 from __future__ import annotations
 
@@ -19,6 +14,7 @@ import ast
 import json
 import re
 from collections import Counter, deque
+from itertools import permutations
 
 from minir1ci.env.tasks.example import Example
 
@@ -26,20 +22,21 @@ from minir1ci.env.tasks.example import Example
 # ---- Blocksworld ----
 def read_blocksworld(text: str, path: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """'Initial State:' / 'Goal State:' sections of 'stackN: A B' lines (bottom to top)."""
-    states: dict[str, dict[str, list[str]]] = {"initial": {}, "goal": {}}
+    initial: dict[str, list[str]] = {}
+    goal: dict[str, list[str]] = {}
     current = None
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line in ("Initial State:", "Goal State:"):
-            current = states["initial" if line.startswith("Initial") else "goal"]
+            current = initial if line.startswith("Initial") else goal
         elif line:
             name, sep, blocks = line.partition(":")
             if current is None or not sep or not name.startswith("stack"):
                 raise ValueError(f"{path}:{lineno}: expected 'stackN: blocks', got {line!r}")
             current[name.strip()] = blocks.split()
-    if not states["initial"] or not states["goal"]:
+    if not initial or not goal:
         raise ValueError(f"{path}: missing Initial State or Goal State")
-    return states["initial"], states["goal"]
+    return initial, goal
 
 
 def blocksworld_prompt(initial: dict[str, list[str]], goal: dict[str, list[str]]) -> str:
@@ -88,15 +85,14 @@ def plan_blocksworld(initial: dict[str, list[str]], goal: dict[str, list[str]]) 
                 state, move = parent[state]
                 moves.append(move)
             return "\n".join(reversed(moves)) or "No moves"
-        for i, src in enumerate(state):
-            for j in range(len(state)):
-                if src and i != j:
-                    nxt = list(state)
-                    nxt[i], nxt[j] = src[:-1], state[j] + (src[-1],)
-                    nxt = tuple(nxt)
-                    if nxt not in parent:
-                        parent[nxt] = (state, f"Move {src[-1]} from {names[i][5:]} to {names[j][5:]}")
-                        queue.append(nxt)
+        for i, j in permutations(range(len(state)), 2):
+            if state[i]:
+                nxt = list(state)
+                nxt[i], nxt[j] = state[i][:-1], state[j] + (state[i][-1],)
+                nxt = tuple(nxt)
+                if nxt not in parent:
+                    parent[nxt] = (state, f"Move {state[i][-1]} from {names[i][5:]} to {names[j][5:]}")
+                    queue.append(nxt)
     raise ValueError("goal state unreachable")
 
 
@@ -164,14 +160,12 @@ def _square(key: str) -> tuple[float, float]:
 
 
 def boxnet_prompt(grid: dict[str, list[str]]) -> str:
-    lines = []
-    for key, items in grid.items():
-        r, c = _square(key)
-        lines.append(f"Agent[{r}, {c}] is in square[{r}, {c}] and sees {items}")
+    agents = "\n".join(f"Agent[{r}, {c}] is in square[{r}, {c}] and sees {items}"
+                       for (r, c), items in zip(map(_square, grid), grid.values()))
     return ("BoxNet task.\n\nAgents on a grid must bring coloured boxes to targets of the same colour. Each agent "
             "stays in its square and acts only on the items there: it can move a box to a horizontally or "
             "vertically adjacent square, or onto a target of the box's colour in its own square, which removes "
-            "both. A square may hold several boxes and targets.\n\n" + "\n".join(lines) + "\n\n"
+            "both. A square may hold several boxes and targets.\n\n" + agents + "\n\n"
             "Give the plan as a JSON list of steps; each step maps an agent to one action, e.g. "
             '<<<[{"Agent[0.5, 0.5]": "move(box_blue, square[0.5, 1.5])"}, '
             '{"Agent[0.5, 1.5]": "move(box_blue, target_blue)"}]>>>. Match all the boxes.')
@@ -183,11 +177,9 @@ _ACTION_RE = re.compile(r"\s*move\(\s*(box_\w+)\s*,\s*(target_\w+|square\[\s*([\
 def check_boxnet(answer: str, ex: Example) -> float:
     grid = {_square(k): list(v) for k, v in ex.metadata["grid"].items()}
     plan = json.loads(answer)
-    if not isinstance(plan, list):
+    if not isinstance(plan, list) or not all(isinstance(step, dict) for step in plan):
         return 0.0
     for step in plan:
-        if not isinstance(step, dict):
-            return 0.0
         for agent, action in step.items():
             m_agent = re.fullmatch(r"\s*Agent\[\s*([\d.]+)\s*,\s*([\d.]+)\s*\]\s*", agent)
             m = _ACTION_RE.fullmatch(str(action))
@@ -200,14 +192,13 @@ def check_boxnet(answer: str, ex: Example) -> float:
             if dest.startswith("target_"):
                 if dest[len("target_"):] != box[len("box_"):] or dest not in grid[here]:
                     return 0.0
-                grid[here].remove(box)
                 grid[here].remove(dest)
             else:
                 there = (float(m.group(3)), float(m.group(4)))
                 if there not in grid or abs(here[0] - there[0]) + abs(here[1] - there[1]) != 1:
                     return 0.0
-                grid[here].remove(box)
                 grid[there].append(box)
+            grid[here].remove(box)
     return float(not any(item.startswith("box_") for items in grid.values() for item in items))
 
 
