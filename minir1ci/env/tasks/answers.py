@@ -118,8 +118,6 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, as
 
 
 def _walk(node: ast.AST, leaves: list[int]) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return _walk(node.body, leaves)
     if isinstance(node, ast.Constant) and type(node.value) is int and node.value >= 0:
         leaves.append(node.value)
         return Fraction(node.value)
@@ -136,9 +134,8 @@ def eval_arith(expr: str) -> tuple[Fraction, list[int]] | None:
     if not expr or len(expr) > _MAX_EXPR_CHARS or not re.fullmatch(r"[\d\s+\-*/()]+", expr):
         return None
     try:
-        tree = ast.parse(expr, mode="eval")
         leaves: list[int] = []
-        return _walk(tree, leaves), leaves
+        return _walk(ast.parse(expr, mode="eval").body, leaves), leaves
     except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
         return None
 

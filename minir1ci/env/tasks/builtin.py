@@ -1,14 +1,11 @@
 """Built-in procedural task families, each with a verifier and an oracle code trajectory.
 
-The families are chosen so that code clearly beats text for a small model: the oracle's python
-nearly copies the question (learnable by a ~1M-parameter model that can copy), while text needs the
-real computation. mul: a product of 3-4 digit numbers; add: a sum of 3-5 numbers; letters: count a
-letter in a random string; sort: 5-8 numbers; base: to base 2, 8 or 16; date: N days after a date;
-game24: four numbers 1-13 made into 24 with + - * /.
-
-Generation is deterministic per (family, seed). A question is a test question exactly when the hash
-of its text falls in bucket 0 of 10, so train and test never share one. The oracle code really
-runs (`Example.oracle_segments`), so the output in SFT data is what python printed.
+Code clearly beats text on them for a small model: the oracle's python nearly copies the question
+(learnable by a ~1M-parameter model), while text needs the real computation. Families: mul, add,
+letters (count a letter), sort, base (2, 8 or 16), date (N days later), game24.
+Generation is deterministic per (family, seed); a question is a test question exactly when the hash
+of its text falls in bucket 0 of 10, so the splits never share one. The oracle code really runs
+(`Example.oracle_segments`): SFT data shows what python printed.
 
 Simplified: one wording per family, no paraphrases (R1-CI varies prompt formats).
 """

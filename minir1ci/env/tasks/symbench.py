@@ -1,19 +1,11 @@
-"""SymBench / R1-CI task folders under <data>/symbench, read where they lie (never vendored).
+"""SymBench / R1-CI task folders under <data>/symbench (CodeSteer's release, Apache-2.0), read where
+they lie. Layouts: <folder>/[<group>/]sample_i/ with question.txt + solution.json (number multiplying:
+input_prompt_1.txt + target_answer.txt); game24_dataset/<target>/*.csv; Blocksworld, BoxLift and
+BoxNet instances (the prompt and gold plan are made here); Letters/; gsmhardv2.jsonl; MATH/.
 
-Layouts handled (as released with CodeSteer, Apache-2.0):
-  <folder>/sample_i/question.txt + solution.json     most tasks
-  <folder>/<group>/sample_i/...                      the *_varied_complexity folders
-  <folder>/<group>/sample_i/input_prompt_1.txt + target_answer.txt   number multiplying
-  game24_dataset/<target>/*.csv                      4nums.com puzzles and n-number puzzles
-  Blocksworld_dataset/<id>/blocksworld_task.txt      instance only: prompt and gold plan are made here
-  BoxLift*/<group>/<id>/BoxLift.json, BoxNet1*/<group>/<id>/pg_stateK.json   likewise
-  Letters/<lengths>/<letter>_<count>_<i>/test_words.json
-  gsmhardv2.jsonl, MATH/train/{geometry,counting_and_probability}/*.json
-
-Each task pairs a loader with a verifier (symbench_verify.py, symbench_plan.py), which checks every
-loaded gold answer: a reference answer that breaks its own question's rules is replaced by a
-solver's where there is one and dropped otherwise, with one warning per task.
-Not covered: Path Plan (no data in this copy) and BIG-Bench-Hard/ (the files bbh.py loads).
+Every gold answer is checked by its verifier (symbench_verify.py, symbench_plan.py) at load: one
+that breaks its question's rules is re-solved where a solver exists, else dropped, with one warning
+per task. Not covered: Path Plan (no data in this copy), BIG-Bench-Hard/ (bbh.py reads bbh/).
 """
 from __future__ import annotations
 

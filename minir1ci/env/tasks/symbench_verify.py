@@ -130,8 +130,7 @@ def check_letter_grid(answer: str, ex: Example) -> float:
     if len(letters) != n * n:
         return 0.0
     rows = [letters[i * n:(i + 1) * n] for i in range(n)]
-    alphabet = set("abcdefg"[:n])
-    if any(set(row) != alphabet for row in rows) or any({rows[r][c] for r in range(n)} != alphabet for c in range(n)):
+    if any(set(line) != set("abcdefg"[:n]) for line in rows + list(zip(*rows))):
         return 0.0
     if any(grid[r][c] and grid[r][c] != rows[r][c] for r in range(n) for c in range(n)):
         return 0.0
@@ -144,11 +143,8 @@ def check_sudoku(answer: str, ex: Example) -> float:
     if len(digits) != 81:
         return 0.0
     rows = [digits[i * 9:(i + 1) * 9] for i in range(9)]
-    full = set(range(1, 10))
-    groups = rows + [[rows[r][c] for r in range(9)] for c in range(9)]
-    groups += [[rows[r][c] for r in range(br, br + 3) for c in range(bc, bc + 3)]
-               for br in (0, 3, 6) for bc in (0, 3, 6)]
-    if any(set(g) != full for g in groups):
+    boxes = [[rows[r][c] for r in range(br, br + 3) for c in range(bc, bc + 3)] for br in (0, 3, 6) for bc in (0, 3, 6)]
+    if any(set(group) != set(range(1, 10)) for group in rows + list(zip(*rows)) + boxes):
         return 0.0
     return float(all(puzzle[r][c] in (0, rows[r][c]) for r in range(9) for c in range(9)))
 
