@@ -83,9 +83,7 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.temperature, ctx.chunk_size, ctx.cdtype = temperature, chunk_size, cdtype
         ctx.set_materialize_grads(False)  # an unused output arrives as None, not a zero tensor
-        if with_entropy:
-            return logp, ent
-        return logp
+        return (logp, ent) if with_entropy else logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -145,8 +143,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature:
     if mask is not None:
         idx = mask.reshape(B * T).nonzero().squeeze(1)  # [n] positions that are computed
         flat_h, flat_t = flat_h.index_select(0, idx), flat_t.index_select(0, idx)
-    out = _ChunkedLinearLogProb.apply(flat_h, weight, flat_t, float(temperature), int(chunk_size),
-                                      bool(with_entropy))
+    out = _ChunkedLinearLogProb.apply(flat_h, weight, flat_t, float(temperature), int(chunk_size), bool(with_entropy))
     logp, ent = out if with_entropy else (out, None)
     if idx is not None:  # scatter the computed rows back; index_copy is differentiable in its source
         logp = logp.new_zeros(B * T).index_copy(0, idx, logp)

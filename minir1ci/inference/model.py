@@ -88,7 +88,8 @@ class ModelConfig:
         if model_type != "qwen2":
             raise ValueError(f"unsupported model_type {model_type!r}: only 'qwen2' (Qwen-2.5) is implemented")
         if raw.get("use_sliding_window", False):
-            raise ValueError("unsupported config: use_sliding_window=true (sliding-window attention is not implemented)")
+            raise ValueError("unsupported config: use_sliding_window=true (sliding-window attention is not "
+                             "implemented)")
         for key in ("rope_scaling", "rope_parameters"):
             rope = raw.get(key) or {}
             if not isinstance(rope, dict):

@@ -178,9 +178,7 @@ class Tokenizer:
     def im_start_id(self) -> int:
         return self.token_to_id(IM_START)
 
-    @property
-    def im_end_id(self) -> int:
-        return self.token_to_id(IM_END)
+    im_end_id = eos_token_id
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                             return_assistant_mask: bool = False) -> list[int] | tuple[list[int], list[int]]:

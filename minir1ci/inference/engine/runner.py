@@ -1,14 +1,12 @@
 """Running the model for one sampler step: the KV cache tensors, attention metadata, CUDA graphs.
 
-Owns one (k_cache, v_cache) pair per layer, [num_blocks, block_size, n_kv_heads, head_dim], and
-packs a step's sequences into `model.model(input_ids[N], position_ids[N], kv_caches, attn_meta)`:
-a prefill runs each sequence's uncached tokens (at least its last one; a token whose K/V is cached
-gets slot -1), a decode its last token. Only the last position of each sequence goes through
-lm_head; logits come back fp32 [B, V].
-
-On CUDA, decode replays graphs captured per batch-size bucket (1, 2, 4, 8, then multiples of 16)
-with the full-width block table; padded rows get slot -1 and one key. Graphs read the parameters
-in place, so weights updated with `copy_` (a training step) stay valid.
+Owns one (k_cache, v_cache) pair per layer, [num_blocks, block_size, n_kv_heads, head_dim], and packs
+a step into `model.model(input_ids[N], position_ids[N], kv_caches, attn_meta)`: a prefill runs each
+sequence's uncached tokens (at least its last; a token whose K/V is cached gets slot -1), a decode its
+last token. Only each sequence's last position goes through lm_head; logits come back fp32 [B, V].
+On CUDA, decode replays graphs captured per batch-size bucket (1, 2, 4, 8, multiples of 16) with the
+full-width block table (padded rows: slot -1, one key); they read the parameters in place, so
+weights updated with `copy_` stay valid.
 
 Simplified against nano-vllm: no tensor parallelism, no torch.compile, prefill is never graphed.
 """
@@ -20,10 +18,6 @@ from torch import Tensor, nn
 from minir1ci.inference.model import AttnMeta
 from minir1ci.inference.engine.block_manager import BlockManager
 from minir1ci.inference.engine.sequence import Sequence
-
-
-def _cdiv(a: Tensor | int, b: int):
-    return -(-a // b)
 
 
 class ModelRunner:
@@ -67,7 +61,7 @@ class ModelRunner:
         slots = self.bm.tables[rows[seq_of], pos // PS].long() * PS + pos % PS
         cached = torch.tensor([s.num_cached for s in seqs])[seq_of]
         slots = torch.where(pos < cached, -1, slots)
-        table = self.bm.tables[rows, :int(_cdiv(int(lens.max()), PS))]      # [B, P]
+        table = self.bm.tables[rows, :-(-int(lens.max()) // PS)]            # [B, P]
         ids_t, pos, slots, table, lens32, cu_q_d, cu_k = self._to_device(
             torch.tensor(ids), pos, slots, table, lens.to(torch.int32), cu_q, cu_k)
         meta = AttnMeta(is_prefill=True, slot_mapping=slots, block_table=table, context_lens=lens32,
@@ -94,7 +88,7 @@ class ModelRunner:
         bucket = next((b for b in self.graphs if b >= B), None)  # graphs are keyed smallest first
         if bucket is not None:
             return self._replay(seqs, bucket)
-        width = int(_cdiv(max(len(s) for s in seqs), self.block_size))
+        width = -(-max(len(s) for s in seqs) // self.block_size)
         ids, pos, slots, table, lens = self._to_device(*self._decode_inputs(seqs, width))
         meta = AttnMeta(is_prefill=False, slot_mapping=slots, block_table=table, context_lens=lens)
         hidden = self.model.model(ids, position_ids=pos, kv_caches=self.kv_caches, attn_meta=meta)    # [B, H]
@@ -120,8 +114,8 @@ class ModelRunner:
                                 context_lens=s["lens"])
 
                 def run() -> Tensor:
-                    return self.model.lm_head(self.model.model(s["ids"], position_ids=s["pos"], kv_caches=self.kv_caches,
-                                                               attn_meta=meta))
+                    hidden = self.model.model(s["ids"], position_ids=s["pos"], kv_caches=self.kv_caches, attn_meta=meta)
+                    return self.model.lm_head(hidden)
                 run()  # warm-up outside the graph: compiles the Triton kernels for this shape
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):

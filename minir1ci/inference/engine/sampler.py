@@ -7,13 +7,10 @@
     sampler.append_tokens(sid, output_ids)               # forced tokens (mask 0), then resume
     done = sampler.release(sid)                          # final Completion; pages freed
 
-With one seeded SamplingParams, `generate` gives request i seed + i, so a GRPO group's copies
-differ. A stopped sequence keeps its pages until `release`, so a resumed one prefills only the
-appended tokens; when memory runs short, stopped sequences lose their pages first and are
-recomputed from their tokens (same results). Finish reasons: "eos", "stop" (`stop_reason` names
-the id or string), "length"; the token that stopped a sequence stays in its response.
-Cached prompt pages are dropped when the weights change (see `_check_weights`): change weights
-only while the sampler is idle. The KV cache is sized from `kv_cache_bytes`.
+With one seeded SamplingParams, request i of `generate` gets seed + i. A stopped sequence keeps its
+pages until `release` (or eviction), so a resumed one prefills only the appended tokens. Finish
+reasons: "eos", "stop" (`stop_reason` names the id or string), "length"; the stopping token stays in
+the response. Cached prompt pages are dropped when the weights change: change them only while idle.
 """
 from __future__ import annotations
 

@@ -46,11 +46,8 @@ def prefill_attention_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
         k_idx = (cu_seqlens_k[:-1].to(dev).long()[:, None] + kpos[None, :]).clamp(max=k.shape[0] - 1)
         kb, vb = k.float()[k_idx], v.float()[k_idx]                            # [B, Lk, Hkv, D]
     else:
-        page = k.shape[1]
-        n_pages = -(-Lk // page)
-        pages = block_table[:, :n_pages].long()
-        kb = k[pages].flatten(1, 2)[:, :Lk].float()
-        vb = v[pages].flatten(1, 2)[:, :Lk].float()
+        pages = block_table[:, :-(-Lk // k.shape[1])].long()                     # [B, pages holding Lk keys]
+        kb, vb = (t[pages].flatten(1, 2)[:, :Lk].float() for t in (k, v))      # [B, Lk, Hkv, D]
     k_valid = kpos[None, :] < len_k[:, None]                                   # [B, Lk]
     vb = vb.masked_fill(~k_valid[:, :, None, None], 0.0)
     # Bottom-right causal: query j sees keys up to len_k - len_q + j.
@@ -76,8 +73,7 @@ def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     n_pages = max(-(-int(context_lens.max()) // page_size), 1)
     pages = block_table[:, :n_pages].reshape(-1).long()                        # [B * P]
     K = n_pages * page_size
-    k = k_cache.index_select(0, pages).view(B * K, Hkv * D)                    # fresh copies
-    v = v_cache.index_select(0, pages).view(B * K, Hkv * D)
+    k, v = (c.index_select(0, pages).view(B * K, Hkv * D) for c in (k_cache, v_cache))  # fresh copies
     visible = torch.arange(K, device=q.device)[None, :] < context_lens[:, None].to(q.device)  # [B, K]
     stale = (~visible).view(-1).nonzero().squeeze(1)
     k.index_fill_(0, stale, 0.0)
