@@ -58,18 +58,15 @@ def evaluate_examples(model, tokenizer, sandbox, examples, n: int = 1, params: R
 
 def check_summary(obj, name: str) -> dict:
     """`obj` if it has the shape `summarize` writes; else ValueError naming the first bad field."""
-    def check_row(row, where: str) -> None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("tasks"), dict):
+        raise ValueError(f"{name}: not an evaluate.py summary (expected an object with 'tasks' and 'average')")
+    rows = [(f"tasks[{task!r}]", row) for task, row in obj["tasks"].items()] + [("average", obj.get("average"))]
+    for where, row in rows:
         if not isinstance(row, dict):
             raise ValueError(f"{name}: {where} must be an object of metrics")
         for c in COLUMNS:
             if not isinstance(row.get(c), (int, float)) or isinstance(row.get(c), bool):
                 raise ValueError(f"{name}: {where}.{c} must be a number, got {row.get(c)!r}")
-
-    if not isinstance(obj, dict) or not isinstance(obj.get("tasks"), dict):
-        raise ValueError(f"{name}: not an evaluate.py summary (expected an object with 'tasks' and 'average')")
-    for task, row in obj["tasks"].items():
-        check_row(row, f"tasks[{task!r}]")
-    check_row(obj.get("average"), "average")
     return obj
 
 
@@ -87,11 +84,10 @@ def format_comparison(a: dict, b: dict, name_a: str, name_b: str) -> str:
     names = sorted(set(a["tasks"]) | set(b["tasks"]))
     head = f"{'task':32s} {name_a[:14]:>14s} {name_b[:14]:>14s} {'delta':>8s} {'code A':>8s} {'code B':>8s}"
     lines = [head, "-" * len(head)]
+    missing = dict.fromkeys(COLUMNS, float("nan"))   # a task only one of the runs has
     for name in names + ["AVERAGE"]:
-        ma = a["average"] if name == "AVERAGE" else a["tasks"].get(name)
-        mb = b["average"] if name == "AVERAGE" else b["tasks"].get(name)
-        acc_a = ma["accuracy"] if ma else float("nan")
-        acc_b = mb["accuracy"] if mb else float("nan")
-        lines.append(f"{name[:32]:32s} {acc_a:14.3f} {acc_b:14.3f} {acc_b - acc_a:+8.3f} "
-                     f"{(ma or {}).get('code_use', float('nan')):8.3f} {(mb or {}).get('code_use', float('nan')):8.3f}")
+        ma = a["average"] if name == "AVERAGE" else a["tasks"].get(name, missing)
+        mb = b["average"] if name == "AVERAGE" else b["tasks"].get(name, missing)
+        lines.append(f"{name[:32]:32s} {ma['accuracy']:14.3f} {mb['accuracy']:14.3f} "
+                     f"{mb['accuracy'] - ma['accuracy']:+8.3f} {ma['code_use']:8.3f} {mb['code_use']:8.3f}")
     return "\n".join(lines)

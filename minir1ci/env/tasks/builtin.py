@@ -152,11 +152,10 @@ def _date(rng: random.Random):
 
 
 def _game24(rng: random.Random):
-    while True:  # about 3 in 4 draws are solvable
+    ans = None
+    while not ans:  # about 3 in 4 draws are solvable
         nums = sorted(rng.randint(1, 13) for _ in range(4))
         ans = _game24_answer(tuple(nums))
-        if ans:
-            break
     listed = ", ".join(map(str, nums))
     code = GAME24_SOLVER + f"\nprint(solve([(n, str(n)) for n in [{listed}]]))"
     return (f"Use the numbers {listed}, each exactly once, with + - * / and parentheses to make 24. "
