@@ -1,27 +1,18 @@
 """minir1ci: R1-Code-Interpreter training, from scratch in PyTorch.
 
-The public API, importable from the package root:
-
     model, tokenizer = minir1ci.load_pretrained("path/to/Qwen2.5-0.5B-Instruct", dtype="bfloat16")
     logits = model(input_ids)                      # [B, T] -> [B, T, vocab]
     minir1ci.save_pretrained(model, tokenizer, "runs/sft/final")   # transformers/vLLM load it
-    model, tokenizer = minir1ci.init_from_config(tiny_dir(), seed=0)   # from minir1ci.presets
 
-Exports resolve lazily (PEP 562 `__getattr__`), so `import minir1ci.env.prompts` or the sandbox's
-worker processes do not pay for importing torch.
+Exports resolve lazily (PEP 562), so the sandbox's workers do not pay for importing torch.
 """
 from __future__ import annotations
 
 import importlib
 
-# public name -> module that defines it
-_EXPORTS = {
-    "load_pretrained": "inference.checkpoint",
-    "save_pretrained": "inference.checkpoint",
-    "load_model": "inference.checkpoint",
-    "init_from_config": "inference.checkpoint",
-    "ModelConfig": "inference.model",
-    "Qwen2ForCausalLM": "inference.model",
+_EXPORTS = {   # public name -> module that defines it
+    **dict.fromkeys(("load_pretrained", "save_pretrained", "load_model", "init_from_config"), "inference.checkpoint"),
+    **dict.fromkeys(("ModelConfig", "Qwen2ForCausalLM"), "inference.model"),
     "Tokenizer": "inference.tokenizer",
 }
 

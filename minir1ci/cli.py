@@ -1,8 +1,6 @@
-"""Small helpers shared by the command-line scripts (rollout.py, evaluate.py): their common flags with
-range checks, one-line errors, a progress bar, and loading the model and tasks with clear errors.
-
-Every bad input ends the same way, before any work: one stderr line `PROG: error: WHAT`, exit 2
-for a bad flag (argparse) and 1 for a bad file, directory or device (`fail`)."""
+"""Helpers of rollout.py and evaluate.py: shared flags with range checks, a progress bar, and loading
+the model and tasks. A bad input ends before any work with one stderr line `PROG: error: WHAT`,
+exit 2 for a bad flag (argparse), 1 for a bad file, directory or device (`fail`)."""
 from __future__ import annotations
 
 import argparse
@@ -48,8 +46,7 @@ def number(kind: type, low: float, high: float | None = None, low_open: bool = F
 
 
 def add_rollout_args(ap: argparse.ArgumentParser, n: int, temperature: float) -> None:
-    """The flags rollout.py and evaluate.py share, each with its range; the RolloutParams fields
-    among them keep their names (`RolloutParams.from_options(vars(args))`)."""
+    """The flags rollout.py and evaluate.py share; RolloutParams fields keep their names (`from_options`)."""
     ap.add_argument("--data", default=None, help="root holding symbench/ and bbh/ (default $MINIR1CI_DATA)")
     ap.add_argument("--split", default="test", choices=["train", "test", "all"], help="which questions")
     ap.add_argument("--n", type=number(int, 1), default=n, help="samples per question")
@@ -83,9 +80,8 @@ class ProgressBar:
     """`bar(done, total)` redraws one stderr line: count, percentage, rate, elapsed time."""
 
     def __init__(self, desc: str, unit: str = "traj"):
-        self.desc, self.unit, self.t0 = desc, unit, time.time()
+        self.desc, self.unit, self.t0, self.last_print = desc, unit, time.time(), 0.0
         self.tty = sys.stderr.isatty()
-        self.last_print = 0.0
 
     def __call__(self, done: int, total: int) -> None:
         now = time.time()
@@ -103,9 +99,8 @@ class ProgressBar:
 
 def load_inputs(prog: str, model: str, tasks: str, data: str | None, split: str, limit: int | None, seed: int,
                 device: str, dtype: str, out: str | None = None):
-    """(examples, model, tokenizer) for rollout.py and evaluate.py. Every input (device, dtype,
-    output file, checkpoint, task spec) is checked before the model is loaded; a bad one exits
-    through `fail`."""
+    """(examples, model, tokenizer); every input (device, dtype, output file, checkpoint, tasks) is
+    checked before the model loads, and a bad one exits through `fail`."""
     from minir1ci.env.tasks import load_tasks
     from minir1ci.inference.checkpoint import check_checkpoint, load_pretrained
     from minir1ci.inference.devices import inference_dtype, pick_device

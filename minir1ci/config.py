@@ -1,13 +1,8 @@
-"""Training configuration: one frozen dataclass, presets as plain functions, `--key=value` overrides.
+"""Training configuration: one frozen dataclass, presets as plain functions, `--key=value` overrides
+coerced by field type (unknown keys refused with close matches); saved as each run's config.json.
 
-Every field can be set from the command line as `--field=value` (or `--field value`); values are
-coerced by the field's type and unknown keys are refused with the list of close matches. The
-resolved config is saved as `config.json` in each run directory.
-
-Defaults follow the paper where it states them (REFERENCE.md, section 1): GRPO lr 1e-6, 5 samples
-per prompt, KL 0.001 with k3, clip 0.2, grad clip 1.0, temperature 1.0; PPO critic lr 1e-5, value
-clip 0.5, gamma = lambda = 1. The `tiny_*` presets change what a 1M-parameter model trained from
-scratch on a CPU needs (larger learning rates, short budgets).
+Defaults follow the paper where it states them (REFERENCE.md, section 1); the `tiny` presets are
+what a 1M-parameter model trained from scratch on a CPU needs (larger learning rates, short budgets).
 """
 from __future__ import annotations
 
@@ -48,7 +43,7 @@ RANGES = {
 class TrainConfig:
     stage: str = "sft"
     # what to train, where to write
-    model: str = ""            # initial checkpoint dir; "" = from scratch (pretrain), runs/pretrain (sft), runs/sft (rl)
+    model: str = ""            # start checkpoint; "" = scratch (pretrain), runs/pretrain (sft), runs/sft (rl)
     out: str = ""              # run directory; "" = runs/<stage>
     tasks: str = "builtin:all"
     data: str = ""             # root holding symbench/ and bbh/ ("" = $MINIR1CI_DATA or ../shared/data)
@@ -128,7 +123,8 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose one of {STAGES}")
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of "
+                             f"micro_batch_size {self.micro_batch_size}")
         for name, (lo, hi, closed) in RANGES.items():   # nan fails every comparison, so it is refused too
             v = getattr(self, name)
             if not ((lo <= v if closed[0] else lo < v) and (v <= hi if closed[1] else v < hi)):
@@ -211,14 +207,14 @@ def tiny(stage: str) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- overrides
 
+BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
 def _coerce(name: str, typ, text: str):
     if typ is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} expects a boolean, got {text!r}")
+        if text.lower() not in BOOLS:
+            raise ValueError(f"--{name} expects a boolean, got {text!r}")
+        return BOOLS[text.lower()]
     try:
         return typ(text)
     except ValueError:
@@ -235,12 +231,9 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
             raise ValueError(f"unexpected argument {arg!r}: use --key=value")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if nxt is not None and not nxt.startswith("--"):
-                value, i = nxt, i + 1
-            else:
-                value = "true"
+        if not eq:   # `--key value`, or a bare `--flag` before the next option
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value, i = (argv[i + 1], i + 1) if has_value else ("true", i)
         out[key] = value
         i += 1
     return out
@@ -262,10 +255,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
 
 def resolve(argv: list[str]) -> TrainConfig:
     """The config for a `train.py` command line: `--stage` picks the preset, the rest override it.
-
-    `--preset tiny|paper` chooses the preset family; the default is `tiny` without --model and
-    `paper` with one (pretrain has only the tiny preset).
-    """
+    `--preset tiny|paper` picks the family: `tiny` without --model, else `paper` (pretrain: only tiny)."""
     overrides = parse_overrides(argv)
     stage = overrides.get("stage", "sft")
     if stage not in STAGES:

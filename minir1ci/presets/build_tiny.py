@@ -1,19 +1,15 @@
 """Regenerate the tiny preset: a ~1000-token Qwen-style tokenizer and a 4-layer Qwen2 config.
 
-The tiny preset lets every part of the project (sampler, trainers, demo) run on a CPU in
-seconds with the real file formats. Its tokenizer has Qwen-2.5's pipeline (NFC, the
-same pre-tokenizer regex, so digits are single tokens, byte-level BPE over all 256
-bytes) and the same 22 special tokens with the same names and order, after 1000 regular
-tokens instead of 151643. It is trained with `tokenizers` on a deterministic synthetic
-corpus shaped like the data: the system prompts of `minir1ci.env.prompts`, questions,
-step-by-step sentences, python snippets, interpreter output and <<<answers>>>.
+With it every part of the project runs on a CPU in seconds with the real file formats. The tokenizer
+has Qwen-2.5's pipeline (NFC, the same pre-tokenizer regex, byte-level BPE) and its 22 special tokens
+in the same order, after 1000 regular tokens instead of 151643, trained on a deterministic synthetic
+corpus shaped like the data (system prompts, questions, reasoning, python, interpreter output,
+<<<answers>>>). Simplified: templated text, not real trajectories; the config is a shape for tests
+and demos, not a model anyone pretrained.
 
-Run: `python -m minir1ci.presets.build_tiny [--out DIR]` (default: minir1ci/presets/tiny).
-The output is byte for byte the same on every run with the same `tokenizers` version
-(TRAINED_WITH); tests/test_tokenizer.py checks the committed files against a fresh build.
-
-Simplified: the corpus is templated text, not real trajectories; the config is a shape
-for tests and demos, not a model anyone pretrained.
+Run: `python -m minir1ci.presets.build_tiny [--out DIR]` (default: minir1ci/presets/tiny). The output
+is byte for byte the same with the same `tokenizers` version (TRAINED_WITH); tests/test_tokenizer.py
+checks the committed files against a fresh build.
 """
 from __future__ import annotations
 
@@ -28,8 +24,8 @@ import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
 from minir1ci.env import prompts
-from minir1ci.inference.tokenizer import (DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, SPECIAL_TOKENS,
-                                Tokenizer, byte_level_bpe, qwen_pre_tokenizer)
+from minir1ci.inference.tokenizer import (DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, SPECIAL_TOKENS, Tokenizer,
+                                          byte_level_bpe, qwen_pre_tokenizer)
 
 TRAINED_WITH = "0.23.3"  # tokenizers version that produced the committed files
 REGULAR_TOKENS = 1000  # 256 bytes + 744 merges
@@ -80,14 +76,11 @@ def _snippet(rng: random.Random, f: dict[str, object]) -> tuple[str, str]:
     kind = rng.randrange(8)
     word, nums = f["word"], f["numlist"]
     if kind == 0:
-        code = f"s = \"{word}\"\nprint(s.count(\"{f['letter']}\"))"
-        out = str(str(word).count(str(f["letter"])))
+        code, out = f"s = \"{word}\"\nprint(s.count(\"{f['letter']}\"))", str(str(word).count(str(f["letter"])))
     elif kind == 1:
-        code = f"nums = [{f['nums']}]\nprint(sorted(nums))"
-        out = str(sorted(nums))
+        code, out = f"nums = [{f['nums']}]\nprint(sorted(nums))", str(sorted(nums))
     elif kind == 2:
-        code = f"print(int(\"{f['bin']}\", 2))"
-        out = str(f["binval"])
+        code, out = f"print(int(\"{f['bin']}\", 2))", str(f["binval"])
     elif kind == 3:
         code = (f"from datetime import datetime, timedelta\n"
                 f"d = datetime(2024, {f['month']}, {f['day']}) + timedelta(days={f['b']})\n"
@@ -102,8 +95,7 @@ def _snippet(rng: random.Random, f: dict[str, object]) -> tuple[str, str]:
         code = f"words = {str(f['words'])}\nfor w in words:\n    print(w, len(w))"
         out = "\n".join(f"{w} {len(w)}" for w in f["words"])
     elif kind == 6:
-        code = f"total = 0\nfor x in [{f['nums']}]:\n    total += x\nprint(total)"
-        out = str(sum(nums))
+        code, out = f"total = 0\nfor x in [{f['nums']}]:\n    total += x\nprint(total)", str(sum(nums))
     else:
         code = f"a = {f['a']}\nb = {f['b']}\nprint(a * b, a + b, a // b, a % b)"
         a, b = int(f["a"]), int(f["b"])
@@ -136,8 +128,7 @@ def _trajectory(rng: random.Random) -> str:
     if use_code:
         for _ in range(rng.randint(1, 2)):
             code, out = _snippet(rng, f)
-            reply += [code, prompts.render_output(out)]
-            reply.append(rng.choice(REASONING).format(**f))
+            reply += [code, prompts.render_output(out), rng.choice(REASONING).format(**f)]
     reply.append(rng.choice(REASONING[-2:]).format(**f))
     parts.append("assistant\n" + " ".join(reply))
     return "\n".join(parts) + "\n"
@@ -146,10 +137,9 @@ def _trajectory(rng: random.Random) -> str:
 def corpus(n: int = 3000, seed: int = SEED) -> list[str]:
     """Deterministic training text: conversations plus the fixed prompts and markers."""
     rng = random.Random(seed)
-    texts = [_trajectory(rng) for _ in range(n)]
-    texts += [DEFAULT_SYSTEM_PROMPT, prompts.SYSTEM_PROMPT_CODE, prompts.SYSTEM_PROMPT_TEXT,
-              prompts.OUTPUT_HEADER, "<<<", ">>>", " ".join(WORDS), " ".join(map(str, range(100)))]
-    return texts
+    return [_trajectory(rng) for _ in range(n)] + [
+        DEFAULT_SYSTEM_PROMPT, prompts.SYSTEM_PROMPT_CODE, prompts.SYSTEM_PROMPT_TEXT, prompts.OUTPUT_HEADER,
+        "<<<", ">>>", " ".join(WORDS), " ".join(map(str, range(100)))]
 
 
 def train_tokenizer(texts: list[str]) -> tokenizers.Tokenizer:
@@ -158,46 +148,28 @@ def train_tokenizer(texts: list[str]) -> tokenizers.Tokenizer:
     trainee.normalizer = normalizers.NFC()
     trainee.pre_tokenizer = qwen_pre_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=REGULAR_TOKENS, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[])
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     trainee.train_from_iterator(texts, trainer=trainer)
     model = json.loads(trainee.to_str())["model"]
-    merges = [tuple(m) for m in model["merges"]]
     # Rebuild through the one constructor the real vocabulary also uses.
-    return byte_level_bpe(model["vocab"], merges)
+    return byte_level_bpe(model["vocab"], [tuple(m) for m in model["merges"]])
 
 
 def model_config(n_tokens: int, tokenizer: Tokenizer) -> dict[str, object]:
-    """A standard HF Qwen2 config.json; vocab rounded up to a multiple of 64 like Qwen's.
+    """A standard HF Qwen2 config.json (0.92M parameters); vocab rounded up to a multiple of 64 like Qwen's.
 
-    0.92M parameters: at this width a CPU step takes ~0.4 s, so the copy corpus forms induction
-    heads (~400 steps) and SFT converges (~400 steps) within the demo's minutes. RoPE base 10,000
-    instead of Qwen's 1,000,000: with 32-dim heads the larger base leaves only two or three
-    rotating frequencies to tell neighbouring positions apart, which copying needs."""
+    At this width a CPU step takes ~0.4 s, so the copy corpus forms induction heads (~400 steps) and
+    SFT converges (~400 steps) within the demo's minutes. RoPE base 10,000, not Qwen's 1,000,000: with
+    32-dim heads the larger base leaves too few rotating frequencies to tell neighbours apart."""
     layers = 4
     return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "vocab_size": -(-n_tokens // 64) * 64,
-        "hidden_size": 128,
-        "intermediate_size": 384,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_act": "silu",
-        "max_position_embeddings": 4096,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": layers,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "bos_token_id": tokenizer.token_to_id(ENDOFTEXT),
-        "eos_token_id": tokenizer.token_to_id(IM_END),
-        "torch_dtype": "float32",
-        "use_cache": True,
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": -(-n_tokens // 64) * 64,
+        "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 4096, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": None,
+        "max_window_layers": layers, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "bos_token_id": tokenizer.token_to_id(ENDOFTEXT), "eos_token_id": tokenizer.token_to_id(IM_END),
+        "torch_dtype": "float32", "use_cache": True,
     }
 
 

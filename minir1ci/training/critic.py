@@ -1,10 +1,8 @@
-"""PPO's value model: a Qwen2 backbone with a scalar head named `score` (as HF's
-Qwen2ForTokenClassification with one label), initialised from the policy; its head starts at zero,
-so the first values are 0 for every state. Also the per-token rewards PPO's GAE runs on.
+"""PPO's value model (a Qwen2 backbone with a scalar `score` head, as HF's Qwen2ForTokenClassification
+with one label) and the per-token rewards its GAE runs on.
 
-Simplified against veRL: critic and policy on the same device in one process, the critic saved
-inside the trainer state rather than as its own HF checkpoint, no warm-up beyond
-`critic_warmup_steps` (steps that train only the critic).
+Simplified against veRL: critic and policy share the device and process; the critic is saved in
+the trainer state, not as its own HF checkpoint; its only warm-up is `critic_warmup_steps`.
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from minir1ci.training.runs import load_trainer_state
 
 
 class Critic(nn.Module):
-    """V(prefix) for every position: a Qwen2 backbone and a linear `score` head to one scalar."""
+    """V(prefix) at every position; the `score` head starts at zero, so the first values are all 0."""
 
     def __init__(self, backbone: Qwen2Model):
         super().__init__()
@@ -34,9 +32,9 @@ class Critic(nn.Module):
 
 
 def make_critic(model, resume_dir) -> Critic:
-    """The value model, whole on this rank (shard it after): a copy of the policy's backbone in fp32
-    with a zero score head, or on resume the critic saved in rank 0's trainer state. Call it after
-    `dist.parallelize(model)`, so no rank holds the whole fp32 policy and critic at once."""
+    """The value model, whole on this rank (shard it after): the policy's backbone in fp32, or on resume
+    the critic in rank 0's trainer state. Call it after `dist.parallelize(model)`, so no rank holds the
+    whole fp32 policy and critic at once."""
     if dist.is_sharded(model):
         backbone = dist.unsharded_copy(model, dtype=torch.float32).model
     else:

@@ -1,16 +1,10 @@
-"""SFT data: multi-turn conversations to (token ids, loss mask), and padded batches.
+"""SFT data as `Sample(ids, mask)`, mask 1 exactly on what the model must learn to write (assistant
+content and its closing `<|im_end|>`), 0 on prompts and inserted interpreter output; padded batches.
 
-Sources, all ending as `Sample(ids, mask)` with mask 1 exactly on the tokens the model must
-learn to produce (assistant content and its closing `<|im_end|>`), 0 on prompts and on inserted
-interpreter output:
-- the built-in tasks' oracle trajectories (`oracle_samples`);
-- a synthetic copy corpus (`copy_corpus`), the tiny model's stand-in for pretraining;
-- a JSONL file (`load_jsonl`) whose lines are either chat records `{"messages": [...]}` (an
-  assistant `content` may be a list of `{"type": "text"|"output", "text"}` segments) or token-level
-  trajectories written by rollout.py (`prompt_ids`, `response_ids`, `loss_mask`).
-
-Simplified: no sequence packing; samples longer than `max_len` are dropped (and counted), not
-truncated, since a truncated trajectory would teach the model to stop mid-answer.
+Sources: the built-in tasks' oracle trajectories; a synthetic copy corpus, the tiny model's stand-in
+for pretraining; a JSONL file of chat records `{"messages": [...]}` (an assistant `content` may be a
+list of `{"type": "text"|"output", "text"}` segments) or of rollout.py trajectories (`prompt_ids`,
+`response_ids`, `loss_mask`). Simplified: no sequence packing.
 """
 from __future__ import annotations
 
@@ -36,11 +30,9 @@ def chat_sample(tokenizer, messages: list[dict]) -> Sample:
 
 def oracle_samples(examples, tokenizer, use_code: bool = True, text_fraction: float = 0.0,
                    seed: int = 0) -> list[Sample]:
-    """One SFT sample per built-in example: its prompt, then its oracle answer as the assistant turn.
-
-    With `use_code`, a seeded `text_fraction` of the questions keep the code prompt but get the
-    text-only answer, as in the paper's SFT set, where GPT-4o answers many questions without code.
-    """
+    """One sample per built-in example: its prompt, then its oracle answer. With `use_code`, a seeded
+    `text_fraction` of the questions get the text-only answer under the code prompt (as GPT-4o's in
+    the paper's SFT set)."""
     if not 0.0 <= text_fraction <= 1.0:
         raise ValueError(f"text_fraction must lie in [0, 1], got {text_fraction}")
     rng = random.Random(f"text_fraction:{seed}")
@@ -53,21 +45,15 @@ def oracle_samples(examples, tokenizer, use_code: bool = True, text_fraction: fl
 
 
 def copy_corpus(tokenizer, n: int, seed: int = 0, min_len: int = 120) -> list[Sample]:
-    """`n` samples of the copy task, the skill a from-scratch model lacks and every pretrained LLM has.
-
-    Each sample packs segments `TEXT\nTEXT\n` until it is `min_len` tokens long; TEXT is 3-8 random
-    pieces (numbers of 1-6 digits, letter strings, operators and brackets) and the loss covers only
-    the second TEXT and its newline. The built-in tasks' code is such a copy of the question's
-    numbers and strings, which a 1M-parameter model does not learn from a few thousand SFT samples
-    alone: copying needs induction heads, and they form within a few hundred steps of this corpus.
-    Deterministic in `seed`.
-    """
+    """`n` samples of `TEXT\nTEXT\n` segments up to `min_len` tokens, the loss on the second copy; TEXT is
+    3-8 random numbers, letter strings and operators. The tasks' code copies the question's numbers
+    and strings, which needs induction heads: a 1M-parameter model does not form them from a few
+    thousand SFT samples, but does within a few hundred steps of this corpus. Deterministic in `seed`."""
     rng = random.Random(f"copy-corpus:{seed}")
     newline = tokenizer.encode("\n")
     out = []
     for _ in range(n):
-        ids: list[int] = []
-        mask: list[int] = []
+        ids, mask = [], []
         while len(ids) < min_len:
             text = tokenizer.encode(" ".join(_copy_piece(rng) for _ in range(rng.randint(3, 8))))
             ids += text + newline + text + newline
@@ -135,11 +121,8 @@ def _record_to_sample(rec: dict, tokenizer, where: str, vocab_size: int | None =
 
 def load_jsonl(path: str | Path, tokenizer, min_reward: float | None = None,
                vocab_size: int | None = None) -> list[Sample]:
-    """Read SFT samples; a malformed line raises an error naming the file and line number.
-
-    `min_reward` keeps only trajectories whose `reward` is at least that (rejection sampling);
-    token ids must lie below `vocab_size` (the model's embedding rows) when it is given.
-    """
+    """SFT samples; a malformed line raises an error naming file and line. `min_reward` keeps the lines
+    whose `reward` reaches it (rejection sampling); token ids must lie below `vocab_size` if given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SFT data file not found: {path}")
@@ -167,23 +150,13 @@ def load_jsonl(path: str | Path, tokenizer, min_reward: float | None = None,
     return samples
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None):
-    """Right-pad to the longest: ids [B, T], attention [B, T] and, if given, masks [B, T]."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), T, dtype=torch.long)
-    loss = torch.zeros(len(seqs), T, dtype=torch.long) if masks is not None else None
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+def pad_batch(seqs: list[list[int]], masks: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Right-pad with 0 to the longest: ids, attention and loss masks, [B, T] each."""
+    ids, attn, mask = (torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long) for _ in range(3))
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), torch.tensor(m, dtype=torch.long)
         attn[i, :len(s)] = 1
-        if loss is not None:
-            loss[i, :len(s)] = torch.tensor(masks[i], dtype=torch.long)
-    return ids, attn, loss
-
-
-def filter_by_length(samples: list[Sample], max_len: int) -> tuple[list[Sample], int]:
-    kept = [s for s in samples if len(s.ids) <= max_len and any(s.mask)]
-    return kept, len(samples) - len(kept)
+    return ids, attn, mask
 
 
 def next_token_targets(ids: torch.Tensor, *per_token: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,22 +1,14 @@
 """Multi-process training under `torchrun`, applied from outside the model.
 
-- `init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) once, at the edge, and
-  starts NCCL on GPUs or gloo on CPU, even for one rank (so `torchrun --nproc_per_node 1` runs the
-  same FSDP2 code as eight). Without torchrun everything here is a no-op (world size 1).
-- `parallelize(model, device)`: on CUDA, FSDP2 — `fully_shard` on every decoder layer, then on the
-  root — with a bf16 compute / fp32 reduce mixed-precision policy; on CPU (gloo), plain data
-  parallelism: every rank holds the whole model and `sync_grads` sums gradients.
-- Losses are normalised by a denominator counted over the whole optimizer step on all ranks
-  (losses.py), so summing gradients across ranks gives exactly the single-process gradient.
-- `full_state_dict(model)` gathers a sharded model into an ordinary state dict on rank 0, so
-  checkpoints are the plain HF layout and load on one machine.
+`init()` reads torchrun's environment once and starts NCCL on GPUs, gloo on CPU, even for one rank;
+without torchrun everything here is a no-op (world size 1). `parallelize` shards with FSDP2 on CUDA
+(`fully_shard` per decoder layer, then the root; bf16 compute, fp32 reduce) and keeps a full replica
+per rank on CPU (`sync_grads` sums gradients). Losses are divided by a denominator counted over the
+whole step on all ranks (losses.py), so gradients are summed across ranks, not averaged.
+`full_state_dict` gathers a plain HF state dict on rank 0; `unsharded_copy` gives the sampler whole
+weights on every rank.
 
-- `unsharded_copy(model)`: the weights the sampler needs, whole, on every rank. A sharded
-  policy is all-gathered one parameter at a time into a plain model in the compute dtype (the
-  sampler cannot run FSDP2's DTensor shards); rl.py makes one for each step's rollouts and drops it.
-
-Simplified: no tensor or pipeline parallelism; rollouts are split across ranks by prompt and each
-rank samples with its own unsharded copy of the weights.
+Simplified: no tensor or pipeline parallelism; rollouts are split across ranks by prompt.
 """
 from __future__ import annotations
 
@@ -47,10 +39,8 @@ def is_main() -> bool:
 
 
 def init(device: str = "auto") -> None:
-    """Start the process group when launched by torchrun (RANK, WORLD_SIZE and MASTER_ADDR set).
-
-    `device` is the run's device option: NCCL (with gloo for CPU tensors) when it may be CUDA and
-    a GPU is visible, gloo alone for a CPU run."""
+    """Start the process group when launched by torchrun (RANK, WORLD_SIZE and MASTER_ADDR set): NCCL
+    (with gloo for CPU tensors) when `device` may be CUDA and a GPU is visible, else gloo alone."""
     if is_initialized() or any(k not in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
         return
     if device != "cpu" and torch.cuda.is_available():
@@ -76,11 +66,12 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
     if not is_initialized():
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=src)
+    tdist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -93,11 +84,9 @@ def check_equal_shares(name: str, n: int) -> None:
                          f"share (try {name}={n + w - n % w})")
 
 
-def shard(items: list, r: int | None = None, n: int | None = None) -> list:
+def shard(items: list) -> list:
     """This rank's strided share of `items`."""
-    r = rank() if r is None else r
-    n = world_size() if n is None else n
-    return items[r::n]
+    return items[rank()::world_size()]
 
 
 COMPUTE_DTYPE = torch.bfloat16  # FSDP2's parameter dtype in forward; unsharded copies use it too
@@ -117,10 +106,9 @@ def parallelize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    # Losses are already divided by the whole step's denominator (all ranks), so gradients must be
-    # *summed* across ranks; FSDP2 averages by default.
+    # Losses are divided by the whole step's denominator: gradients are summed (FSDP2 averages by default).
     for module in [*model.model.layers, model]:
-        setter = getattr(module, "set_gradient_divide_factor", None) or getattr(module, "set_reduce_scatter_divide_factor")
+        setter = getattr(module, "set_gradient_divide_factor", None) or module.set_reduce_scatter_divide_factor
         setter(1.0)
     model._minir1ci_fsdp = True
     return model
@@ -133,12 +121,10 @@ def sync_grads(model: torch.nn.Module) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads])   # one all-reduce for the whole model
     tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -153,11 +139,10 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 
 @torch.no_grad()
 def unsharded_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A plain (unsharded) copy of a sharded model on every rank, for sampling; `model` itself when
-    it is not sharded and `dtype` is None or its own. Every rank must call this (each parameter is
-    all-gathered in turn, so the peak is the copy plus one whole parameter). Parameters take `dtype`
-    (default COMPUTE_DTYPE); buffers (RoPE frequencies) keep theirs. Built on the meta device, so
-    no second full set of fp32 weights is ever made."""
+    """A plain copy of a sharded model on every rank, for sampling (the sampler cannot run DTensor
+    shards); `model` itself when not sharded and `dtype` is None or its own. Every rank must call it:
+    parameters are all-gathered one at a time into `dtype` (default COMPUTE_DTYPE; buffers keep theirs),
+    on a model built on the meta device, so no second fp32 copy is ever made."""
     if not is_sharded(model) and dtype in (None, next(model.parameters()).dtype):
         return model
     dtype = dtype or COMPUTE_DTYPE

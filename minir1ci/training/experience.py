@@ -1,11 +1,9 @@
-"""One RL step's experience: the current policy's rollouts on this rank's prompts, scored, as
-position-aligned tensors; the filters that drop trajectories from the loss; the curriculum.
+"""One RL step's experience: the policy's rollouts on this rank's prompts, scored, as position-aligned
+tensors; the filters that drop trajectories from the loss; the paper's curriculum.
 
-Alignment: a trajectory is `ids = prompt_ids + response_ids`; position t predicts ids[t+1], so
-response token k (at index P+k) is scored at position P+k-1. Every per-token tensor ([B, T], T =
-longest ids in the batch) is indexed by *position*; the loss mask at P+k-1 is the rollout's
-loss_mask[k]: 1 for tokens the model sampled, 0 for inserted interpreter output, the prompt and
-padding. Trainers never see text.
+Alignment: `ids = prompt_ids + response_ids` and position t predicts ids[t+1], so every [B, T]
+tensor is indexed by position: response token k (index P+k) is scored at P+k-1, where the loss mask
+holds the rollout's loss_mask[k] (1 for sampled tokens, 0 for interpreter output, prompt, padding).
 """
 from __future__ import annotations
 
@@ -39,18 +37,17 @@ class RLBatch:
         return self.ids.shape[0]
 
     def rows(self, idx: slice | list[int]) -> "RLBatch":
-        pick = (lambda t: t[idx]) if isinstance(idx, slice) else (lambda t: t[torch.as_tensor(idx)])
-        return RLBatch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+        idx = idx if isinstance(idx, slice) else torch.as_tensor(idx)
+        return RLBatch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
 def to_batch(trajs, scores: list[float], groups: list[int], mask_tool_output: bool = True) -> RLBatch:
-    """Trajectories as position-aligned tensors: each token's mask and sampler log-prob sit at its
-    own index, then shift left with the ids (`next_token_targets`). With `mask_tool_output` False
-    (an ablation) inserted interpreter tokens are in `mask` too; having no sampler log-prob, they
-    carry NaN in `sampler_logp` until train_rl fills in pi_old."""
+    """Trajectories as position-aligned tensors (mask and sampler log-probs shift left with the ids).
+    With `mask_tool_output` False (an ablation) interpreter tokens are in `mask` too, with NaN in
+    `sampler_logp` (they were not sampled) until train_rl fills in pi_old."""
     seqs = [list(t.prompt_ids) + list(t.response_ids) for t in trajs]
     masks = [[0] * len(t.prompt_ids) + [int(m or not mask_tool_output) for m in t.loss_mask] for t in trajs]
-    ids, attn, mask = pad_batch(seqs, 0, masks)
+    ids, attn, mask = pad_batch(seqs, masks)
     logp = torch.zeros(ids.shape, dtype=torch.float32)
     for i, t in enumerate(trajs):
         P, sampled = len(t.prompt_ids), torch.tensor(t.loss_mask, dtype=torch.bool)
@@ -63,8 +60,8 @@ def to_batch(trajs, scores: list[float], groups: list[int], mask_tool_output: bo
 
 def sample_rollouts(model, tokenizer, sandbox, prompts: list[list[int]], n: int, params: RolloutParams,
                     dtype: torch.dtype | None = None):
-    """run_rollouts on the policy in eval mode. A copy in `dtype`, or of an FSDP2-sharded policy a
-    whole copy gathered on every rank (all ranks must call this), is made first, freed after."""
+    """run_rollouts on the policy in eval mode; on a copy in `dtype`, or of a sharded policy a whole
+    copy gathered on every rank (all ranks must call this), freed after."""
     sampling = dist.unsharded_copy(model, dtype)
     was_training = model.training
     model.eval()
@@ -75,18 +72,16 @@ def sample_rollouts(model, tokenizer, sandbox, prompts: list[list[int]], n: int,
 
 
 def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pools=None, dtype=None):
-    """One step's rollouts on this rank: its share of `prompts_per_step` prompts (deterministic in
-    seed and step), `n_samples` trajectories each with the interpreter, scored.
+    """This rank's share of `prompts_per_step` prompts (deterministic in seed and step), `n_samples`
+    scored trajectories each: (trajectories, rewards, correctness, RLBatch, [groups dropped, extra rounds]).
 
-    With `dynamic_sampling`, a group whose rewards are all equal is set aside and up to
-    `dynamic_sampling_rounds` more rounds of prompts are sampled (every rank takes part in each
-    round: a sharded policy is gathered in lockstep) until this rank's share is full; if the rounds
-    run out, set-aside groups fill it (their GRPO advantage is exactly 0).
-    Returns (trajectories, rewards, correctness, RLBatch, [groups dropped, extra rounds])."""
+    With `dynamic_sampling`, groups of equal rewards are set aside and up to `dynamic_sampling_rounds`
+    more rounds sampled (every rank takes part in each) until this rank's share is full; if the
+    rounds run out, set-aside groups fill it (their GRPO advantage is exactly 0)."""
     n, rounds = cfg.n_samples, (cfg.dynamic_sampling_rounds if cfg.dynamic_sampling else 0)
     want = len(dist.shard(range(cfg.prompts_per_step)))   # groups on this rank
     sampling = dist.unsharded_copy(model, dtype)    # one copy for every round of this step
-    kept, flat, extra = [], [], 0
+    kept, flat, extra, rcfg = [], [], 0, RewardConfig(plain=cfg.reward_plain)
     for r in range(1 + rounds):
         if r and not dist.all_reduce_sum(torch.tensor([want - min(len(kept), want)])).item():
             break                                   # every rank is full
@@ -95,7 +90,8 @@ def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pool
         exs = [examples[i] for i in idx]
         params = RolloutParams.from_options(asdict(cfg), seed=step_seed(cfg.seed, step, rank + 1000 * r))
         trajs = sample_rollouts(sampling, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), n, params)
-        rewards, correct = score_trajectories(exs, trajs, n, cfg)
+        correct = [exs[i // n].score(t.text) for i, t in enumerate(trajs)]
+        rewards = [compute_reward(s, t.turns, rcfg) for s, t in zip(correct, trajs)]
         for g in range(len(exs)):
             group = [(trajs[k], rewards[k], correct[k]) for k in range(g * n, (g + 1) * n)]
             (flat if cfg.dynamic_sampling and len(set(rewards[g * n:(g + 1) * n])) == 1 else kept).append(group)
@@ -104,17 +100,6 @@ def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pool
     trajs, rewards, correct = (list(x) for x in zip(*rows))
     batch = to_batch(trajs, rewards, [i // n for i in range(len(trajs))], cfg.mask_tool_output)
     return trajs, rewards, correct, batch, [dropped, extra]
-
-
-def score_trajectories(examples, trajs, n: int, cfg) -> tuple[list[float], list[float]]:
-    """(rewards, correctness) for trajectories grouped n per example, in order."""
-    rcfg = RewardConfig(plain=cfg.reward_plain)
-    rewards, correct = [], []
-    for i, tr in enumerate(trajs):
-        s = examples[i // n].score(tr.text)
-        correct.append(s)
-        rewards.append(compute_reward(s, tr.turns, rcfg))
-    return rewards, correct
 
 
 def measure_success(model, tokenizer, sandbox, examples, cfg, dtype=None) -> list[float]:
@@ -132,8 +117,8 @@ def has_void_turn(turns: list[str]) -> bool:
 
 
 def loss_filter(trajs, batch: RLBatch, old_logp: torch.Tensor, cfg) -> tuple[torch.Tensor, list[int]]:
-    """[B] bool: trajectories kept in the loss; and how many each filter dropped: sequence-level
-    mismatch masking, void turns, truncation (a trajectory may be counted by several)."""
+    """[B] bool, the trajectories kept in the loss, and how many each filter dropped (one may count in
+    several): sequence-level mismatch masking, void turns, truncation."""
     mis = ~sequence_in_bounds(old_logp, batch.sampler_logp, batch.mask, cfg.mis_low, cfg.mis_high)
     void = torch.tensor([cfg.filter_void_turns and has_void_turn(t.turns) for t in trajs])
     cut = torch.tensor([cfg.mask_truncated and t.finish_reason == "length" for t in trajs])
@@ -157,16 +142,12 @@ def rollout_stats(trajs, rewards: list[float], correct: list[float]) -> dict:
 CURRICULUM_STAGES = ((0.64, 1.0), (0.48, 0.64), (0.32, 0.48), (0.0, 0.32))
 
 
-def potential(p: float) -> float:
-    """Pi = 4p(1-p): 1 for questions solved half the time, 0 for always or never solved."""
-    return 4.0 * p * (1.0 - p)
-
-
 def curriculum_pools(success: list[float]) -> list[list[int]]:
-    """Question indices per stage, highest-potential stage first (REFERENCE.md, curriculum)."""
+    """Question indices per stage, highest-potential stage first (REFERENCE.md, curriculum). The
+    potential 4p(1-p) is 1 for a question solved half the time, 0 for one always or never solved."""
     pools, placed = [], set()
     for lo, hi in CURRICULUM_STAGES:          # a boundary value goes to the earlier stage
-        pool = [i for i, p in enumerate(success) if lo <= potential(p) <= hi and i not in placed]
+        pool = [i for i, p in enumerate(success) if lo <= 4.0 * p * (1.0 - p) <= hi and i not in placed]
         placed.update(pool)
         pools.append(pool)
     return pools
@@ -177,12 +158,7 @@ def pick_prompts(num_examples: int, k: int, step: int, seed: int, steps: int,
     """k example indices for `step`, deterministic in (seed, step); staged when `pools` is given."""
     rng = random.Random(seed * 1_000_003 + step)
     candidates = list(range(num_examples))
-    if pools:
+    if pools:   # this step's stage, or the nearest easier one that is not empty
         stage = min(step * len(pools) // max(steps, 1), len(pools) - 1)
-        for s in range(stage, -1, -1):     # fall back to an easier stage when one is empty
-            if pools[s]:
-                candidates = pools[s]
-                break
-    if k <= len(candidates):
-        return rng.sample(candidates, k)
-    return [rng.choice(candidates) for _ in range(k)]
+        candidates = next((pools[s] for s in range(stage, -1, -1) if pools[s]), candidates)
+    return rng.sample(candidates, k) if k <= len(candidates) else [rng.choice(candidates) for _ in range(k)]

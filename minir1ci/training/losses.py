@@ -1,23 +1,11 @@
-"""Advantages, per-token RL losses and their aggregation, as pure functions on tensors.
+"""Advantages, per-token RL losses and their aggregation: pure functions on tensors.
 
-Everything here works on [B, T] tensors aligned with the response tokens, plus one loss mask
-m [B, T]: 1 on tokens the model sampled, 0 on prompt, interpreter output and padding. The
-*same* mask goes into every masked quantity (policy loss, KL, entropy, value loss, GAE,
-whitening); a quantity masked differently from the others is a classic bug.
-
-Per-token losses (`policy_loss`, `kl_penalty`, `value_loss`, the entropy from
-`logprobs.token_logprobs`) are returned unaggregated; `aggregate` reduces them with the mask
-and an explicit denominator. The denominator belongs to the whole optimizer step, not to a
-micro-batch: a mean of per-micro-batch means is not the batch mean. A trainer does
-
-    denom = all_reduce_sum(step_denominator([mb.mask for mb in step], mode, max_len))   # distributed.py
-    for mb in step:                                  # every micro-batch on this rank
-        loss = aggregate(loss_tok(mb), mb.mask, mode, denom)
-        loss.backward()                              # gradients add up across micro-batches
-    # then all-reduce the gradients with SUM across ranks (DDP/FSDP average them: multiply
-    # the loss by the world size, or divide denom by it, to turn their mean into a sum)
-
-and the sum over micro-batches and ranks equals the loss of the global batch:
+Tensors are [B, T], aligned with the response tokens, with one loss mask m [B, T]: 1 on tokens the
+model sampled, 0 on prompt, interpreter output and padding. The same mask goes into every masked
+quantity (policy loss, KL, entropy, value loss, GAE, whitening). Per-token losses are returned
+unaggregated; `aggregate` divides a micro-batch's masked sum by a denominator counted over the
+whole optimizer step (`step_denominator`, summed over ranks), so the micro-batch losses of every
+rank add up to the global-batch loss (a mean of per-micro-batch means would not):
 
     mode                     global loss                          denom (whole step)
     token-mean               sum m*l / sum m                      valid tokens
@@ -25,17 +13,12 @@ and the sum over micro-batches and ranks equals the loss of the global batch:
     seq-mean-token-sum       mean_i sum_t m*l                     sequences
     seq-mean-token-sum-norm  sum m*l / (n_seq * C)  (Dr. GRPO)    sequences * C
 
-Each is a sum of per-token (or per-sequence) terms over one fixed denominator, so it splits
-into micro-batches exactly. "Sequences" counts rows with at least one loss token: a row that
-is all mask 0 (an empty response, a padding row) contributes nothing and is not counted.
+"Sequences" counts rows with at least one loss token. Conventions (veRL/TRL/OpenRLHF, REFERENCE.md
+section 3): GRPO std unbiased with eps 1e-6, a group of one has mean 0 and std 1; log-ratio clamped
+to +-20 before exp; dual clip c = 3 for A < 0; k3 clamped to [-10, 10]; value loss 0.5 * max of
+clipped and unclipped squared errors; whitening with unbiased variance and eps 1e-8.
 
-Conventions (veRL/TRL/OpenRLHF, see REFERENCE.md section 3): GRPO std unbiased with eps 1e-6
-and a group of one taken as mean 0, std 1; log-ratio clamped to +-20 before exp; dual clip
-c = 3 for A < 0; k3 clamped to [-10, 10]; value loss 0.5 * max of clipped and unclipped
-squared errors; whitening with unbiased variance and eps 1e-8; GAE skips masked tokens.
-
-Simplified: advantage whitening is over the tensor it is given (call it on the whole rollout
-batch of one rank; no cross-rank statistics); metrics are per-call token means for logging.
+Simplified: whitening is over the tensor given (one rank's batch, no cross-rank statistics).
 """
 from __future__ import annotations
 
@@ -66,10 +49,8 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / sqrt(var + eps) over mask-1 entries; unbiased variance (n - 1). [B, T] -> [B, T].
-
-    With shift_mean=False the mean is added back (only the scale changes). Masked entries are 0.
-    """
+    """(x - mean) / sqrt(var + eps) over mask-1 entries, unbiased variance; [B, T] -> [B, T], 0 off the mask.
+    With shift_mean=False the mean is added back (only the scale changes)."""
     m = mask.bool()
     n = m.sum()
     mean = masked_sum(x, m) / n.clamp(min=1)
@@ -83,13 +64,10 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 # ----------------------------------------------------------------------------- advantages
 
 def grpo_advantages(scores: Tensor, groups: Tensor | int, norm_std: bool = True, eps: float = 1e-6) -> Tensor:
-    """Group-relative advantages: A_i = (s_i - mean_g) / (std_g + eps), or s_i - mean_g (Dr. GRPO).
+    """A_i = (s_i - mean_g) / (std_g + eps), or s_i - mean_g (Dr. GRPO); scores [N] -> [N].
 
-    scores [N] (one scalar per response); groups: [N] ids of the prompt each response answers,
-    or an int G meaning consecutive groups of G. std is unbiased (n - 1); a group of one gets
-    mean 0 and std 1, so its advantage is its score (as veRL). Returns [N]; broadcast it over the
-    response tokens with `adv[:, None]` and the loss mask.
-    """
+    groups: [N] prompt ids, or an int G for consecutive groups of G. A group of one gets mean 0
+    and std 1, so its advantage is its score (as veRL)."""
     s = scores.float()
     n = s.shape[0]
     if isinstance(groups, int):
@@ -118,17 +96,11 @@ def grpo_advantages(scores: Tensor, groups: Tensor | int, norm_std: bool = True,
 
 @torch.no_grad()
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation that skips mask-0 tokens. Returns (advantages, returns), [B, T].
+    """GAE skipping mask-0 tokens: rewards, values, mask [B, T] -> (advantages, returns) [B, T], 0 off the mask.
 
-    rewards, values, mask [B, T]. Scanning t = T-1 .. 0:
-        delta_t = r_t + gamma * V_next - V_t,   A_t = delta_t + gamma * lam * A_next
-    and only when m_t = 1 do V_next <- V_t and A_next <- A_t. Interpreter output between two
-    model turns is thus invisible: the model token before it bootstraps from the model token
-    after it, one gamma step away, and the values and rewards at masked positions never enter.
-    Put the sequence reward (and any per-token KL penalty) on mask-1 tokens only.
-    returns = A + V, before any whitening (whiten A afterwards with `masked_whiten`).
-    Both outputs are 0 where mask is 0.
-    """
+    delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lam A_next; V_next and A_next move only
+    where m_t = 1, so interpreter output between two turns is invisible (the token before it
+    bootstraps from the token after it; put rewards on mask-1 tokens). returns = A + V, unwhitened."""
     r, v, m = rewards.float(), values.float(), mask.bool()
     B, T = r.shape
     adv = torch.zeros_like(v)  # [B, T]
@@ -140,32 +112,19 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         v_next = torch.where(m[:, t], v[:, t], v_next)
         a_next = torch.where(m[:, t], a_t, a_next)
         adv[:, t] = a_t
-    zero = torch.zeros_like(adv)
-    adv = torch.where(m, adv, zero)
-    returns = torch.where(m, adv + v, zero)
-    return adv, returns
+    adv = torch.where(m, adv, 0.0)
+    return adv, torch.where(m, adv + v, 0.0)
 
 
 # ----------------------------------------------------------------------------- per-token losses
 
-def policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip_c: float | None = 3.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate per token (PPO/GRPO), with clip-higher and dual clip. Returns (loss_tok [B, T], metrics).
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 0.2,
+                eps_high: float = 0.2, dual_clip_c: float | None = 3.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate per token (PPO/GRPO): [B, T] inputs -> (loss_tok [B, T], metrics).
 
-    logp, old_logp, advantages, mask [B, T]. rho = exp(clamp(logp - old_logp, +-20)).
-        l = max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high))
-        l = min(l, -c * A)  where A < 0 (dual clip: bounds the loss when rho is huge)
-    eps_high = 0.28 is DAPO's clip-higher; dual_clip_c=None turns dual clip off (else c > 1).
-    Metrics (detached token means over the mask): clipfrac (the clipped branch is taken),
-    dual_clipfrac (the dual bound is taken), ppo_kl (mean of old_logp - logp).
-    """
+    l = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)), then min(l, -c A) where A < 0 (dual
+    clip, off with dual_clip_c=None); eps_high = 0.28 is DAPO's clip-higher. Metrics are token
+    means: clipfrac, dual_clipfrac, ppo_kl (old_logp - logp)."""
     if dual_clip_c is not None and dual_clip_c <= 1.0:
         raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
     log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
@@ -179,22 +138,16 @@ def policy_loss(
         dual_taken = (advantages < 0) & (loss > bound)
         loss = torch.where(dual_taken, bound, loss)
     with torch.no_grad():
-        metrics = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "dual_clipfrac": masked_mean(dual_taken.float(), mask),
-            "ppo_kl": masked_mean(-log_ratio, mask),
-        }
+        metrics = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                   "dual_clipfrac": masked_mean(dual_taken.float(), mask), "ppo_kl": masked_mean(-log_ratio, mask)}
     return loss, metrics
 
 
 def gspo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 3e-4,
               eps_high: float = 4e-4) -> tuple[Tensor, dict[str, Tensor]]:
-    """GSPO: one ratio per sequence, s_i = exp(mean over its mask-1 tokens of log(pi / pi_old)), and
-    l_i = max(-A_i s_i, -A_i clip(s_i, 1 - eps_low, 1 + eps_high)), A_i the row's mean advantage.
-
-    [B, T] inputs; returns l_i on every mask-1 token of row i ([B, T]; seq-mean-token-mean
-    aggregation gives the paper's mean over sequences) and clipfrac (tokens of clipped rows).
-    """
+    """GSPO: one ratio per row, s_i = exp(masked mean of log(pi / pi_old)); [B, T] -> [B, T] holding
+    l_i = max(-A_i s_i, -A_i clip(s_i, 1 - eps_low, 1 + eps_high)) on every mask-1 token of row i
+    (A_i the row's mean advantage; seq-mean-token-mean gives the paper's mean over sequences)."""
     m = mask.bool()
     s = torch.exp(masked_mean(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), m, dim=-1))  # [B]
     adv = masked_mean(advantages, m, dim=-1)  # [B]
@@ -208,21 +161,15 @@ def gspo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 def cispo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 0.2,
                eps_high: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
     """CISPO: l_t = -sg(clip(rho_t, 1 - eps_low, 1 + eps_high)) * A_t * log pi_t, [B, T] -> [B, T].
-
-    The clipped weight is detached, so every token keeps the gradient -w_t A_t grad log pi_t
-    (the clipped PPO loss gives a clipped token none). clipfrac: tokens whose rho is clipped.
-    """
+    The weight is detached, so a clipped token keeps its gradient (clipped PPO gives it none)."""
     ratio = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).detach()
     loss = -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages * logp
     frac = masked_mean(((ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)).float(), mask)
     return loss, {"clipfrac": frac}
 
 
-# ----------------------------------------------------------------------------- sampler/trainer mismatch
-# mu = the sampler's probability of the sampled token, pi_old the trainer's (REFERENCE.md 3b).
-
 def policy_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cfg) -> tuple[Tensor, dict]:
-    """The per-token policy loss `cfg.policy_loss` names, with its clip settings from `cfg`."""
+    """The per-token policy loss `cfg.policy_loss` names, with its clip settings; [B, T] -> [B, T]."""
     if cfg.policy_loss == "gspo":
         return gspo_loss(logp, old_logp, advantages, mask, cfg.gspo_clip_low, cfg.gspo_clip_high)
     if cfg.policy_loss == "cispo":
@@ -230,38 +177,9 @@ def policy_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: T
     return policy_loss(logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
 
 
-def tis_weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
-    """Truncated importance weights min(pi_old / mu, cap) per token, [B, T], detached; 0 off the
-    mask. Multiply the per-token policy loss by them (token-level TIS)."""
-    w = torch.exp(torch.clamp(old_logp - sampler_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=cap)
-    return torch.where(mask.bool(), w, torch.zeros_like(w)).detach()
-
-
-def sequence_in_bounds(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, low: float, high: float) -> Tensor:
-    """[B] bool: the row's geometric-mean ratio exp(mean_t log(pi_old / mu)) lies in [low, high]
-    (a bound of 0 leaves that side open). Rows outside are dropped from the loss (sequence-level MIS)."""
-    rho = torch.exp(masked_mean(old_logp - sampler_logp, mask, dim=-1))  # [B]; 1 for an empty row
-    return (rho >= low) & ((rho <= high) if high > 0 else True)
-
-
-def mismatch_sums(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
-    """[4] float64 sums over mask-1 tokens: k3 of KL(mu || pi_old), |log pi_old - log mu|, ratios
-    pi_old / mu outside [0.5, 2], and the token count. Sum over ranks, then divide by the count."""
-    m = mask.bool()
-    d = old_logp - sampler_logp
-    ratio = torch.exp(torch.clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    out = ((ratio < 0.5) | (ratio > 2.0)).float()
-    k3 = kl_penalty(sampler_logp, old_logp, "k3")  # samples come from mu: k3 = r - 1 - log r, r = pi_old / mu
-    return torch.stack([masked_sum(k3, m), masked_sum(d.abs(), m), masked_sum(out, m), m.sum().float()]).double()
-
-
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
-    """Per-token KL(pi || pi_ref) estimate from sampled tokens, [B, T] -> [B, T].
-
-    delta = logp - ref_logp;  k1 = delta (PPO's KL-in-reward), k2 = delta^2 / 2,
-    k3 = exp(-delta) + delta - 1 ("low_var_kl", GRPO's loss term), clamped to [-10, 10]; delta
-    is clamped to +-20 first so exp never overflows and the gradient stays finite.
-    """
+    """Per-token KL(pi || pi_ref) estimate, [B, T] -> [B, T]. delta = logp - ref_logp; k1 = delta (PPO's
+    reward), k2 = delta^2 / 2, k3 = exp(-delta) + delta - 1 (GRPO's loss; delta clamped so exp is finite)."""
     delta = logp - ref_logp
     if kind == "k1":
         return delta
@@ -273,15 +191,10 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
 
 
-def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, clip: float = 0.5, mask: Tensor | None = None
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss per token: 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2).
-
-    values (current critic), old_values (critic at rollout time), returns [B, T]. Returns
-    (loss_tok [B, T], metrics). vf_clipfrac is the fraction of tokens (of mask-1 tokens when a
-    mask is given) where the clipped term is the larger one. Aggregate loss_tok with the mask.
-    """
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float = 0.5,
+               mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2): [B, T] -> (loss_tok [B, T], metrics).
+    vf_clipfrac: share of (mask-1) tokens where the clipped term is the larger."""
     v_clipped = torch.clamp(values, old_values - clip, old_values + clip)  # V itself: old + (V - old) != V in fp32
     err = (values - returns) ** 2
     err_clipped = (v_clipped - returns) ** 2
@@ -292,6 +205,32 @@ def value_loss(
     return loss, {"vf_clipfrac": frac}
 
 
+# ----------------------------------------------------------------------------- sampler/trainer mismatch
+# mu = the sampler's probability of the sampled token, pi_old the trainer's (REFERENCE.md 3b).
+
+def tis_weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Token-level TIS weights min(pi_old / mu, cap), [B, T] -> [B, T], detached, 0 off the mask."""
+    w = torch.exp(torch.clamp(old_logp - sampler_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=cap)
+    return torch.where(mask.bool(), w, torch.zeros_like(w)).detach()
+
+
+def sequence_in_bounds(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, low: float, high: float) -> Tensor:
+    """Sequence-level MIS, [B, T] -> [B] bool: exp(mean_t log(pi_old / mu)) lies in [low, high] (0 = open)."""
+    rho = torch.exp(masked_mean(old_logp - sampler_logp, mask, dim=-1))  # [B]; 1 for an empty row
+    return (rho >= low) & ((rho <= high) if high > 0 else True)
+
+
+def mismatch_sums(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
+    """[B, T] -> [4] float64 sums over mask-1 tokens: k3 of KL(mu || pi_old), |log pi_old - log mu|,
+    ratios outside [0.5, 2], and the token count (sum over ranks, then divide by the count)."""
+    m = mask.bool()
+    d = old_logp - sampler_logp
+    ratio = torch.exp(torch.clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    out = ((ratio < 0.5) | (ratio > 2.0)).float()
+    k3 = kl_penalty(sampler_logp, old_logp, "k3")  # samples come from mu: k3 = r - 1 - log r, r = pi_old / mu
+    return torch.stack([masked_sum(k3, m), masked_sum(d.abs(), m), masked_sum(out, m), m.sum().float()]).double()
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 def _check_mode(mode: str) -> None:
@@ -300,14 +239,9 @@ def _check_mode(mode: str) -> None:
 
 
 def step_denominator(masks: Tensor | Sequence[Tensor], mode: str, max_len: int | None = None) -> Tensor:
-    """This rank's share of the loss denominator for one optimizer step (see the module docstring).
-
-    masks: the loss masks [B_k, T_k] of every micro-batch of the step on this rank (or one
-    mask). token-mean -> valid tokens; seq-mean-token-mean / seq-mean-token-sum -> sequences
-    with a valid token; seq-mean-token-sum-norm -> those sequences * max_len (C, a constant such
-    as the response budget, never the padded length of a micro-batch). Returns a float32
-    scalar; sum it over ranks (`distributed.all_reduce_sum`) before use.
-    """
+    """This rank's share of one step's loss denominator (module docstring): masks [B_k, T_k] of its
+    micro-batches (or one mask) -> float32 scalar. C = max_len is a constant such as the response
+    budget, never a micro-batch's padded length. Sum it over ranks before use."""
     _check_mode(mode)
     if isinstance(masks, Tensor):
         masks = [masks]
@@ -325,11 +259,7 @@ def step_denominator(masks: Tensor | Sequence[Tensor], mode: str, max_len: int |
 
 
 def aggregate(loss_tok: Tensor, mask: Tensor, mode: str, denom: Tensor | float) -> Tensor:
-    """One micro-batch's share of the step loss: a masked sum over its tokens / the step denominator.
-
-    loss_tok, mask [B, T]; denom from step_denominator, summed over ranks. Summed over the
-    step's micro-batches and ranks this gives the global-batch loss of `mode`. Scalar.
-    """
+    """One micro-batch's share of the step loss: loss_tok, mask [B, T] -> scalar masked sum / denom."""
     _check_mode(mode)
     if mode == "seq-mean-token-mean":
         m = mask.bool()

@@ -1,22 +1,15 @@
 """GRPO and PPO with a code interpreter, one loop; interpreter output masked out of every loss term.
 
-Each step: pick `prompts_per_step` training questions (deterministic in seed and step; staged by
-the paper's 4p(1-p) curriculum with `--curriculum`), sample `n_samples` trajectories per question
-with the interpreter in the loop (`--dynamic_sampling`: groups of equal rewards are replaced by
-fresh ones), score them, recompute pi_old with the trainer (or reuse the sampler's log-probs),
-measure and correct the sampler/trainer mismatch (TIS weights, sequence masking), drop filtered
-trajectories from the loss, then the advantages -- the one place the two differ: GRPO's are
-group-relative; PPO's come from GAE on a critic's values (critic.py) with the KL in the reward --
-and `ppo_epochs` passes of the policy loss (clipped PPO, GSPO or CISPO) over mini-batches.
+Each step: sample `n_samples` trajectories for each of `prompts_per_step` questions with the
+interpreter in the loop (experience.py: curriculum, dynamic sampling, scoring, filters), recompute
+pi_old (or reuse the sampler's log-probs), correct the sampler/trainer mismatch (TIS weights,
+sequence masking), compute advantages -- the one place the two differ: GRPO's are group-relative,
+PPO's come from GAE on a critic's values (critic.py) with the KL in the reward -- then run
+`ppo_epochs` passes of the policy loss (clipped PPO, GSPO or CISPO) over mini-batches.
 
-Run: `python train.py --stage grpo|ppo` (starts from the newest runs/sft checkpoint) or with
-`--model PATH` for a real Qwen-2.5 checkpoint (the paper's settings).
-
-The step's rollouts, their position-aligned tensors and the filters are in experience.py.
-
-Simplified against veRL (which the paper used): one process samples and trains (no separate
-rollout workers, no vLLM); rollouts run on this rank's share of the prompts with the current
-weights; no dynamic batch sizing; the reference model stays in memory on the same device.
+Run: `python train.py --stage grpo|ppo` (from the newest runs/sft checkpoint, or `--model PATH`).
+Simplified against veRL: one process samples and trains (no rollout workers, no vLLM), each rank on
+its share of the prompts; no dynamic batch sizing; the reference model stays on the same device.
 """
 from __future__ import annotations
 
@@ -39,31 +32,30 @@ from minir1ci.training.losses import (aggregate, gae, grpo_advantages, kl_penalt
                                       tis_weights, value_loss)
 from minir1ci.training.optim import make_optimizer, set_lr
 from minir1ci.training.runs import (MetricsLog, check_finite, find_latest_run_checkpoint, load_start_model,
-                                    load_trainer_state, restore_optimizers, save_run_checkpoint, setup_run, step_seed)
+                                    open_run_dir, resume, save_run_checkpoint, start_run, step_seed)
 
 
 @torch.no_grad()
-def batch_logprobs(model, batch: RLBatch, micro: int, device, amp, temperature: float,
-                   chunk_size: int) -> torch.Tensor:
-    """Log-probs [B, T] of every sampled token under `model` (no grad), temperature-scaled."""
+def batch_logprobs(model, batch: RLBatch, cfg, device, amp) -> torch.Tensor:
+    """Log-probs [B, T] of every sampled token under `model` (no grad), at the sampling temperature."""
     out = torch.zeros(batch.ids.shape, dtype=torch.float32)
     was_training = model.training
     model.eval()
+    micro = cfg.micro_batch_size
     for i in range(0, len(batch), micro):
         mb = batch.rows(slice(i, i + micro))
         with amp:
             logp, _ = model(mb.ids.to(device), attention_mask=mb.attn.to(device), targets=mb.targets.to(device),
-                            target_mask=mb.mask.to(device), temperature=temperature, chunk_size=chunk_size)
+                            target_mask=mb.mask.to(device), temperature=cfg.temperature,
+                            chunk_size=cfg.loss_chunk_size)
         out[i:i + micro] = logp.float().cpu()
     model.train(was_training)
     return out
 
 
 def minibatches(num_rows: int, cfg, seed: int):
-    """Row indices of each mini-batch over `ppo_epochs` passes (shuffled unless one on-policy pass).
-
-    Every rank draws the same permutation of its own rows, so ranks step the optimizer together.
-    """
+    """Row indices of each mini-batch over `ppo_epochs` passes (shuffled unless one on-policy pass);
+    every rank draws the same permutation of its own rows, so ranks step the optimizer together."""
     mini = cfg.mini_batch_size or num_rows
     g = torch.Generator().manual_seed(seed)
     for _ in range(cfg.ppo_epochs):
@@ -74,11 +66,9 @@ def minibatches(num_rows: int, cfg, seed: int):
 
 
 def frozen_reference(model, cfg, resume_dir, device):
-    """The KL reference: the run's starting weights, frozen (reloaded from disk when resuming).
-
-    Call it after `dist.parallelize(model)`. A sharded policy gets a reference sharded the same
-    way, made from a bf16 copy (FSDP2 computes in bf16 anyway), so no rank ever holds two whole
-    fp32 models."""
+    """The KL reference: the run's starting weights, frozen (reloaded from disk when resuming). Call it
+    after `dist.parallelize(model)`: a sharded policy gets a reference sharded the same way, made from
+    a bf16 copy (FSDP2 computes in bf16 anyway), so no rank ever holds two whole fp32 models."""
     sharded = dist.is_sharded(model)
     if resume_dir is None:
         ref = dist.unsharded_copy(model) if sharded else copy.deepcopy(model)
@@ -89,8 +79,6 @@ def frozen_reference(model, cfg, resume_dir, device):
         ref = dist.parallelize(ref, device)
     return ref.eval().requires_grad_(False)
 
-
-# ----------------------------------------------------------------------------- the loop
 
 def update(model, critic, opts: dict, batch: RLBatch, adv, returns, old_logp, old_values, ref_logp, tis_w, cfg,
            device, amp, seed: int, train_policy: bool, measured: torch.Tensor) -> dict:
@@ -147,12 +135,14 @@ def update(model, critic, opts: dict, batch: RLBatch, adv, returns, old_logp, ol
                 opts[name].step()
                 opts[name].zero_grad(set_to_none=True)
         updates += 1
-    return {k: v / (updates if k in ("grad_norm", "pg_loss", "value_loss") else cfg.ppo_epochs) for k, v in sums.items()}
+    per_update = ("grad_norm", "pg_loss", "value_loss")   # the others are summed as shares of each pass
+    return {k: v / (updates if k in per_update else cfg.ppo_epochs) for k, v in sums.items()}
 
 
 def train_rl(cfg) -> dict:
     """`python train.py --stage grpo|ppo`: the whole run; returns the last step's metrics."""
-    device, run_dir = setup_run(cfg)
+    device = start_run(cfg)
+    run_dir = open_run_dir(cfg)
     model, tokenizer, source, resume_dir = load_start_model(cfg, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train", limit=cfg.num_train_examples,
@@ -171,29 +161,21 @@ def train_rl(cfg) -> dict:
     amp = autocast_for(device, cfg.dtype)
     sample_dtype = rollout_dtype(cfg.rollout_dtype, device)
     log = MetricsLog(run_dir, cfg.steps, resume=cfg.resume)
-    start, pools, last = 0, None, {}
+    last = {}
     with Sandbox(timeout=cfg.exec_timeout) as sandbox:
-        if resume_dir is not None:
-            state = load_trainer_state(resume_dir, dist.is_sharded(model))
-            restore_optimizers(state, opts)
-            start = state["step"] + 1
-            pools = state["extra"].get("pools")
-            log.truncate_after(state["step"])
-        elif cfg.curriculum:
+        start, extra = resume(resume_dir, model, opts)
+        pools = extra.get("pools")
+        if resume_dir is None and cfg.curriculum:
             pools = curriculum_pools(measure_success(model, tokenizer, sandbox, examples, cfg, sample_dtype))
         for step in range(start, cfg.steps):
             t0 = time.time()
             trajs, rewards, correct, batch, sampled = collect(model, tokenizer, sandbox, examples, cfg, step,
                                                               dist.rank(), pools, sample_dtype)
             bypass = cfg.old_logprobs == "sampler"
-            old_logp = (batch.sampler_logp if bypass else batch_logprobs(
-                model, batch, cfg.micro_batch_size, device, amp, cfg.temperature, cfg.loss_chunk_size))
+            old_logp = batch.sampler_logp if bypass else batch_logprobs(model, batch, cfg, device, amp)
             # Unmasked interpreter output (ablation): pi_old stands in for the sampler there (ratio 1).
             batch.sampler_logp = torch.where(batch.sampler_logp.isnan(), old_logp, batch.sampler_logp)
-            # Unmasked interpreter output (ablation): pi_old stands in for the sampler there (ratio 1).
-            batch.sampler_logp = torch.where(batch.sampler_logp.isnan(), old_logp, batch.sampler_logp)
-            ref_logp = (batch_logprobs(ref, batch, cfg.micro_batch_size, device, amp, cfg.temperature,
-                                       cfg.loss_chunk_size) if ref is not None else None)
+            ref_logp = batch_logprobs(ref, batch, cfg, device, amp) if ref is not None else None
             measured = torch.zeros(4, dtype=torch.float64) if bypass else mismatch_sums(old_logp, batch.sampler_logp,
                                                                                         batch.mask)
             tis_w = tis_weights(old_logp, batch.sampler_logp, batch.mask, cfg.tis_cap) if cfg.tis_cap > 0 else None
@@ -220,8 +202,8 @@ def train_rl(cfg) -> dict:
             last = {**stats, "reward": t[0] / w, "accuracy": t[1] / w, "mismatch_kl": t[2] / count,
                     "mismatch_abs": t[3] / count, "mismatch_frac_out": t[4] / count,
                     "tis_weight_mean": t[6] / max(t[7], 1), "mis_dropped": int(t[8]), "void_dropped": int(t[9]),
-                    "truncated_dropped": int(t[10]), "ds_dropped_groups": int(t[11]), "ds_extra_rounds": int(t[12]) // w,
-                    **upd, "lr": lr, "step_s": time.time() - t0}
+                    "truncated_dropped": int(t[10]), "ds_dropped_groups": int(t[11]),
+                    "ds_extra_rounds": int(t[12]) // w, **upd, "lr": lr, "step_s": time.time() - t0}
             if critic is not None:
                 last["value_mean"] = float(masked_mean(old_values, batch.mask))
             log.log(step, last)

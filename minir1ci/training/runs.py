@@ -1,25 +1,15 @@
-"""Run directories: checking a run's inputs, the directory and its lock, checkpoints, `latest`,
-resume, the metrics log, and which model a stage starts from.
+"""Run directories: input checks, the directory and its lock, checkpoints, `latest`, resume, the
+metrics log, and which model a stage starts from.
 
-Run directory layout (`cfg.run_dir()`):
-    config.json            the resolved TrainConfig
-    .lock                  flock'ed by the training that writes here (its pid inside), for its life
-    metrics.jsonl          one JSON object per logged step
-    step-000100/           an HF checkpoint (loadable by transformers / vLLM) + trainer_state.pt
-    latest                 a text file naming the newest complete step directory
+Layout of `cfg.run_dir()`: config.json (the resolved TrainConfig), .lock (flock'ed by the training
+writing here, its pid inside), metrics.jsonl (one JSON object per logged step), step-000100/ (an HF
+checkpoint + trainer_state.pt), latest (names the newest complete step directory).
 
-A run starts in two halves: `start_run` checks every input (device, dtype, the start checkpoint,
-the task spec, the run directory: not in use by another training, and empty unless --resume) and
-writes nothing; `open_run_dir` then creates the directory, takes its lock, deletes what a killed
-save left behind and saves the config. SFT loads its data between the two, so a bad input of any
-kind leaves no run directory behind. Under torchrun, rank 0 checks and writes; the others raise
-rank 0's error.
-
-A step directory is complete once `latest` names it: weights are written atomically by
-`checkpoint.save_pretrained`, then the trainer state, then `latest` is replaced atomically. A crash
-at any point leaves `latest` naming the previous complete checkpoint. Resuming is exact because
-every random choice in the trainers (data order, sampling seeds) is derived from (seed, step),
-and the optimizer state is restored.
+`start_run` checks every input and writes nothing; `open_run_dir` then creates and locks the
+directory, deletes what a killed save left and saves the config, so a bad input leaves no run
+directory. Under torchrun rank 0 checks and writes; the others raise rank 0's error. A step is
+complete once `latest` (replaced atomically after the weights and the trainer state) names it.
+Resuming is exact: every random choice derives from (seed, step) and the optimizer state is restored.
 """
 from __future__ import annotations
 
@@ -56,21 +46,13 @@ RUN = RunState()
 _LOCKS: dict[Path, object] = {}   # resolved run dir -> the open lock file this process holds
 
 
-def setup_run(cfg) -> tuple[torch.device, Path]:
-    """`start_run` then `open_run_dir`, for trainers with nothing to load in between."""
-    device = start_run(cfg)
-    return device, open_run_dir(cfg)
-
-
 def start_run(cfg) -> torch.device:
     """Process group, device and seed, and every input checked; nothing is written."""
     global RUN
     RUN = RunState()
     dist.init(cfg.device)
-    if cfg.stage in ("grpo", "ppo"):
-        dist.check_equal_shares("prompts_per_step", cfg.prompts_per_step)
-    else:
-        dist.check_equal_shares("batch_size", cfg.batch_size)
+    share = "prompts_per_step" if cfg.stage in ("grpo", "ppo") else "batch_size"
+    dist.check_equal_shares(share, getattr(cfg, share))
     device = pick_device(cfg.device, dist.local_rank())
     _on_main(check_inputs, cfg, device)
     torch.manual_seed(cfg.seed)
@@ -223,17 +205,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if (path / "trainer_state.pt").is_file() else None
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.removeprefix("step-"))
-
-
 def save_run_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizers: dict, extra: dict | None = None,
                         keep: int = 2) -> Path:
-    """HF weights + trainer state for `step`, then point `latest` at it.
-
-    Every rank calls this: a sharded model is gathered first; rank 0 writes the weights; each rank
-    of a sharded run writes its own optimizer shard (replicated runs have one).
-    """
+    """HF weights + trainer state for `step`, then point `latest` at it. Every rank calls this: rank 0
+    writes the (gathered) weights; each rank of a sharded run writes its own optimizer shard."""
     name = f"step-{step:06d}"
     target = run_dir / name
     state_dict = dist.full_state_dict(model)
@@ -261,17 +236,22 @@ def save_run_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizers: 
 
 
 def load_trainer_state(ckpt_dir: Path, sharded: bool = False) -> dict:
-    """This rank's trainer state; rank 0's (the one with `extra`) unless `sharded`. Memory-mapped:
-    only the entries read are loaded."""
+    """This rank's trainer state; rank 0's (the one with `extra`) unless `sharded`. Memory-mapped."""
     fname = "trainer_state.pt" if (dist.is_main() or not sharded) else f"trainer_state.rank{dist.rank()}.pt"
     return torch.load(Path(ckpt_dir) / fname, map_location="cpu", weights_only=False, mmap=True)
 
 
-def restore_optimizers(state: dict, optimizers: dict) -> None:
+def resume(ckpt_dir: Path | None, model, optimizers: dict) -> tuple[int, dict]:
+    """Restore the optimizers and RNG state saved in `ckpt_dir`: (first step to run, the saved `extra`);
+    (0, {}) for a fresh run (`ckpt_dir` None)."""
+    if ckpt_dir is None:
+        return 0, {}
+    state = load_trainer_state(ckpt_dir, dist.is_sharded(model))
     for k, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][k])
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
+    return state["step"] + 1, state["extra"]
 
 
 def shared_latest(run_dir: str | Path) -> Path | None:
@@ -298,17 +278,12 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.total, self.every = total_steps, every
         self.t0 = time.time()
-        if resume:   # lines after the checkpoint resumed from belong to the interrupted part
+        if resume:   # lines after the checkpoint resumed from belong to the interrupted part: dropped
             last = latest_checkpoint(run_dir)
-            RUN.last_step = checkpoint_step(last) if last else -1
-            self.truncate_after(RUN.last_step)
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (they belong to the interrupted part of a resumed run)."""
-        if not self.enabled or not self.path.exists():
-            return
-        lines = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        self.path.write_text("".join(l + "\n" for l in lines))
+            RUN.last_step = int(last.name.removeprefix("step-")) if last else -1
+            if self.enabled and self.path.exists():
+                lines = [l for l in self.path.read_text().splitlines() if l.strip()]
+                self.path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= RUN.last_step))
 
     def log(self, step: int, metrics: dict) -> None:
         """Record `step` as completed; write it every `every` steps and at the last."""
@@ -332,11 +307,9 @@ class MetricsLog:
 def start_source(cfg, latest=latest_checkpoint) -> tuple[Path | None, Path | None]:
     """(checkpoint to load, the resumed one or None); (None, None) for the tiny preset from scratch.
 
-    Defaults: pretrain starts the tiny preset from scratch; SFT starts from the newest checkpoint
-    of the pretrain run beside its own (runs/pretrain for runs/sft), or from scratch if there is
-    none; GRPO and PPO start from the newest checkpoint of the SFT run beside theirs. `latest`
-    finds a run's newest checkpoint (`shared_latest` when every rank asks).
-    """
+    Without --resume or --model: pretrain starts from scratch; SFT from the newest checkpoint of the
+    pretrain run beside its own (runs/pretrain for runs/sft), else from scratch; GRPO and PPO from the
+    SFT run beside theirs. `latest` finds a run's newest checkpoint (`shared_latest` on every rank)."""
     runs = cfg.run_dir().parent  # stages find each other as siblings: runs/pretrain, runs/sft
     resumed = latest(cfg.run_dir()) if cfg.resume else None
     if resumed is not None:
@@ -351,9 +324,8 @@ def start_source(cfg, latest=latest_checkpoint) -> tuple[Path | None, Path | Non
 
 
 def load_start_model(cfg, device: torch.device):
-    """(model, tokenizer, source, resume_dir) to train from: a resumed run, --model, or the default
-    (see `start_source`). Rank 0 picks and every rank loads the same one. `resume_dir` is the
-    checkpoint whose trainer state to restore."""
+    """(model, tokenizer, source, resume_dir) to train from (see `start_source`); rank 0 picks, every
+    rank loads the same. `resume_dir` is the checkpoint whose trainer state to restore."""
     from minir1ci import presets
 
     source, resumed = start_source(cfg, shared_latest)

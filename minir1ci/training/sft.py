@@ -1,21 +1,14 @@
-"""Multi-turn supervised fine-tuning with interpreter output masked out of the loss.
+"""Multi-turn supervised fine-tuning with interpreter output masked out of the loss (`--stage sft`).
 
-One straight loop: sample a batch (deterministically from seed and step), split it into
-micro-batches (and across ranks), sum each micro-batch's masked token losses divided by the number
-of trained tokens in the *whole* step, step AdamW with warmup + cosine and gradient clipping.
-
-Data: the built-in tasks' oracle trajectories by default (prompt, reasoning, a python block, its
-real output, the answer), or `--sft_data FILE.jsonl` (chat messages or rollout.py trajectories;
-`--sft_min_reward 1` keeps the trajectories whose reward reaches 1: rejection sampling from any
-teacher checkpoint, the open-model stand-in for the paper's GPT-4o trajectories).
-The loss covers assistant tokens only; interpreter output inside an assistant turn has mask 0.
-`--use_code=false` trains the text-only baseline on the same questions. `--stage pretrain` is this
-same loop on the synthetic copy corpus (`data.copy_corpus`): the tiny preset's stand-in for the
-pretraining a real Qwen-2.5 checkpoint brings.
+One straight loop: draw a batch (deterministic in seed and step), split it into micro-batches and
+ranks, sum each micro-batch's masked token losses over the trained tokens of the *whole* step, then
+clip and step AdamW (warmup + cosine). Data (data.py): the built-in tasks' oracle trajectories, or
+`--sft_data FILE.jsonl` (`--sft_min_reward 1`: rejection sampling from any teacher, the open stand-in
+for the paper's GPT-4o trajectories); `--use_code=false` trains the text-only baseline. `--stage
+pretrain` is this loop on the copy corpus, the tiny preset's stand-in for pretraining.
 
 Simplified against the paper's LLaMA-Factory runs: no sequence packing, no varied prompt formats;
-batches are drawn with replacement rather than in epochs (the same thing for the few-epoch budgets
-used here, and exactly resumable from any step).
+batches are drawn with replacement rather than in epochs (exactly resumable from any step).
 """
 from __future__ import annotations
 
@@ -26,16 +19,16 @@ import time
 import torch
 
 from minir1ci.training import distributed as dist
-from minir1ci.training.data import (copy_corpus, filter_by_length, load_jsonl, next_token_targets, oracle_samples,
-                                    pad_batch)
+from minir1ci.training.data import copy_corpus, load_jsonl, next_token_targets, oracle_samples, pad_batch
 from minir1ci.env.tasks import load_tasks
 from minir1ci.inference.devices import autocast_for
 from minir1ci.training.optim import make_optimizer, set_lr
-from minir1ci.training.runs import (MetricsLog, check_finite, load_start_model, load_trainer_state, open_run_dir,
-                                    release_run_dir, restore_optimizers, save_run_checkpoint, start_run, step_seed)
+from minir1ci.training.runs import (MetricsLog, check_finite, load_start_model, open_run_dir, release_run_dir, resume,
+                                    save_run_checkpoint, start_run, step_seed)
 
 
 def build_samples(cfg, tokenizer, vocab_size: int | None = None):
+    """(samples that fit max_seq_len, how many did not) from the stage's data source."""
     if cfg.stage == "pretrain":
         samples = copy_corpus(tokenizer, cfg.num_train_examples, seed=cfg.seed)
     elif cfg.sft_data:
@@ -48,15 +41,15 @@ def build_samples(cfg, tokenizer, vocab_size: int | None = None):
             raise ValueError(f"--tasks {cfg.tasks!r} has tasks without oracle trajectories; "
                              "pass --sft_data FILE.jsonl for them")
         samples = oracle_samples(examples, tokenizer, cfg.use_code, cfg.text_fraction, cfg.seed)
-    kept, dropped = filter_by_length(samples, cfg.max_seq_len)
+    kept = [s for s in samples if len(s.ids) <= cfg.max_seq_len and any(s.mask)]   # too long: dropped, not cut
     if not kept:
         raise ValueError(f"no {cfg.stage} sample fits max_seq_len={cfg.max_seq_len}")
-    return kept, dropped
+    return kept, len(samples) - len(kept)
 
 
 def sft_step_loss(model, batch, denom: float, cfg, device, amp) -> tuple[float, int]:
     """Forward + backward of one micro-batch; returns (sum of token losses, tokens)."""
-    ids, attn, mask = pad_batch([s.ids for s in batch], 0, [s.mask for s in batch])
+    ids, attn, mask = pad_batch([s.ids for s in batch], [s.mask for s in batch])
     ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
     targets, target_mask = next_token_targets(ids, mask)
     with amp:
@@ -68,6 +61,7 @@ def sft_step_loss(model, batch, denom: float, cfg, device, amp) -> tuple[float, 
 
 
 def train_sft(cfg) -> dict:
+    """`python train.py --stage pretrain|sft`: the whole run; returns the last step's metrics."""
     device = start_run(cfg)
     model, tokenizer, source, resume_dir = load_start_model(cfg, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
@@ -78,13 +72,8 @@ def train_sft(cfg) -> dict:
               f"({dropped} longer than {cfg.max_seq_len} dropped); world size {dist.world_size()}")
     model = dist.parallelize(model, device)
     opt = make_optimizer(model.parameters(), cfg)
-    start = 0
     log = MetricsLog(run_dir, cfg.steps, resume=cfg.resume, every=cfg.log_every)
-    if resume_dir is not None:
-        state = load_trainer_state(resume_dir, dist.is_sharded(model))
-        restore_optimizers(state, {"policy": opt})
-        start = state["step"] + 1
-        log.truncate_after(state["step"])
+    start, _ = resume(resume_dir, model, {"policy": opt})
     amp = autocast_for(device, cfg.dtype)
     model.train()
     last = {}
