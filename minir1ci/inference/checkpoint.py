@@ -249,25 +249,22 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer: Tokenizer | None, path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # same filesystem
     try:
-        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it 0700; a checkpoint gets the usual mode
+        umask = os.umask(0)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint gets the usual mode
         _write_weights(tensors, dtype, limit, tmp)
         dtype_name = str(dtype).removeprefix("torch.")
         _write_json(tmp / CONFIG, {**config.to_hf_dict(), "torch_dtype": dtype_name, "dtype": dtype_name})
         _write_json(tmp / GENERATION_CONFIG, _generation_config(config, tokenizer))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        for file in [*tmp.iterdir(), tmp]:  # on disk before the rename: a power loss cannot expose empty files
+            _fsync(file)
         _move_into_place(tmp, path)
     except BaseException:  # KeyboardInterrupt too: never leave the temporary directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)   # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 def _write_weights(tensors: dict[str, Tensor], dtype: torch.dtype, limit: int, directory: Path) -> None:
@@ -307,7 +304,7 @@ def _generation_config(config: ModelConfig, tokenizer: Tokenizer | None) -> dict
     if config.bos_token_id is not None:
         out["bos_token_id"] = config.bos_token_id
     if tokenizer is not None:
-        eos = list(dict.fromkeys([tokenizer.im_end_id, tokenizer.token_to_id("<|endoftext|>")]))
+        eos = list(dict.fromkeys([tokenizer.im_end_id, tokenizer.endoftext_id]))
         out.update(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     elif config.eos_token_id is not None:
         out["eos_token_id"] = config.eos_token_id
@@ -320,18 +317,10 @@ def _write_json(file: Path, obj: dict) -> None:
 
 def _check_target(path: Path) -> None:
     """Refuse to replace anything that is not a checkpoint (a file, or a directory of other things)."""
-    if not path.exists():
-        return
-    if not path.is_dir():
+    if path.exists() and not path.is_dir():
         raise FileExistsError(f"cannot save a checkpoint to {path}: it exists and is not a directory")
-    if any(path.iterdir()) and not (path / CONFIG).is_file():
+    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG).is_file():
         raise FileExistsError(f"refusing to replace {path}: a non-empty directory without {CONFIG}")
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush the new files to disk before the rename, so a power loss cannot expose empty files."""
-    for file in [*directory.iterdir(), directory]:
-        _fsync(file)
 
 
 def _fsync(path: Path) -> None:

@@ -93,12 +93,16 @@ class Tokenizer:
         for name in (ENDOFTEXT, IM_START, IM_END):
             if tok.token_to_id(name) is None:
                 raise ValueError(f"tokenizer has no {name!r} token; a Qwen-2.5 vocabulary is required")
+        # <|im_end|> ends an assistant turn (the sampler's stop token for chat); <|endoftext|> ends a
+        # base model's document.
+        self.eos_token_id = self.im_end_id = tok.token_to_id(IM_END)
+        self.im_start_id, self.endoftext_id = tok.token_to_id(IM_START), tok.token_to_id(ENDOFTEXT)
         pad = self.config.get("pad_token") or ENDOFTEXT
         if isinstance(pad, dict):  # older configs store AddedToken dicts
             pad = pad.get("content", ENDOFTEXT)
         if pad == IM_END:  # it would mask the real end of turn out of the loss
             raise ValueError("pad_token must differ from the chat eos token <|im_end|>")
-        self._pad_id = self.token_to_id(pad)
+        self.pad_token_id = self.token_to_id(pad)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Tokenizer":
@@ -134,7 +138,7 @@ class Tokenizer:
             **{k: v for k, v in self.config.items() if k != "added_tokens_decoder"},
             # Qwen2.5-Instruct's roles: chat turns end with <|im_end|>, padding is <|endoftext|>.
             "bos_token": None, "unk_token": None, "eos_token": IM_END,
-            "pad_token": self._tok.id_to_token(self._pad_id), "chat_template": CHAT_TEMPLATE,
+            "pad_token": self._tok.id_to_token(self.pad_token_id), "chat_template": CHAT_TEMPLATE,
         }
         text = json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
         (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
@@ -159,26 +163,6 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids, special tokens included (the model's embedding may be larger)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def eos_token_id(self) -> int:
-        """End of an assistant turn, `<|im_end|>`: the sampler's stop token for chat."""
-        return self.token_to_id(IM_END)
-
-    @property
-    def endoftext_id(self) -> int:
-        """`<|endoftext|>`, the base models' end of document."""
-        return self.token_to_id(ENDOFTEXT)
-
-    @property
-    def pad_token_id(self) -> int:
-        return self._pad_id
-
-    @property
-    def im_start_id(self) -> int:
-        return self.token_to_id(IM_START)
-
-    im_end_id = eos_token_id
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                             return_assistant_mask: bool = False) -> list[int] | tuple[list[int], list[int]]:

@@ -49,8 +49,10 @@ class Sampler:
         self.block_manager = BlockManager(num_blocks, block_size, max_pages, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, self.block_manager, use_cuda_graphs, max_graph_batch=max_num_seqs)
-        if eos_token_ids is None:
-            eos_token_ids = self._default_eos(cfg, tokenizer)
+        if eos_token_ids is None:  # the tokenizer's chat eos and the config's eos id(s)
+            eos = cfg.eos_token_id
+            eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+            eos_token_ids = ([tokenizer.eos_token_id] if tokenizer is not None else []) + eos
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.generator = torch.Generator(device=param.device).manual_seed(seed)
         self.seqs: dict[int, Sequence] = {}
@@ -59,12 +61,6 @@ class Sampler:
         self._tensors: list[torch.Tensor] = []
         self._weights_seen: tuple = ()
         self._check_weights()
-
-    @staticmethod
-    def _default_eos(cfg, tokenizer) -> list[int]:
-        eos = cfg.eos_token_id
-        ids = [tokenizer.eos_token_id] if tokenizer is not None else []
-        return ids + (list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
     def _check_weights(self) -> None:
         """Drop the prefix cache (and fused q/k/v copies) if the (id, version) of a parameter or buffer
