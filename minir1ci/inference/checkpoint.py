@@ -54,8 +54,6 @@ def parse_size(size: int | str) -> int:
     return int(float(match[1]) * SIZE_UNITS[match[2] or "B"])
 
 
-# ---- loading ----------------------------------------------------------------------------------
-
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> tuple[Qwen2ForCausalLM, Tokenizer | None]:
     """(model, tokenizer) from a HF checkpoint directory; tokenizer is None without tokenizer.json.
@@ -224,8 +222,6 @@ def _read_tensor(file: Path, name: str, device: torch.device, dtype: torch.dtype
 def _load_tokenizer(path: Path) -> Tokenizer | None:
     return Tokenizer.from_pretrained(path) if (path / TOKENIZER_FILE).is_file() else None
 
-
-# ---- saving -----------------------------------------------------------------------------------
 
 def save_pretrained(model: Qwen2ForCausalLM, tokenizer: Tokenizer | None, path: str | Path,
                     max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None,

@@ -1,18 +1,13 @@
 """Token log-probabilities, entropy and cross-entropy through the LM head, a chunk at a time.
 
-`lm_head(hidden).float().log_softmax(-1)` would hold [N, V] logits three times (bf16, fp32, the
-saved log-softmax): about 6 GB per 4,096 tokens with Qwen's 151,936-token vocabulary. Here the LM
-head, log-softmax and gather are one autograd Function over `chunk_size` rows at a time: forward
-saves one log-sum-exp (and entropy) per token, backward recomputes each chunk's logits from the
-saved hidden states. Saved activations are O(N*H + N), the working set O(chunk_size*V).
-
-`targets[b, t]` is the token predicted from `hidden[b, t]`. Logits are computed in the input dtype
-(as lm_head does), upcast to fp32, then divided by `temperature`: the sampler scales the same way,
-or sampler and trainer log-probs disagree. With a `mask`, only masked-in tokens are projected
+Full logits would be held three times (bf16, fp32, saved log-softmax): about 6 GB per 4,096 tokens
+with Qwen's 151,936-token vocabulary. Here one autograd Function walks `chunk_size` rows at a time,
+saving one log-sum-exp (and entropy) per token and recomputing each chunk's logits in backward.
+`targets[b, t]` is the token predicted from `hidden[b, t]`; logits in the input dtype, upcast to fp32,
+then / temperature, as the sampler scales them. With a `mask`, only masked-in tokens are projected
 (targets elsewhere may be anything, e.g. -100).
 
-Simplified: chunks run over tokens, not the vocabulary; a low-precision weight's gradient is summed
-in fp32 over chunks and cast once; no double backward.
+Simplified: chunks run over tokens, not the vocabulary; no double backward.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """The Qwen-2.5 decoder (HF `Qwen2ForCausalLM`), one class for training and sampling.
 
-Parameter names are Hugging Face's, so checkpoints load strictly with no mapping table. The
-backbone runs padded `input_ids [B, T]` with an `attention_mask` (training: causal SDPA, padded
-keys masked), or packed `input_ids [N]` of several sequences with the sampler's paged KV cache and
-an `AttnMeta`, both passed in explicitly (see DEVELOPERS.md).
+HF parameter names, so checkpoints load strictly; the sampler's paged KV cache and `AttnMeta` are
+passed in explicitly (see DEVELOPERS.md for both calling conventions).
 
 Simplified against HF: no sliding-window attention, no rope scaling, no dropout; such configs are
 refused rather than silently run wrong.

@@ -1,13 +1,11 @@
 """The Qwen-2.5 tokenizer and its ChatML chat template, with the loss mask rollouts need.
 
-`Tokenizer` wraps a `tokenizers.Tokenizer` read from a HF `tokenizer.json` (byte-level BPE, with
-Qwen-2.5's 22 special tokens). Plain text never turns into control tokens: `encode(text)` spells
-a literal "<|im_end|>" in interpreter output out byte by byte, so a program cannot end the
-assistant turn; only `allow_special=True` maps it to its id. `apply_chat_template` builds ChatML
-ids directly and returns the assistant loss mask.
+Plain text never turns into control tokens: `encode(text)` spells a literal "<|im_end|>" in
+interpreter output out byte by byte, so a program cannot end the assistant turn; only
+`allow_special=True` maps it to its id.
 
-Simplified: no tool-call rendering, no truncation or padding, and every added token is treated
-as special (Qwen's file marks `<tool_call>` and the FIM tokens non-special).
+Simplified: no tool-call rendering, no truncation or padding, and every added token is treated as
+special (Qwen's file marks `<tool_call>` and the FIM tokens non-special).
 """
 from __future__ import annotations
 

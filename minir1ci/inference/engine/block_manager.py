@@ -1,15 +1,13 @@
 """The paged KV cache's bookkeeping: a pool of fixed-size pages, refcounts and prefix sharing.
 
-Token t of a sequence lives in slot `block_table[t // block_size] * block_size + t % block_size`;
-block tables are mirrored in `tables` (int32 [rows, max_pages], CPU) for one-op gathers. Each full
-block a prefill allocates is registered under (content id of the previous block, its token ids), so
-a later prompt with the same leading tokens shares those pages (refcount + 1), even in the same step
-(all new K/V is written before attention reads). The partial last block stays private (no
-copy-on-write); content ids are never reused, so a key cannot match an overwritten page. Freed pages
-keep their key until reused, least recently freed first, until the weights change (`forget_prefixes`).
+Each full block a prefill allocates is registered under (content id of the previous block, its token
+ids), so a later prompt with the same leading tokens shares those pages, even in the same step (all
+new K/V is written before attention reads). Content ids are never reused, so a key cannot match an
+overwritten page; the partial last block stays private (no copy-on-write). Freed pages keep their key
+until reused, least recently freed first, or until the weights change (`forget_prefixes`).
 
-Simplified against vLLM: no swapping (preempted sequences are recomputed), no sliding-window or
-cross-layer sharing, and keys are exact token tuples rather than hashes.
+Simplified against vLLM: no swapping, no sliding-window or cross-layer sharing, keys are exact token
+tuples rather than hashes.
 """
 from __future__ import annotations
 
@@ -38,7 +36,7 @@ class BlockManager:
         self.content_id = [-1] * num_blocks
         self.block_of_key: dict[tuple, int] = {}
         self._next_content = 0
-        self.tables = torch.zeros(0, max_pages, dtype=torch.int32)  # grown on demand, see _take_row
+        self.tables = torch.zeros(0, max_pages, dtype=torch.int32)  # block tables, for one-op gathers
         self._free_rows: list[int] = []
 
     @property

@@ -1,12 +1,9 @@
 """Running the model for one sampler step: the KV cache tensors, attention metadata, CUDA graphs.
 
-Owns one (k_cache, v_cache) pair per layer, [num_blocks, block_size, n_kv_heads, head_dim], and packs
-a step into `model.model(input_ids[N], position_ids[N], kv_caches, attn_meta)`: a prefill runs each
-sequence's uncached tokens (at least its last; a token whose K/V is cached gets slot -1), a decode its
-last token. Only each sequence's last position goes through lm_head; logits come back fp32 [B, V].
-On CUDA, decode replays graphs captured per batch-size bucket (1, 2, 4, 8, multiples of 16) with the
-full-width block table (padded rows: slot -1, one key); they read the parameters in place, so
-weights updated with `copy_` stay valid.
+Packs a step into `model.model(input_ids[N], position_ids[N], kv_caches, attn_meta)`: a prefill runs
+each sequence's uncached tokens (at least its last; one whose K/V is cached gets slot -1), a decode
+its last token; only each sequence's last position goes through lm_head. On CUDA, decode replays
+graphs captured per batch-size bucket; they read the parameters in place, so `copy_` updates hold.
 
 Simplified against nano-vllm: no tensor parallelism, no torch.compile, prefill is never graphed.
 """

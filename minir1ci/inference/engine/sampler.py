@@ -7,10 +7,8 @@
     sampler.append_tokens(sid, output_ids)               # forced tokens (mask 0), then resume
     done = sampler.release(sid)                          # final Completion; pages freed
 
-With one seeded SamplingParams, request i of `generate` gets seed + i. A stopped sequence keeps its
-pages until `release` (or eviction), so a resumed one prefills only the appended tokens. Finish
-reasons: "eos", "stop" (`stop_reason` names the id or string), "length"; the stopping token stays in
-the response. Cached prompt pages are dropped when the weights change: change them only while idle.
+A stopped sequence keeps its pages until `release` (or eviction), so resuming prefills only the
+appended tokens. Finish reasons: "eos", "stop" (`stop_reason` names the id or string), "length".
 """
 from __future__ import annotations
 

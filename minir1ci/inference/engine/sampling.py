@@ -1,12 +1,8 @@
 """Turning one step's logits into tokens and log-probs: pure functions, vectorised over the batch.
 
-Per row: the raw log-prob of the token at temperature 1 (what a trainer recomputes as pi_old); the
-processed distribution it is drawn from (fp32 logits / temperature, scaled as in logprobs.py, then
-top-k, then top-p); the token: argmax at temperature 0, else on a GPU the exponential race
-argmax(p / E), E ~ Exp(1) per entry (Gumbel-max in another form: no cumsum, no host sync), and on a
-CPU, where B x V exponentials cost more than a tiny model's step, the inverse CDF with one uniform
-per row. Both draw token i with probability p_i, but not the same tokens. Seeded rows draw from
-their own generator; unseeded rows share one draw from the sampler's.
+Each token comes with its raw log-prob (temperature 1, what a trainer recomputes as pi_old) and its
+log-prob under the processed distribution it was drawn from (fp32 logits / temperature as in
+logprobs.py, then top-k, then top-p). Seeded rows draw from their own generator.
 
 Simplified against vLLM/HF: no repetition penalties, min_p, typical-p or logit bias.
 """
@@ -134,6 +130,9 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     probs = (proc - top).exp_()                                            # [B, V] unnormalised
     proc_lse = top[:, 0] + probs.sum(-1).log()                             # [B], the logsumexp
     lse = proc_lse if proc is logits else logits.logsumexp(-1)
+    # Both draws pick token i with probability p_i, but not the same tokens. On a CPU, B x V exponentials
+    # cost more than a tiny model's step; on a GPU the exponential race argmax(p / E), E ~ Exp(1)
+    # (Gumbel-max in another form), needs no cumulative sum and no host sync.
     if logits.device.type == "cpu":
         tokens = inverse_cdf(probs, generators, sampled_rows, default_generator)
     else:

@@ -1,12 +1,9 @@
 """Which sequences run in the next step: continuous batching over a fixed pool of KV pages.
 
-A step is a prefill or a decode, never a mix. Prefill goes first: waiting sequences (new, resumed
-after appended tokens, preempted) are admitted in order while they fit in `max_num_seqs`,
-`max_num_batched_tokens` and the free pages (one longer than the token budget runs alone).
-Otherwise every running sequence decodes one token, taking a new page when it needs one.
-When pages run out, stopped sequences' caches are evicted, least recently stopped first; then,
-for a decode, the most recently admitted sequence is preempted: it goes back to the front of the
-queue without its pages, to be recomputed from its tokens (results stay exact).
+A step is a prefill (waiting sequences admitted in order while they fit the limits and the free
+pages) or else a decode of every running sequence. When pages run out, stopped sequences' caches are
+evicted first (least recently stopped), then, for a decode, the most recently admitted sequence is
+preempted: back to the front of the queue, to be recomputed from its tokens (results stay exact).
 
 Simplified against vLLM: no chunked prefill, no mixed batches, no priorities, no swapping to host.
 """
@@ -57,7 +54,7 @@ class Scheduler:
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
             new_tokens = len(seq) - seq.num_cached  # an upper bound before prefix hits are known
-            if batch and num_tokens + new_tokens > self.max_num_batched_tokens:
+            if batch and num_tokens + new_tokens > self.max_num_batched_tokens:  # one over the budget runs alone
                 break
             if not self.bm.allocate(seq):
                 if self._evict_stopped():

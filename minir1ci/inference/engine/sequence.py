@@ -1,8 +1,7 @@
 """What a request is: its sampling parameters, its running state, and the result handed back.
 
-A response mixes sampled tokens (mask 1, with their raw and sampling log-probs) and forced tokens
-appended with `Sampler.append_tokens` (interpreter output: prefilled, never sampled, mask 0 and
-log-prob 0.0), so a `Completion`'s lists align one-to-one with the response, as a trainer needs.
+A response mixes sampled tokens (mask 1) and forced tokens from `Sampler.append_tokens` (interpreter
+output: mask 0, log-prob 0.0), aligned one-to-one in a `Completion`, as a trainer needs.
 
 Simplified against vLLM: no beam search, no `n` per request (a GRPO group adds its prompt n times and
 shares its full KV blocks), no penalties, logit bias or min_p; stop strings are not stripped.

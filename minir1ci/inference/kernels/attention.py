@@ -1,17 +1,14 @@
 """Attention for the sampler: paged KV-cache writes, varlen causal prefill and split-K decode.
 
-`store_kvcache`, `prefill_attention` and `decode_attention` dispatch once: Triton for CUDA tensors,
-the PyTorch twin (twins.py, their reference) otherwise; `set_backend` overrides. The CPU tests run
-the kernels under `TRITON_INTERPRET=1`, which must be set before this module is imported.
-Layouts: q [Nq, Hq, D] packed (prefill) or [B, Hq, D] (decode); packed k, v [Nk, Hkv, D]; caches
-[num_blocks, page_size, Hkv, D] (slot = page * page_size + offset); block_table [B, P] int32.
-Query head h reads KV head h // (Hq // Hkv); one program takes all query heads of a KV head, so
-each K/V tile is loaded once per group. Softmax runs in base 2 (`exp2`, scale * log2(e)), all
-accumulation in fp32, outputs in the input dtype.
+Each public function dispatches once: Triton for CUDA tensors, else its PyTorch twin (twins.py, the
+reference); `set_backend` overrides. CPU tests run the kernels under `TRITON_INTERPRET=1`, set before
+this module is imported. Layouts as in DEVELOPERS.md: q [Nq | B, Hq, D], caches [num_blocks,
+page_size, Hkv, D], block_table [B, P] int32. Query head h reads KV head h // (Hq // Hkv), and one
+program takes all query heads of a KV head, so each K/V tile is loaded once per group. Softmax runs
+in base 2, accumulation in fp32; outputs take the input dtype.
 
-Simplified against FlashAttention-2 / vLLM: no sliding window, ALiBi, soft-capping or fp8 caches;
-the causal mask is computed on every key tile; block sizes are fixed per dtype, not autotuned; the
-decode split count is a heuristic on the table width.
+Simplified against FlashAttention-2 / vLLM: no sliding window, ALiBi, soft-capping or fp8 caches; the
+causal mask is computed on every key tile; fixed block sizes per dtype; a heuristic split count.
 """
 from __future__ import annotations  # kernel annotations stay strings, so this imports without Triton
 
@@ -76,8 +73,6 @@ def _check_last_dim_contiguous(**tensors: Tensor) -> None:
         assert t.stride(-1) == 1, f"{name} must have unit stride in its last dimension, got {t.stride()}"
 
 
-# ------------------------------------------------------------------------------------ store_kvcache
-
 @_jit
 def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                           stride_t, stride_h, stride_cb, stride_cs, stride_ch, num_kv_heads,
@@ -113,8 +108,6 @@ def store_kvcache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_m
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Hkv,
         PAGE_SIZE=k_cache.shape[1], BLOCK_H=triton.next_power_of_2(Hkv), HEAD_DIM=D)
 
-
-# ------------------------------------------------------------------------------------ prefill
 
 @_jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr, table_ptr,
@@ -222,8 +215,6 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_
         BLOCK_R=block_r, BLOCK_N=block_n, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q))
     return out
 
-
-# ------------------------------------------------------------------------------------ decode
 
 @_jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
