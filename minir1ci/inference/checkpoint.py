@@ -58,8 +58,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> tuple[Qwen2ForCausalLM, Tokenizer | None]:
     """(model, tokenizer) from a HF checkpoint directory; tokenizer is None without tokenizer.json.
     dtype None keeps the checkpoint's (config `dtype`/`torch_dtype`, else the tensors'); device None is CPU."""
-    model = load_model(path, dtype, device)
-    return model, _load_tokenizer(Path(path))
+    return load_model(path, dtype, device), _load_tokenizer(Path(path))
 
 
 def check_checkpoint(path: str | Path, need_tokenizer: bool = True) -> ModelConfig:

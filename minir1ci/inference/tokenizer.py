@@ -95,6 +95,7 @@ class Tokenizer:
         # base model's document.
         self.eos_token_id = self.im_end_id = tok.token_to_id(IM_END)
         self.im_start_id, self.endoftext_id = tok.token_to_id(IM_START), tok.token_to_id(ENDOFTEXT)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)  # the model's embedding may be larger
         pad = self.config.get("pad_token") or ENDOFTEXT
         if isinstance(pad, dict):  # older configs store AddedToken dicts
             pad = pad.get("content", ENDOFTEXT)
@@ -156,11 +157,6 @@ class Tokenizer:
         if i is None:
             raise KeyError(f"token not in vocabulary: {token!r}")
         return i
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids, special tokens included (the model's embedding may be larger)."""
-        return self._tok.get_vocab_size(with_added_tokens=True)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                             return_assistant_mask: bool = False) -> list[int] | tuple[list[int], list[int]]:
