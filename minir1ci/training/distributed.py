@@ -1,12 +1,7 @@
-"""Multi-process training under `torchrun`, applied from outside the model.
-
-`init()` reads torchrun's environment once and starts NCCL on GPUs, gloo on CPU, even for one rank;
-without torchrun everything here is a no-op (world size 1). `parallelize` shards with FSDP2 on CUDA
-(`fully_shard` per decoder layer, then the root; bf16 compute, fp32 reduce) and keeps a full replica
-per rank on CPU (`sync_grads` sums gradients). Losses are divided by a denominator counted over the
-whole step on all ranks (losses.py), so gradients are summed across ranks, not averaged.
-`full_state_dict` gathers a plain HF state dict on rank 0; `unsharded_copy` gives the sampler whole
-weights on every rank.
+"""Multi-process training under `torchrun`, applied from outside the model: FSDP2 on CUDA (`fully_shard`
+per decoder layer, then the root; bf16 compute, fp32 reduce), a full replica per rank on CPU (gloo).
+Without torchrun everything here is a no-op (world size 1). Gradients are summed across ranks, not
+averaged: losses are already divided by the whole step's denominator on all ranks (losses.py).
 
 Simplified: no tensor or pipeline parallelism; rollouts are split across ranks by prompt.
 """
