@@ -154,7 +154,8 @@ def pad_batch(seqs: list[list[int]], masks: list[list[int]]) -> tuple[torch.Tens
     """Right-pad with 0 to the longest: ids, attention and loss masks, [B, T] each."""
     ids, attn, mask = (torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long) for _ in range(3))
     for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), torch.tensor(m, dtype=torch.long)
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = torch.tensor(m, dtype=torch.long)
         attn[i, :len(s)] = 1
     return ids, attn, mask
 

@@ -41,7 +41,8 @@ def build_samples(cfg, tokenizer, vocab_size: int | None = None):
             raise ValueError(f"--tasks {cfg.tasks!r} has tasks without oracle trajectories; "
                              "pass --sft_data FILE.jsonl for them")
         samples = oracle_samples(examples, tokenizer, cfg.use_code, cfg.text_fraction, cfg.seed)
-    kept = [s for s in samples if len(s.ids) <= cfg.max_seq_len and any(s.mask)]   # too long: dropped, not cut
+    # Too long: dropped, not truncated (a cut trajectory would teach the model to stop mid-answer).
+    kept = [s for s in samples if len(s.ids) <= cfg.max_seq_len and any(s.mask)]
     if not kept:
         raise ValueError(f"no {cfg.stage} sample fits max_seq_len={cfg.max_seq_len}")
     return kept, len(samples) - len(kept)
