@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from minir1ci.training import distributed as dist
-from minir1ci.training.losses import kl_penalty
 from minir1ci.inference.model import Qwen2Model
 from minir1ci.training.runs import load_trainer_state
 
@@ -55,11 +54,12 @@ def batch_values(critic, batch, micro: int, device, amp) -> Tensor:
     return out * batch.mask
 
 
-def token_rewards(batch, old_logp: Tensor, ref_logp: Tensor | None, kl_coef: float) -> Tensor:
-    """[B, T]: -kl_coef * k1 on sampled tokens, plus the sequence reward on the last sampled one."""
-    r = torch.zeros_like(old_logp)
-    if ref_logp is not None and kl_coef > 0:
-        r = -kl_coef * kl_penalty(old_logp, ref_logp, "k1") * batch.mask
+def token_rewards(batch, kl: Tensor | None, kl_coef: float) -> Tensor:
+    """[B, T]: -kl_coef * kl (k1 of pi_old against the reference) on sampled tokens, plus the sequence
+    reward on the last sampled one."""
+    r = torch.zeros_like(batch.mask, dtype=torch.float32)
+    if kl is not None and kl_coef > 0:
+        r = -kl_coef * kl * batch.mask
     pos = torch.arange(batch.mask.shape[1]).expand_as(batch.mask)
     last = torch.where(batch.mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values   # [B]
     has = last >= 0

@@ -50,9 +50,10 @@ def to_batch(trajs, scores: list[float], groups: list[int], mask_tool_output: bo
     ids, attn, mask = pad_batch(seqs, masks)
     logp = torch.zeros(ids.shape, dtype=torch.float32)
     for i, t in enumerate(trajs):
-        P, sampled = len(t.prompt_ids), torch.tensor(t.loss_mask, dtype=torch.bool)
         lp = torch.tensor(t.logprobs, dtype=torch.float32)
-        logp[i, P:P + len(lp)] = lp if mask_tool_output else torch.where(sampled, lp, math.nan)
+        if not mask_tool_output:
+            lp = lp.masked_fill(~torch.tensor(t.loss_mask, dtype=torch.bool), math.nan)
+        logp[i, len(t.prompt_ids):len(t.prompt_ids) + len(lp)] = lp
     targets, mask, sampler_logp = next_token_targets(ids, mask, logp * mask)
     return RLBatch(ids, attn, targets, mask, sampler_logp, torch.tensor(scores, dtype=torch.float32),
                    torch.tensor(groups, dtype=torch.long))

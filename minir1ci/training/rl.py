@@ -182,12 +182,14 @@ def train_rl(cfg) -> dict:
             tis = [masked_sum(tis_w, batch.mask), batch.mask.sum()] if tis_w is not None else [1, 1]
             keep, dropped = loss_filter(trajs, batch, old_logp, cfg)
             batch.mask = batch.mask * keep[:, None]   # a dropped trajectory leaves every loss term
+            reward_kl = None   # PPO's KL, in the reward: k1 of pi_old against the reference
             if critic is None:   # GRPO: group-relative, one advantage per trajectory
                 adv = grpo_advantages(batch.scores, cfg.n_samples, norm_std=cfg.norm_adv_std)[:, None] * batch.mask
                 old_values = returns = None
             else:                # PPO: GAE on the critic's values, the KL in the reward, whitened
                 old_values = batch_values(critic, batch, cfg.micro_batch_size, device, amp)
-                adv, returns = gae(token_rewards(batch, old_logp, ref_logp, cfg.kl_coef), old_values, batch.mask,
+                reward_kl = kl_penalty(old_logp, ref_logp, "k1") if ref_logp is not None else None
+                adv, returns = gae(token_rewards(batch, reward_kl, cfg.kl_coef), old_values, batch.mask,
                                    cfg.gamma, cfg.lam)
                 adv = masked_whiten(adv, batch.mask) * batch.mask
             lr = set_lr(opts["policy"], step, cfg)
@@ -195,6 +197,8 @@ def train_rl(cfg) -> dict:
                          amp, seed=step_seed(cfg.seed, step, 99), train_policy=step >= cfg.critic_warmup_steps,
                          measured=measured)
             check_finite(upd["pg_loss"] + upd["value_loss"], step, run_dir)
+            if reward_kl is not None:   # logged as `kl` too (GRPO logs its loss term's)
+                upd["kl"] = float(masked_mean(reward_kl, batch.mask))
             stats = rollout_stats(trajs, rewards, correct)
             t = dist.all_reduce_sum(torch.tensor([stats["reward"], stats["accuracy"], *measured, *tis, *dropped,
                                                   *sampled], dtype=torch.float64)).tolist()
