@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
-from minir1ci.inference.tokenizer import byte_level_bpe
+# scripts/build_tiny.py defines Qwen's tokenizer pipeline (`byte_level_bpe`); it is a script, not a module
+_spec = importlib.util.spec_from_file_location("build_tiny", Path(__file__).parents[1] / "scripts" / "build_tiny.py")
+build_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_tiny)
 
 BUILD_VERSION = 1  # bump when the construction below changes, to invalidate caches
 
@@ -89,7 +93,7 @@ def build_qwen_tokenizer_json(out: Path, source: Path) -> None:
     for _, token in by_rank:
         left, right = merge_pair(token, ranks)
         merges.append((text(left), text(right)))
-    tok = byte_level_bpe(vocab, merges)
+    tok = build_tiny.byte_level_bpe(vocab, merges)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     tok.save(str(tmp))
     os.replace(tmp, out)  # atomic, so concurrent test processes never see half a file

@@ -11,7 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minir1ci.inference.logprobs import chunked_cross_entropy, entropy_from_logits, token_logprobs
+from minir1ci.inference.logprobs import token_logprobs
+
+
+def _cross_entropy(hidden, weight, targets, mask, chunk_size):
+    """Masked next-token cross-entropy per token, [B, T] (0 where mask is 0), as the trainers form it."""
+    return -token_logprobs(hidden, weight, targets, 1.0, chunk_size, False, mask)[0]
 
 
 def _inputs(B=2, T=7, H=8, V=50, dtype=torch.float32, seed=0):
@@ -64,12 +69,12 @@ def test_logprobs_without_entropy_match_full_logits_with_gradients():
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_cross_entropy_matches_torch_cross_entropy_with_ignore_index():
+def test_masked_cross_entropy_matches_torch_cross_entropy_with_ignore_index():
     hidden, weight, targets = _inputs(B=3, T=6, seed=5)
     mask = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
     targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))  # junk where masked
 
-    loss = chunked_cross_entropy(hidden, weight, targets, mask, chunk_size=2)
+    loss = _cross_entropy(hidden, weight, targets, mask, chunk_size=2).sum()
     loss.backward()
     got = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
 
@@ -80,7 +85,7 @@ def test_chunked_cross_entropy_matches_torch_cross_entropy_with_ignore_index():
     for x, y in zip(got, (ref.detach(), hidden.grad, weight.grad)):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
-    per_tok = chunked_cross_entropy(hidden, weight, targets, mask, chunk_size=2, reduction="none")
+    per_tok = _cross_entropy(hidden, weight, targets, mask, chunk_size=2)
     ref_tok = F.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), ignore_index=-100, reduction="none")
     torch.testing.assert_close(per_tok.detach(), ref_tok.detach().view(3, 6), atol=1e-5, rtol=1e-5)
 
@@ -167,11 +172,13 @@ def test_saved_activations_scale_with_tokens_and_hidden_not_vocab():
     assert sum(chunked) <= N * H + V * H + 8 * N
 
 
-def test_entropy_from_logits_hand_values():
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0],  # uniform over 4: ln 4
-                           [0.0, math.log(3.0), -math.inf, -math.inf]])  # p = (1/4, 3/4, 0, 0)
-    want = torch.tensor([math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))])
-    torch.testing.assert_close(entropy_from_logits(logits), want)
+def test_entropy_hand_values():
+    # an identity LM head makes the hidden states the logits
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0],  # uniform over 4: ln 4
+                            [0.0, math.log(3.0), -1e4, -1e4]]])  # p = (1/4, 3/4, 0, 0) in fp32
+    want = torch.tensor([[math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
+    _, ent = token_logprobs(logits, torch.eye(4), torch.zeros(1, 2, dtype=torch.long), with_entropy=True)
+    torch.testing.assert_close(ent, want)
 
 
 @pytest.mark.gpu
@@ -191,7 +198,7 @@ def test_peak_memory_at_qwen_vocabulary_is_far_below_full_logits():
         return F.cross_entropy(logits.float(), targets, reduction="sum")
 
     def chunked():
-        return chunked_cross_entropy(hidden[None], weight, targets[None], mask, chunk_size=1024)
+        return _cross_entropy(hidden[None], weight, targets[None], mask, chunk_size=1024).sum()
 
     results = {}
     for name, fn in (("plain", plain), ("chunked", chunked), ("plain", plain), ("chunked", chunked)):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import tokenizers
 
-from minir1ci.presets import build_tiny, tiny_dir
+from minir1ci.presets import tiny_dir
 from minir1ci.inference.tokenizer import Tokenizer
-from qwen_vocab import bytes_to_unicode, qwen_reference_encoder, qwen_tokenizer_dir
+from qwen_vocab import build_tiny, bytes_to_unicode, qwen_reference_encoder, qwen_tokenizer_dir
 
 # REFERENCE.md §2, in id order after the regular vocabulary.
 QWEN_SPECIALS = [
@@ -314,4 +314,4 @@ def test_tiny_preset_files_equal_a_fresh_build(tmp_path):
     build_tiny.build(tmp_path)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).read_bytes() == (tiny_dir() / name).read_bytes(), (
-            f"{name} differs: rerun python -m minir1ci.presets.build_tiny")
+            f"{name} differs: rerun python scripts/build_tiny.py")

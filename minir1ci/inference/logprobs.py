@@ -1,4 +1,4 @@
-"""Token log-probabilities, entropy and cross-entropy through the LM head, a chunk at a time.
+"""Token log-probabilities and entropy through the LM head, a chunk at a time.
 
 Full logits would be held three times (bf16, fp32, saved log-softmax): about 6 GB per 4,096 tokens
 with Qwen's 151,936-token vocabulary. Here one autograd Function walks `chunk_size` rows at a time,
@@ -15,16 +15,6 @@ import torch
 from torch import Tensor
 
 DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: 1024 x 151936 fp32 is 0.6 GB of transient logits
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last dim, in fp32: [..., V] -> [...].
-    H = logsumexp(z) - sum_v p_v z_v needs no log(0); -inf entries count 0, not 0 * -inf = NaN."""
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1)  # [...]
-    p = torch.exp(z - lse.unsqueeze(-1))  # [..., V]
-    pz = torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype, device=z.device))
-    return lse - pz.sum(-1)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -145,15 +135,3 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature:
         ent = ent.new_zeros(B * T).index_copy(0, idx, ent) if ent is not None else None
     return logp.view(B, T), (ent.view(B, T) if ent is not None else None)
 
-
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE, reduction: str = "sum") -> Tensor:
-    """Masked next-token cross-entropy through the LM head (shapes as `token_logprobs`): "sum" -> the
-    scalar sum over masked tokens (divide by a step denominator); "none" -> [B, T], 0 where mask is 0."""
-    logp, _ = token_logprobs(hidden, weight, targets, 1.0, chunk_size, False, mask)
-    loss_tok = -logp  # [B, T]
-    if reduction == "sum":
-        return loss_tok.sum()
-    if reduction == "none":
-        return loss_tok
-    raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")

@@ -14,23 +14,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-# Qwen-2.5's 22 special tokens, in id order; they follow the regular vocabulary.
-SPECIAL_TOKENS = (
-    ENDOFTEXT, IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-    "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-)
-# Splits text into pieces before BPE; each digit is its own piece.
-PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 # Jinja for transformers' `apply_chat_template`: the same ChatML as `Tokenizer.apply_chat_template`
@@ -48,29 +36,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-
-def qwen_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    """Split into PRETOKENIZE_REGEX pieces, then map each piece's bytes to GPT-2's unicode."""
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-
-
-def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tokenizers.Tokenizer:
-    """Qwen-2.5's pipeline (NFC, PRETOKENIZE_REGEX, bytes to unicode, BPE; ByteLevel decoder) around a
-    BPE of `vocab` (GPT-2 byte-to-unicode strings -> ids 0..len-1) and `merges` (in priority order),
-    with SPECIAL_TOKENS appended."""
-    bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
-                     continuing_subword_prefix="", end_of_word_suffix="",
-                     fuse_unk=False, byte_fallback=False)
-    tok = tokenizers.Tokenizer(bpe)
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = qwen_pre_tokenizer()
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
-    return tok
 
 
 class Tokenizer:

@@ -7,9 +7,12 @@ corpus shaped like the data (system prompts, questions, reasoning, python, inter
 <<<answers>>>). Simplified: templated text, not real trajectories; the config is a shape for tests
 and demos, not a model anyone pretrained.
 
-Run: `python -m minir1ci.presets.build_tiny [--out DIR]` (default: minir1ci/presets/tiny). The output
-is byte for byte the same with the same `tokenizers` version (TRAINED_WITH); tests/test_tokenizer.py
-checks the committed files against a fresh build.
+Qwen's tokenizer pipeline (special tokens, pre-tokenizer, `byte_level_bpe`) is defined here, where
+tokenizer files are made; tests/qwen_vocab.py builds the real Qwen-2.5 vocabulary through it too.
+
+Run: `python scripts/build_tiny.py [--out DIR]` (default: minir1ci/presets/tiny). The output is byte
+for byte the same with the same `tokenizers` version (TRAINED_WITH); tests/test_tokenizer.py checks
+the committed files against a fresh build.
 """
 from __future__ import annotations
 
@@ -21,15 +24,52 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import tokenizers
-from tokenizers import models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
+from minir1ci import presets
 from minir1ci.env import prompts
-from minir1ci.inference.tokenizer import (DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, SPECIAL_TOKENS, Tokenizer,
-                                          byte_level_bpe, qwen_pre_tokenizer)
+from minir1ci.inference.tokenizer import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, IM_START, Tokenizer
+
+# Qwen-2.5's 22 special tokens, in id order; they follow the regular vocabulary.
+SPECIAL_TOKENS = (
+    ENDOFTEXT, IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+    "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+)
+# Splits text into pieces before BPE; each digit is its own piece.
+PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 TRAINED_WITH = "0.23.3"  # tokenizers version that produced the committed files
 REGULAR_TOKENS = 1000  # 256 bytes + 744 merges
 SEED = 0
+
+
+def qwen_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Split into PRETOKENIZE_REGEX pieces, then map each piece's bytes to GPT-2's unicode."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tokenizers.Tokenizer:
+    """Qwen-2.5's pipeline (NFC, PRETOKENIZE_REGEX, bytes to unicode, BPE; ByteLevel decoder) around a
+    BPE of `vocab` (GPT-2 byte-to-unicode strings -> ids 0..len-1) and `merges` (in priority order),
+    with SPECIAL_TOKENS appended."""
+    bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
+                     continuing_subword_prefix="", end_of_word_suffix="",
+                     fuse_unk=False, byte_fallback=False)
+    tok = tokenizers.Tokenizer(bpe)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = qwen_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    return tok
+
 
 WORDS = ("apple banana cherry strawberry orange grape lemon mango peach pear plum melon "
          "river mountain forest ocean island desert valley garden window table chair book "
@@ -184,7 +224,7 @@ def build(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "tiny")
+    parser.add_argument("--out", type=Path, default=presets.tiny_dir())
     args = parser.parse_args()
     build(args.out)
     if tokenizers.__version__ != TRAINED_WITH:
