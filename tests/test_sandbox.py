@@ -452,6 +452,41 @@ def test_kernel_keys_reach_neither_later_executions_nor_the_clients_keyring():
         host["libc"].syscall(host["KEYCTL"], host["L"](3), host["L"](host_key))  # KEYCTL_REVOKE
 
 
+# A user namespace of its own gives code every capability inside it: unshare and raw clone (the
+# flags libc's fork passes) with CLONE_NEWUSER, and clone3 (whose flags seccomp cannot read).
+USERNS = """
+import ctypes, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE, CLONE3 = {'x86_64': (56, 435), 'aarch64': (220, 435)}[platform.machine()]
+def err(ret):
+    return 'ok' if ret >= 0 else os.strerror(ctypes.get_errno())
+pid = libc.syscall(CLONE, ctypes.c_long(0x10000000 | 17), None, None, None, None)  # CLONE_NEWUSER | SIGCHLD
+if pid == 0:
+    os._exit(0)
+print(err(pid), os.waitpid(pid, 0)[1] if pid > 0 else '-')
+print(err(libc.syscall(CLONE3, None, ctypes.c_long(0))))
+r = libc.unshare(0x10000000)  # last: inside a new namespace without a uid map, no nested one is allowed
+print(err(r), open('/proc/self/status').read().split('CapEff:')[1].split()[0] if r == 0 else '-')
+"""
+
+
+def test_code_cannot_enter_a_user_namespace_of_its_own(sb):
+    if os.uname().machine not in ("x86_64", "aarch64") or not sb.isolation["seccomp"]:
+        pytest.skip("no seccomp filter here")
+    ref = _reference(USERNS)  # the reference: outside the sandbox this host lets any process in
+    if ref.returncode or not ref.stdout.startswith("ok"):
+        pytest.skip(f"this host refuses user namespaces anyway: {ref.stdout!r} {ref.stderr[-200:]!r}")
+    assert ref.stdout.splitlines()[0] == "ok 0" and ref.stdout.splitlines()[2].startswith("ok ")
+    r = sb.run(USERNS)
+    assert r.ok and r.stdout.splitlines() == ["Operation not permitted -", "Function not implemented",
+                                              "Operation not permitted -"], r
+    # threads and processes still start: libc falls back from clone3 to clone
+    r = sb.run("import subprocess, threading\nt = threading.Thread(target=print, args=('thread',))\n"
+               "t.start()\nt.join()\nprint(subprocess.run(['/bin/echo', 'child'], capture_output=True, "
+               "text=True).stdout, end='')")
+    assert (r.status, r.stdout) == ("ok", "thread\nchild\n"), r
+
+
 def test_sandboxes_on_one_host_get_disjoint_uids_by_default():
     with Sandbox(workers=2) as a, Sandbox(workers=2) as b:
         if not a.isolation["uid"]:

@@ -16,7 +16,7 @@ process), FSIZE and NOFILE, output caps, an IPC namespace, fds 0-2 only, fresh t
 forked from processes that never held another execution's data. Per slot: uid `uid_base + slot` (no
 capabilities, no_new_privs, RLIMIT_NPROC), a PID namespace and its /proc, a network namespace with no
 interface up. Per sandbox: a read-only root, a minimal environment, a seccomp filter refusing the key
-syscalls (keyrings outlive processes), a uid range no other sandbox on the host holds.
+syscalls (keyrings outlive processes) and new user namespaces, a uid range no other sandbox on the host holds.
 Not covered (this is not a VM): the host kernel; world-readable files; memory beyond one process (a
 memory cgroup per slot would close it); shared CPU and timing; "memory" is read from stderr, so code can
 claim it. Without root or namespaces: no uid change, a process-group kill and orphan sweep instead of a

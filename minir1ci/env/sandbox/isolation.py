@@ -9,13 +9,15 @@ import struct
 import sys
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
+CLONE_NEWUSER = 0x10000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP = 1, 4, 22
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
-# seccomp: the audit arch and the numbers of add_key, request_key and keyctl, per machine
-KEY_SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250)), "aarch64": (0xC00000B7, (217, 218, 219))}
+# seccomp, per machine: the audit arch; add_key, request_key, keyctl and clone3; clone and unshare
+SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250, 435), (56, 272)),
+            "aarch64": (0xC00000B7, (217, 218, 219, 435), (220, 97))}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _str, _int, _ulong = ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
@@ -48,21 +50,30 @@ def fork() -> int:
     return pid
 
 
-def refuse_key_syscalls() -> None:
-    """A seccomp filter, for this process and all it forks, under which add_key, request_key, keyctl
-    and every syscall of another ABI (i386, x32) fail with ENOSYS: keyrings outlive processes (a uid's
-    lives as long as the kernel) and the session keyring comes from the client. Needs no_new_privs."""
-    if os.uname().machine not in KEY_SYSCALLS:
-        raise OSError(errno.ENOSYS, f"no key syscall table for {os.uname().machine}")
-    arch, numbers = KEY_SYSCALLS[os.uname().machine]
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
-    checks = [(jge, 0x40000000)] + [(jeq, nr) for nr in numbers]  # x32 numbers, then the key calls
-    prog = [(ld, 0, 0, 4), (jeq, 0, len(checks) + 2, arch), (ld, 0, 0, 0)]  # seccomp_data.arch, .nr
-    prog += [(op, len(checks) - i, 0, k) for i, (op, k) in enumerate(checks)]  # true: jump to refuse
-    prog += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | errno.ENOSYS)]  # ALLOW; ERRNO(ENOSYS)
+def install_seccomp() -> None:
+    """A seccomp filter, for this process and all it forks. ENOSYS for every syscall of another ABI (i386,
+    x32), for add_key, request_key and keyctl (keyrings outlive processes: a uid's lives as long as the
+    kernel, and the session keyring comes from the client) and for clone3, whose flags a filter cannot
+    read (libc then falls back to clone). EPERM for clone and unshare with CLONE_NEWUSER: in a user
+    namespace of its own, code holds every capability, and with them the kernel's namespaced attack
+    surface (netfilter, mounts of its own tmpfs beyond any limit here). Needs no_new_privs."""
+    if os.uname().machine not in SYSCALLS:
+        raise OSError(errno.ENOSYS, f"no syscall table for {os.uname().machine}")
+    arch, refused, (clone, unshare) = SYSCALLS[os.uname().machine]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, |JGE|K, |JSET|K; RET|K
+    # (code, k, label jumped to when true, when false); seccomp_data: nr at 0, arch at 4, args[0] at 16
+    prog = [(ld, 4), (jeq, arch, None, "nosys"), (ld, 0), (jge, 0x40000000, "nosys"),
+            *[(jeq, nr, "nosys") for nr in refused], (jeq, clone, "flags"), (jeq, unshare, "flags"),
+            (ret, 0x7FFF0000), (ld, 16), (jset, CLONE_NEWUSER, "perm"), (ret, 0x7FFF0000),  # ALLOW
+            (ret, 0x00050000 | errno.EPERM), (ret, 0x00050000 | errno.ENOSYS)]  # SECCOMP_RET_ERRNO
+    at = {"flags": len(prog) - 5, "perm": len(prog) - 2, "nosys": len(prog) - 1}
+    insns = []
+    for i, (code, k, *labels) in enumerate(prog):
+        jt, jf = (at[label] - i - 1 if label else 0 for label in (*labels, None, None)[:2])  # from the next
+        insns.append((code, jt, jf, k))
     # struct sock_filter {u16 code; u8 jt, jf; u32 k}[]; struct sock_fprog {unsigned short len; filter *}
-    insns = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *insn) for insn in prog))
-    fprog = ctypes.create_string_buffer(struct.pack("@HP", len(prog), ctypes.addressof(insns)))
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *insn) for insn in insns))
+    fprog = ctypes.create_string_buffer(struct.pack("@HP", len(insns), ctypes.addressof(buf)))
     libc("prctl", PR_SET_SECCOMP, 2, ctypes.addressof(fprog), 0, 0)  # 2: SECCOMP_MODE_FILTER
 
 
@@ -71,7 +82,7 @@ def setup_isolation(cfg: dict) -> dict:
     namespace, the host's stays writable), and probe the per-execution ones in a child."""
     iso = dict(uid=False, net_ns=False, mount_ns=False, readonly_root=False, pid_ns=False, seccomp=False)
     try_call(lambda: prctl(PR_SET_NO_NEW_PRIVS, 1))  # inherited by every execution: no setuid gains
-    iso["seccomp"] = try_call(refuse_key_syscalls)
+    iso["seccomp"] = try_call(install_seccomp)
     if os.geteuid() != 0:
         return iso
     iso["uid"] = probe(lambda: (os.setgid(cfg["uid_base"]), os.setuid(cfg["uid_base"])))
