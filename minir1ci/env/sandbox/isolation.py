@@ -62,6 +62,7 @@ def install_seccomp() -> None:
     arch, refused, (clone, unshare) = SYSCALLS[os.uname().machine]
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, |JGE|K, |JSET|K; RET|K
     # (code, k, label jumped to when true, when false); seccomp_data: nr at 0, arch at 4, args[0] at 16
+    # (its low 32 bits: both machines are little-endian)
     prog = [(ld, 4), (jeq, arch, None, "nosys"), (ld, 0), (jge, 0x40000000, "nosys"),
             *[(jeq, nr, "nosys") for nr in refused], (jeq, clone, "flags"), (jeq, unshare, "flags"),
             (ret, 0x7FFF0000), (ld, 16), (jset, CLONE_NEWUSER, "perm"), (ret, 0x7FFF0000),  # ALLOW
