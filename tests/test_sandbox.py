@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -302,7 +303,7 @@ def test_canary_outside_the_workdir_survives(sb, layer):
     if not sb.isolation[layer]:
         pytest.skip(f"{layer} not available here")
     pid = sb.server_pid
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+    with tempfile.TemporaryDirectory(dir=sys.prefix) as d:  # the interpreter's directories stay visible
         canary = os.path.join(d, "canary.txt")
         with open(canary, "w") as f:
             f.write("canary")
@@ -315,6 +316,23 @@ def test_canary_outside_the_workdir_survives(sb, layer):
         with open(canary) as f:
             assert f.read() == "canary"
     _host_ok(sb, pid)
+
+
+def test_code_reads_neither_the_project_nor_its_task_data(sb):
+    """Reward hacking by reading the answers: the checkout and the task data (with their gold answers)
+    are world-readable on the host, as a `python -c` run shows, and out of reach in the sandbox."""
+    if not sb.isolation["hidden_files"]:
+        pytest.skip("no private mounts here")
+    repo = Path(__file__).resolve().parents[1]
+    data = Path(os.environ.get("MINIR1CI_DATA") or repo.parent / "shared" / "data").resolve()
+    targets = [repo / "README.md", repo / "minir1ci" / "config.py"] + sorted(data.glob("*/*"))[:3]
+    code = ("import os\nfor path in " + repr([str(t) for t in targets]) + ":\n"
+            "    try:\n        open(path).close() if os.path.isfile(path) else os.listdir(path)\n"
+            "        print('read', path)\n    except OSError as e:\n        print(type(e).__name__)")
+    ref = _reference(code)
+    assert ref.stdout.count("read ") == len(targets), ref  # the reference: on the host anyone reads them
+    r = sb.run(code)
+    assert r.ok and "read " not in r.stdout and r.stdout.count("FileNotFoundError") == len(targets), r
 
 
 def test_killing_the_parent_reaches_nothing_outside(sb):
@@ -333,7 +351,7 @@ def test_root_only_file_is_unreadable(sb):
     if not sb.isolation["uid"]:
         pytest.skip("no unprivileged uid here")
     pid = sb.server_pid
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+    with tempfile.TemporaryDirectory(dir=sys.prefix) as d:  # the interpreter's directories stay visible
         os.chmod(d, 0o755)
         secret = os.path.join(d, "secret.txt")
         with open(os.open(secret, os.O_CREAT | os.O_WRONLY, 0o600), "w") as f:

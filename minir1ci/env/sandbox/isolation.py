@@ -15,6 +15,9 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP = 1, 4, 22
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
+# The top-level directories executions see as they are (hide_files covers the rest); the Nix store
+# because its programs and libraries refer to each other there
+SYSTEM_DIRS = ("bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "nix", "proc", "sbin", "sys", "tmp", "usr")
 # seccomp, per machine: the audit arch; add_key, request_key, keyctl and clone3; clone and unshare
 SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250, 435), (56, 272)),
             "aarch64": (0xC00000B7, (217, 218, 219, 435), (220, 97))}
@@ -81,7 +84,8 @@ def install_seccomp() -> None:
 def setup_isolation(cfg: dict) -> dict:
     """Enable each shared layer the kernel allows (a read-only root: a per-mount flag in a private mount
     namespace, the host's stays writable), and probe the per-execution ones in a child."""
-    iso = dict(uid=False, net_ns=False, mount_ns=False, readonly_root=False, pid_ns=False, seccomp=False)
+    iso = dict(uid=False, net_ns=False, mount_ns=False, hidden_files=False, readonly_root=False, pid_ns=False,
+               seccomp=False)
     try_call(lambda: prctl(PR_SET_NO_NEW_PRIVS, 1))  # inherited by every execution: no setuid gains
     iso["seccomp"] = try_call(install_seccomp)
     if os.geteuid() != 0:
@@ -95,7 +99,7 @@ def setup_isolation(cfg: dict) -> dict:
         tmpfs = lambda: libc("mount", "tmpfs", "/tmp", "tmpfs", 0, None)  # noqa: E731
         iso["mount_ns"] = probe(lambda: (libc("unshare", CLONE_NEWNS | CLONE_NEWIPC), tmpfs()))
         if iso["mount_ns"]:  # without a tmpfs per slot, workdirs need a writable /tmp
-            expose(interpreter_paths())
+            iso["hidden_files"] = hide_files(interpreter_paths())
             readonly = lambda: libc("mount", None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)  # noqa: E731
             iso["readonly_root"] = try_call(readonly)
     if try_call(lambda: libc("unshare", CLONE_NEWPID)):
@@ -116,15 +120,14 @@ def fresh_tmpfs(opts: str, remount: bool) -> tuple[int, int]:
     if remount:
         libc("umount2", "/tmp", MNT_DETACH)
         libc("umount2", "/dev/shm", MNT_DETACH)
-    keep = sorted({q for q in map(os.path.realpath, interpreter_paths()) if q.startswith("/tmp/")})
-    keep = [p for p in keep if not any(p.startswith(q + "/") for q in keep)]  # outermost only
+    keep = [p for p in outermost(interpreter_paths()) if p.startswith("/tmp/")]
     if keep:  # stage the original /tmp on /dev/shm, which gets its own tmpfs next
         libc("mount", "/tmp", "/dev/shm", None, MS_BIND | MS_REC, None)
     libc("mount", "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
     umask = os.umask(0o022)  # every directory on the way is 755, so executions cannot write there
     for path in keep:
         os.makedirs(path, mode=0o755, exist_ok=True)
-        libc("mount", "/dev/shm" + path[4:], path, None, MS_BIND | MS_REC, None)
+        bind_readonly("/dev/shm" + path[4:], path)
     os.umask(umask)
     if keep:
         libc("umount2", "/dev/shm", MNT_DETACH)
@@ -136,27 +139,55 @@ def tmpfs_inodes() -> tuple[int, int]:
     return tuple(st.f_files - st.f_ffree for st in map(os.statvfs, ("/tmp", "/dev/shm")))
 
 
-def expose(paths: list[str]) -> None:
-    """Let the slot uids reach the interpreter when a parent directory is closed to them: cover
-    that parent with a tmpfs that holds only bind mounts of the children on the way."""
-    while True:
-        blocked: dict[str, set[str]] = {}
-        for path in paths:
-            parts = os.path.abspath(path).split("/")
-            for i in range(2, len(parts)):
-                parent = "/".join(parts[:i])
-                if not os.stat(parent).st_mode & 0o001:
-                    blocked.setdefault(parent, set()).add(parts[i])
-                    break
-        if not blocked:
-            return
-        for parent, children in blocked.items():
-            libc("mount", parent, "/dev/shm", None, MS_BIND | MS_REC, None)  # stage the original
-            libc("mount", "tmpfs", parent, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
-            for child in children:
-                os.mkdir(f"{parent}/{child}")
-                libc("mount", f"/dev/shm/{child}", f"{parent}/{child}", None, MS_BIND | MS_REC, None)
+def hide_files(keep: list[str]) -> bool:
+    """Cover with an empty tmpfs every top-level directory outside SYSTEM_DIRS, and each directory closed
+    to the slot uids on the way to a `keep` directory (the interpreter's), then bind back exactly the
+    `keep` directories: code reads neither the project, its task data and answers, nor home directories.
+    False when a directory could not be covered (it stays as it was)."""
+    keep = [p for p in outermost(keep) if not p.startswith("/tmp/")]  # /tmp: fresh_tmpfs binds those
+    covers: dict[str, list[str]] = {entry.path: [] for entry in os.scandir("/") if entry.path not in keep
+                                    and entry.is_dir(follow_symlinks=False) and entry.name not in SYSTEM_DIRS}
+    for path in keep:
+        parts = path.split("/")
+        ancestors = ("/".join(parts[:i]) for i in range(2, len(parts)))
+        cover = next((a for a in ancestors if a in covers or not os.stat(a).st_mode & 0o001), None)
+        if cover is not None:
+            covers.setdefault(cover, []).append(path)
+    umask, hidden = os.umask(0o022), True  # every directory on the way is 755: executions cannot write there
+    for cover, paths in covers.items():
+        try:
+            libc("mount", cover, "/dev/shm", None, MS_BIND | MS_REC, None)  # stage the original
+        except OSError:
+            hidden = False
+            continue
+        try:
+            libc("mount", "tmpfs", cover, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
+            try:
+                for path in paths:
+                    os.makedirs(path, exist_ok=True)
+                    bind_readonly("/dev/shm" + path[len(cover):], path)
+            except OSError:  # uncover it again: the interpreter must stay reachable
+                libc("umount2", cover, MNT_DETACH)
+                raise
+        except OSError:
+            hidden = False
+        finally:
             libc("umount2", "/dev/shm", MNT_DETACH)
+    os.umask(umask)
+    return hidden
+
+
+def bind_readonly(source: str, target: str) -> None:
+    """Bind `source` (and the mounts below it) on `target`, read-only at the top: the read-only root does
+    not reach a bind mount."""
+    libc("mount", source, target, None, MS_BIND | MS_REC, None)
+    libc("mount", None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+
+
+def outermost(paths) -> list[str]:
+    """The real paths of `paths` that lie inside no other, sorted."""
+    real = sorted({os.path.realpath(p) for p in paths})
+    return [p for p in real if not any(p.startswith(q + "/") for q in real)]
 
 
 def huge_pages() -> None:
