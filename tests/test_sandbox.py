@@ -335,6 +335,17 @@ def test_code_reads_neither_the_project_nor_its_task_data(sb):
     assert r.ok and "read " not in r.stdout and r.stdout.count("FileNotFoundError") == len(targets), r
 
 
+def test_out_of_memory_the_kernel_kills_executions_first(sb):
+    code = ("path = '/proc/self/oom_score_adj'\nprint(open(path).read().strip())\ntry:\n"
+            "    open(path, 'w').write('0')\nexcept OSError as e:\n    print(type(e).__name__)\n"
+            "print(open(path).read().strip())")
+    assert _reference(code).stdout.splitlines()[0] != "1000"  # the reference: a plain process is not marked
+    r = sb.run(code)
+    assert r.ok and r.stdout.splitlines()[0] == "1000", r
+    if sb.isolation["uid"]:  # only code still running as root could unmark itself
+        assert r.stdout.splitlines()[1:] == ["PermissionError", "1000"], r
+
+
 def test_killing_the_parent_reaches_nothing_outside(sb):
     if not sb.isolation["pid_ns"] or not sb.isolation["uid"]:
         pytest.skip("no PID namespace or uid change here")

@@ -182,6 +182,8 @@ def _user_main(slot: int, cfg: dict, iso: dict, workdir: str, failed: str | None
             limits.append((resource.RLIMIT_NPROC, (lim["processes"],) * 2))
         for res, value in limits:
             resource.setrlimit(res, value)
+        with suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:  # out of memory, the kernel kills
+            f.write("1000")  # executions first, never the trainer; written as root, so code cannot lower it
         if iso["uid"]:
             uid = cfg["uid_base"] + slot
             if workdir != "/tmp":

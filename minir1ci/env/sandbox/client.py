@@ -13,7 +13,8 @@ per-session seed and one deadline of `timeout` per block.
 Threat model (as root on Linux; `Sandbox.isolation` lists the layers the kernel allowed). Per execution:
 processes all killed and reaped before the result, a deadline on the server's clock, RLIMIT_CPU, AS (per
 process), FSIZE and NOFILE, output caps, an IPC namespace, fds 0-2 only, fresh tmpfs on /tmp and /dev/shm,
-forked from processes that never held another execution's data. Per slot: uid `uid_base + slot` (no
+first to go when memory runs out (oom_score_adj 1000), forked from processes that never held another
+execution's data. Per slot: uid `uid_base + slot` (no
 capabilities, no_new_privs, RLIMIT_NPROC), a PID namespace and its /proc, a network namespace with no
 interface up. Per sandbox: a read-only root showing only the system's directories and the interpreter's
 (not the project, its task data and answers, or home directories), a minimal environment, a seccomp filter
