@@ -516,6 +516,26 @@ def test_code_cannot_enter_a_user_namespace_of_its_own(sb):
     assert (r.status, r.stdout) == ("ok", "thread\nchild\n"), r
 
 
+# Kernel attack surface no Python program needs: bpf, perf_event_open, userfaultfd, io_uring_setup/enter/register
+SURFACE = """
+import ctypes, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+for nr in {'x86_64': (321, 298, 323, 425, 426, 427), 'aarch64': (280, 241, 282, 425, 426, 427)}[platform.machine()]:
+    ret = libc.syscall(nr, ctypes.c_long(0), None, ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
+    print(nr, 'ok' if ret >= 0 else os.strerror(ctypes.get_errno()))
+"""
+
+
+def test_kernel_attack_surface_calls_are_refused(sb):
+    if os.uname().machine not in ("x86_64", "aarch64") or not sb.isolation["seccomp"]:
+        pytest.skip("no seccomp filter here")
+    nosys = os.strerror(38)  # ENOSYS
+    ref = _reference(SURFACE)  # the reference: on the host each call reaches the kernel (and fails otherwise)
+    assert ref.returncode == 0 and len(ref.stdout.splitlines()) == 6 and nosys not in ref.stdout, ref
+    r = sb.run(SURFACE)
+    assert r.ok and [line.split(" ", 1)[1] for line in r.stdout.splitlines()] == [nosys] * 6, r
+
+
 def test_sandboxes_on_one_host_get_disjoint_uids_by_default():
     with Sandbox(workers=2) as a, Sandbox(workers=2) as b:
         if not a.isolation["uid"]:

@@ -14,16 +14,16 @@ Threat model (as root on Linux; `Sandbox.isolation` lists the layers the kernel 
 processes all killed and reaped before the result, a deadline on the server's clock, RLIMIT_CPU, AS (per
 process), FSIZE and NOFILE, output caps, an IPC namespace, fds 0-2 only, fresh tmpfs on /tmp and /dev/shm,
 first to go when memory runs out (oom_score_adj 1000), forked from processes that never held another
-execution's data. Per slot: uid `uid_base + slot` (no
-capabilities, no_new_privs, RLIMIT_NPROC), a PID namespace and its /proc, a network namespace with no
-interface up. Per sandbox: a read-only root showing only the system's directories and the interpreter's
-(not the project, its task data and answers, or home directories), a minimal environment, a seccomp filter
-refusing the key syscalls (keyrings outlive processes) and new user namespaces, a uid range no other
-sandbox on the host holds. Not covered (this is not a VM): the host kernel; world-readable files in the
-system's directories; memory beyond one process (a memory cgroup per slot would close it); shared CPU and
-timing; "memory" is read from stderr, so code can claim it. Without root or namespaces: no uid change, a
-process-group kill and orphan sweep instead of a PID namespace, no network isolation, no hidden files,
-workdirs in the host's /tmp; off x86_64/aarch64, no seccomp filter.
+execution's data. Per slot: uid `uid_base + slot` (no capabilities, no_new_privs, RLIMIT_NPROC), a PID
+namespace and its /proc, a network namespace with no interface up. Per sandbox: a read-only root showing only
+the system's directories and the interpreter's (not the project, its task data and answers, or home
+directories), a minimal environment, a seccomp filter refusing the key syscalls (keyrings outlive processes),
+new user namespaces, bpf, perf events, userfaultfd and io_uring, a uid range no other sandbox on the host
+holds. Not covered (this is not a VM): the host kernel; world-readable files in the system's directories;
+memory beyond one process (a memory cgroup per slot would bound it); shared CPU and timing; "memory" is read
+from stderr, so code can claim it. Without root or namespaces: no uid change, a process-group kill and orphan
+sweep instead of a PID namespace, no network isolation, no hidden files, workdirs in the host's /tmp; off
+x86_64/aarch64, no seccomp filter.
 """
 from __future__ import annotations
 

@@ -18,9 +18,10 @@ PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 # The top-level directories executions see as they are (hide_files covers the rest); the Nix store
 # because its programs and libraries refer to each other there
 SYSTEM_DIRS = ("bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "nix", "proc", "sbin", "sys", "tmp", "usr")
-# seccomp, per machine: the audit arch; add_key, request_key, keyctl and clone3; clone and unshare
-SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250, 435), (56, 272)),
-            "aarch64": (0xC00000B7, (217, 218, 219, 435), (220, 97))}
+# seccomp, per machine: the audit arch; the refused calls (add_key, request_key, keyctl, clone3, bpf,
+# perf_event_open, userfaultfd, io_uring_setup, io_uring_enter, io_uring_register); clone and unshare
+SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250, 435, 321, 298, 323, 425, 426, 427), (56, 272)),
+            "aarch64": (0xC00000B7, (217, 218, 219, 435, 280, 241, 282, 425, 426, 427), (220, 97))}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _str, _int, _ulong = ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
@@ -55,11 +56,13 @@ def fork() -> int:
 
 def install_seccomp() -> None:
     """A seccomp filter, for this process and all it forks. ENOSYS for every syscall of another ABI (i386,
-    x32), for add_key, request_key and keyctl (keyrings outlive processes: a uid's lives as long as the
-    kernel, and the session keyring comes from the client) and for clone3, whose flags a filter cannot
-    read (libc then falls back to clone). EPERM for clone and unshare with CLONE_NEWUSER: in a user
-    namespace of its own, code holds every capability, and with them the kernel's namespaced attack
-    surface (netfilter, mounts of its own tmpfs beyond any limit here). Needs no_new_privs."""
+    x32); for add_key, request_key and keyctl (keyrings outlive processes: a uid's lives as long as the
+    kernel, and the session keyring comes from the client); for bpf, perf_event_open, userfaultfd and
+    io_uring, kernel attack surface no Python program needs (container runtimes refuse them too); and
+    for clone3, whose flags a filter cannot read (libc then falls back to clone). EPERM for clone and
+    unshare with CLONE_NEWUSER: in a user namespace of its own, code holds every capability, and with
+    them the kernel's namespaced attack surface (netfilter, mounts of its own tmpfs beyond any limit
+    here). Needs no_new_privs."""
     if os.uname().machine not in SYSCALLS:
         raise OSError(errno.ENOSYS, f"no syscall table for {os.uname().machine}")
     arch, refused, (clone, unshare) = SYSCALLS[os.uname().machine]
