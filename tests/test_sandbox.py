@@ -302,8 +302,10 @@ def test_writing_ten_gigabytes_is_stopped_by_the_file_size_limit(sb):
 def test_canary_outside_the_workdir_survives(sb, layer):
     if not sb.isolation[layer]:
         pytest.skip(f"{layer} not available here")
+    if not os.access(sys.prefix, os.W_OK):  # the interpreter's directories are what executions still see
+        pytest.skip(f"{sys.prefix} is not writable here")
     pid = sb.server_pid
-    with tempfile.TemporaryDirectory(dir=sys.prefix) as d:  # the interpreter's directories stay visible
+    with tempfile.TemporaryDirectory(dir=sys.prefix) as d:
         canary = os.path.join(d, "canary.txt")
         with open(canary, "w") as f:
             f.write("canary")
@@ -361,8 +363,10 @@ def test_killing_the_parent_reaches_nothing_outside(sb):
 def test_root_only_file_is_unreadable(sb):
     if not sb.isolation["uid"]:
         pytest.skip("no unprivileged uid here")
+    if not os.access(sys.prefix, os.W_OK):  # the interpreter's directories are what executions still see
+        pytest.skip(f"{sys.prefix} is not writable here")
     pid = sb.server_pid
-    with tempfile.TemporaryDirectory(dir=sys.prefix) as d:  # the interpreter's directories stay visible
+    with tempfile.TemporaryDirectory(dir=sys.prefix) as d:
         os.chmod(d, 0o755)
         secret = os.path.join(d, "secret.txt")
         with open(os.open(secret, os.O_CREAT | os.O_WRONLY, 0o600), "w") as f:
