@@ -59,8 +59,8 @@ class ScriptedSampler:
             p = s.params
             if tok in p.stop_token_ids:
                 s.finish, s.stop_reason = "stop", tok
-            elif p.stop_fn is not None and p.stop_fn(s.segment):
-                s.finish, s.stop_reason, s.paused = "stop", None, True
+            elif p.stop_fn is not None and (why := p.stop_fn(s.segment)):
+                s.finish, s.stop_reason, s.paused = "stop", why, True
             elif len(s.tokens) >= p.max_new_tokens:
                 s.finish = "length"
             if s.finish is not None:

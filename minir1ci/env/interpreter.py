@@ -69,13 +69,14 @@ def turn_end(text: str, use_code: bool, stop_at_answer: bool) -> str | None:
 
 
 def make_stop_fn(tokenizer, use_code: bool, stop_at_answer: bool):
-    """stop_fn(segment_ids) -> True where `turn_end` ends the turn. Every step decodes only the last
-    few tokens; the full decode runs when a fence or `>>>` may have just appeared."""
-    def stop(segment_ids: list[int]) -> bool:
+    """stop_fn(segment_ids) -> `turn_end`'s reason ("answer", "code") or None; the sampler stops on a
+    reason and hands it back as the Completion's stop_reason. Every step decodes only the last few
+    tokens; the full decode runs when a fence or `>>>` may have just appeared."""
+    def stop(segment_ids: list[int]) -> str | None:
         tail = tokenizer.decode(segment_ids[-4:])
         if "```" not in tail and ">>>" not in tail:
-            return False
-        return turn_end(tokenizer.decode(segment_ids), use_code, stop_at_answer) is not None
+            return None
+        return turn_end(tokenizer.decode(segment_ids), use_code, stop_at_answer)
     return stop
 
 
@@ -129,13 +130,13 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
         paused = []                                        # (seq_id, code) awaiting execution
         for c in sampler.step():
             reason = "eos" if c.finish_reason == "stop" else c.finish_reason   # an end-of-turn / eos token
-            if c.finish_reason == "stop" and c.stop_reason is None:            # our stop_fn fired
-                text = tokenizer.decode(_last_segment(c))
-                end = turn_end(text, params.use_code, params.stop_at_answer)
-                if end == "code" and trajs[seq_of[c.seq_id]].num_code_calls < params.max_code_calls:
-                    paused.append((c.seq_id, prompts.pending_code(text)))
+            if c.stop_reason == "code":                                         # our stop_fn: a block closed
+                if trajs[seq_of[c.seq_id]].num_code_calls < params.max_code_calls:
+                    paused.append((c.seq_id, prompts.pending_code(tokenizer.decode(_last_segment(c)))))
                     continue
-                reason = {"answer": "answer", "code": "max_code_calls"}.get(end, "eos")
+                reason = "max_code_calls"
+            elif c.stop_reason == "answer":                                     # our stop_fn: <<<answer>>>
+                reason = "answer"
             finish(c.seq_id, c, reason)
         if paused:
             results = sandbox.run_many([code for _, code in paused])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 import sys
@@ -102,7 +103,7 @@ def setup_isolation(cfg: dict) -> dict:
         tmpfs = lambda: libc("mount", "tmpfs", "/tmp", "tmpfs", 0, None)  # noqa: E731
         iso["mount_ns"] = probe(lambda: (libc("unshare", CLONE_NEWNS | CLONE_NEWIPC), tmpfs()))
         if iso["mount_ns"]:  # without a tmpfs per slot, workdirs need a writable /tmp
-            iso["hidden_files"] = hide_files(interpreter_paths())
+            iso["hidden_files"] = hide_files(interpreter_dirs())
             readonly = lambda: libc("mount", None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)  # noqa: E731
             iso["readonly_root"] = try_call(readonly)
     if try_call(lambda: libc("unshare", CLONE_NEWPID)):
@@ -113,8 +114,12 @@ def setup_isolation(cfg: dict) -> dict:
     return iso
 
 
-def interpreter_paths() -> list[str]:
-    return [p for p in (*sys.path, sys.prefix, sys.base_prefix) if os.path.isdir(p)]
+@functools.cache
+def interpreter_dirs() -> tuple[str, ...]:
+    """The real paths of the interpreter's directories (sys.path, the prefixes), none inside another;
+    found once in the server, before it forks the slot inits that remount /tmp with them."""
+    real = {os.path.realpath(p) for p in (*sys.path, sys.prefix, sys.base_prefix) if os.path.isdir(p)}
+    return tuple(sorted(p for p in real if not any(p.startswith(q + "/") for q in real)))
 
 
 def fresh_tmpfs(opts: str, remount: bool) -> tuple[int, int]:
@@ -123,7 +128,7 @@ def fresh_tmpfs(opts: str, remount: bool) -> tuple[int, int]:
     if remount:
         libc("umount2", "/tmp", MNT_DETACH)
         libc("umount2", "/dev/shm", MNT_DETACH)
-    keep = [p for p in outermost(interpreter_paths()) if p.startswith("/tmp/")]
+    keep = [p for p in interpreter_dirs() if p.startswith("/tmp/")]
     if keep:  # stage the original /tmp on /dev/shm, which gets its own tmpfs next
         libc("mount", "/tmp", "/dev/shm", None, MS_BIND | MS_REC, None)
     libc("mount", "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
@@ -142,12 +147,12 @@ def tmpfs_inodes() -> tuple[int, int]:
     return tuple(st.f_files - st.f_ffree for st in map(os.statvfs, ("/tmp", "/dev/shm")))
 
 
-def hide_files(keep: list[str]) -> bool:
+def hide_files(keep: tuple[str, ...]) -> bool:
     """Cover with an empty tmpfs every top-level directory outside SYSTEM_DIRS, and each directory closed
     to the slot uids on the way to a `keep` directory (the interpreter's), then bind back exactly the
     `keep` directories: code reads neither the project, its task data and answers, nor home directories.
     False when a directory could not be covered (it stays as it was)."""
-    keep = [p for p in outermost(keep) if not p.startswith("/tmp/")]  # /tmp: fresh_tmpfs binds those
+    keep = [p for p in keep if not p.startswith("/tmp/")]  # /tmp: fresh_tmpfs binds those
     covers: dict[str, list[str]] = {entry.path: [] for entry in os.scandir("/") if entry.path not in keep
                                     and entry.is_dir(follow_symlinks=False) and entry.name not in SYSTEM_DIRS}
     for path in keep:
@@ -185,12 +190,6 @@ def bind_readonly(source: str, target: str) -> None:
     not reach a bind mount."""
     libc("mount", source, target, None, MS_BIND | MS_REC, None)
     libc("mount", None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
-
-
-def outermost(paths) -> list[str]:
-    """The real paths of `paths` that lie inside no other, sorted."""
-    real = sorted({os.path.realpath(p) for p in paths})
-    return [p for p in real if not any(p.startswith(q + "/") for q in real)]
 
 
 def huge_pages() -> None:

@@ -8,7 +8,7 @@
     done = sampler.release(sid)                          # final Completion; pages freed
 
 A stopped sequence keeps its pages until `release` (or eviction), so resuming prefills only the
-appended tokens. Finish reasons: "eos", "stop" (`stop_reason` names the id or string), "length".
+appended tokens. Finish reasons: "eos", "stop" (`stop_reason`: the id, string or stop_fn result), "length".
 """
 from __future__ import annotations
 
@@ -157,8 +157,8 @@ class Sampler:
             seq.finish_reason, seq.stop_reason = "stop", tok
         elif p.stop_strings and (hit := self._stop_string_hit(seq)) is not None:
             seq.finish_reason, seq.stop_reason = "stop", hit
-        elif p.stop_fn is not None and p.stop_fn(seq.tokens[seq.segment_start:]):
-            seq.finish_reason, seq.stop_reason = "stop", None
+        elif p.stop_fn is not None and (why := p.stop_fn(seq.tokens[seq.segment_start:])):
+            seq.finish_reason, seq.stop_reason = "stop", why
         elif seq.num_response >= p.max_new_tokens or len(seq) >= self.max_model_len:
             seq.finish_reason, seq.stop_reason = "length", None
         return seq.finish_reason is not None

@@ -20,7 +20,7 @@ class SamplingParams:
     """How to sample one request. temperature 0 is greedy; top_k 0 and top_p 1.0 are off.
 
     max_new_tokens bounds the whole response, appended tokens included. stop_strings (they need a
-    tokenizer) and `stop_fn(segment_ids) -> bool` see only the tokens sampled since the last
+    tokenizer) and `stop_fn(segment_ids)` see only the tokens sampled since the last
     (re)start, so interpreter output never stops a sequence. With `seed`, the request draws from its
     own generator, whatever else shares its batches.
     """
@@ -32,7 +32,7 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
-    stop_fn: Callable[[list[int]], bool] | None = None
+    stop_fn: Callable[[list[int]], object] | None = None  # a truthy result stops; it is the stop_reason
 
     def __post_init__(self):
         # Lists accepted, tuples stored: the params stay hashable and immutable.
@@ -62,7 +62,7 @@ class Completion:
     sampling_logprobs: list[float]  # log-prob under the processed distribution (0.0 when greedy)
     mask: list[int]                 # 1 sampled, 0 appended from outside
     finish_reason: str | None       # "eos" | "stop" | "length" | None while it still runs
-    stop_reason: int | str | None   # the eos/stop token id or the stop string hit; None for stop_fn
+    stop_reason: object             # the eos/stop token id, the stop string hit or stop_fn's result
 
 
 class Status(enum.Enum):
@@ -88,7 +88,7 @@ class Sequence:
     sampling_logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    stop_reason: int | str | None = None
+    stop_reason: object = None
 
     def __post_init__(self):
         self.segment_start = len(self.tokens)
