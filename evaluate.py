@@ -45,12 +45,12 @@ def main(argv=None) -> int:
 
     from minir1ci.cli import ProgressBar, load_inputs
     from minir1ci.env.evaluation import evaluate_examples
-    from minir1ci.env.interpreter import RolloutParams
+    from minir1ci.env.interpreter import rollout_params
     from minir1ci.env.sandbox import Sandbox
 
     examples, model, tokenizer = load_inputs(PROG, args.model, args.tasks, args.data, args.split, args.limit,
                                              args.seed, args.device, args.dtype, args.out)
-    params = RolloutParams.from_options(vars(args))
+    params = rollout_params(args, seed=args.seed)
     with Sandbox(timeout=params.exec_timeout) as sandbox:
         summary, _ = evaluate_examples(model, tokenizer, sandbox, examples, args.n, params,
                                        progress=ProgressBar("evaluate", "traj"))

@@ -34,13 +34,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from minir1ci.cli import ProgressBar, load_inputs
-    from minir1ci.env.interpreter import RolloutParams, prompt_ids, run_rollouts
+    from minir1ci.env.interpreter import prompt_ids, rollout_params, run_rollouts
     from minir1ci.env.rewards import RewardConfig, compute_reward
     from minir1ci.env.sandbox import Sandbox
 
     examples, model, tokenizer = load_inputs(PROG, args.model, args.tasks, args.data, args.split, args.limit,
                                              args.seed, args.device, args.dtype, args.out)
-    params = RolloutParams.from_options(vars(args))
+    params = rollout_params(args, seed=args.seed)
     prompts = prompt_ids(tokenizer, examples, params.use_code)
     rcfg = RewardConfig(plain=args.reward_plain)
     records: dict[int, str] = {}   # trajectory index -> its JSON line
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     def write(k: int, tr, f) -> None:
         """Score one finished trajectory and append its line at once, so a crash keeps it."""
         ex = examples[k // args.n]
-        score = scores[k] = ex.score(tr.text)
+        score = scores[k] = ex.score(tr.model_text)
         rec = {"task": ex.task, "id": ex.id, "prompt_ids": tr.prompt_ids, "response_ids": tr.response_ids,
                "loss_mask": tr.loss_mask, "logprobs": tr.logprobs, "reward": compute_reward(score, tr.turns, rcfg),
                "score": score, "num_code_calls": tr.num_code_calls, "finish_reason": tr.finish_reason,

@@ -20,13 +20,13 @@ def main(argv: list[str]) -> int:
     """Exit status 0, 1 for a bad input or a failed run (one stderr line), 2 for a bad option, 130
     for Ctrl-C (one line: where it stopped, the last checkpoint, how to resume)."""
     try:
-        from minir1ci.training import runs
-        runs.catch_interrupts()
+        from minir1ci.training import progress
+        progress.catch_interrupts()
         return run(argv)
     except KeyboardInterrupt:
-        from minir1ci.training import distributed as dist, runs
+        from minir1ci.training import distributed as dist, progress
         if dist.is_main():
-            print(runs.interrupted_message(), file=sys.stderr)
+            print(progress.interrupted_message(), file=sys.stderr)
         return 130
 
 

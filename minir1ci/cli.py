@@ -4,7 +4,6 @@ exit 2 for a bad flag (argparse), 1 for a bad file, directory or device (`fail`)
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -29,35 +28,40 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(self.prog, message, status=2)
 
 
-def number(kind: type, low: float, high: float | None = None, low_open: bool = False):
-    """An argparse `type` for an int or float in [low, high] ((low, high] with `low_open`)."""
+def checked(name: str, kind: type, bounds: tuple | None = None):
+    """An argparse `type`: `kind(text)`, then the range check of config.py (the TrainConfig option
+    `name`'s range, or `bounds`), so a flag and the option of the same name accept the same values."""
+    from minir1ci.config import check_value
+
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expects {kind.__name__}, got {text!r}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if (value <= low if low_open else value < low) or (high is not None and value > high):
-            bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+            check_value(name, value, bounds)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e) if "must" in str(e) else f"expects {kind.__name__}, got {text!r}")
         return value
     return parse
 
 
 def add_rollout_args(ap: argparse.ArgumentParser, n: int, temperature: float) -> None:
-    """The flags rollout.py and evaluate.py share; RolloutParams fields keep their names (`from_options`)."""
+    """The flags rollout.py and evaluate.py share; their defaults are RolloutParams' (but `temperature`)."""
+    from minir1ci.config import POSITIVE
+    from minir1ci.env.interpreter import RolloutParams as defaults
+
     ap.add_argument("--data", default=None, help="root holding symbench/ and bbh/ (default $MINIR1CI_DATA)")
     ap.add_argument("--split", default="test", choices=["train", "test", "all"], help="which questions")
-    ap.add_argument("--n", type=number(int, 1), default=n, help="samples per question")
-    ap.add_argument("--limit", type=number(int, 1), default=None, help="questions per task")
-    ap.add_argument("--temperature", type=number(float, 0.0), default=temperature, help="0 = greedy")
-    ap.add_argument("--top_p", type=number(float, 0.0, 1.0, low_open=True), default=1.0, help="nucleus sampling")
-    ap.add_argument("--max_new_tokens", type=number(int, 1), default=1024,
+    ap.add_argument("--n", type=checked("n", int, POSITIVE), default=n, help="samples per question")
+    ap.add_argument("--limit", type=checked("limit", int, POSITIVE), default=None, help="questions per task")
+    ap.add_argument("--temperature", type=checked("temperature", float), default=temperature, help="0 = greedy")
+    ap.add_argument("--top_p", type=checked("top_p", float), default=defaults.top_p, help="nucleus sampling")
+    ap.add_argument("--max_new_tokens", type=checked("max_new_tokens", int), default=defaults.max_new_tokens,
                     help="response budget, sampled and inserted tokens together")
-    ap.add_argument("--max_code_calls", type=number(int, 0), default=8, help="code blocks executed per trajectory")
-    ap.add_argument("--exec_timeout", type=number(float, 0.0, low_open=True), default=10.0,
+    ap.add_argument("--max_code_calls", type=checked("max_code_calls", int), default=defaults.max_code_calls,
+                    help="code blocks executed per trajectory")
+    ap.add_argument("--exec_timeout", type=checked("exec_timeout", float), default=defaults.exec_timeout,
                     help="seconds per code block")
+    ap.add_argument("--stateful_code", action="store_true",
+                    help="a trajectory's code blocks share one interpreter session (earlier blocks replayed)")
     ap.add_argument("--no-interpreter", dest="use_code", action="store_false", help="text-only rollouts")
     ap.add_argument("--seed", type=int, default=0, help="sampling and question-subset seed")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

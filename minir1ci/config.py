@@ -9,13 +9,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
+from minir1ci.env.interpreter import RolloutParams
+from minir1ci.training.losses import AGG_MODES
+
 STAGES = ("pretrain", "sft", "grpo", "ppo")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")   # names devices.named_dtype reads
 CHOICES = {"kl_estimator": ("k1", "k2", "k3"), "policy_loss": ("ppo", "gspo", "cispo"),
-           "old_logprobs": ("trainer", "sampler"), "rollout_dtype": ("float32", "bfloat16", "auto")}
+           "old_logprobs": ("trainer", "sampler"), "rollout_dtype": ("float32", "bfloat16", "auto"),
+           "loss_agg": AGG_MODES,
+           "dtype": DTYPES}
 # RL options that only one of the two RL stages reads; given to another stage they are refused.
 ONLY_FOR = {"grpo": ("norm_adv_std", "kl_estimator", "dynamic_sampling", "dynamic_sampling_rounds", "gspo_clip_low",
                      "gspo_clip_high"),
@@ -39,6 +46,15 @@ RANGES = {
 }
 
 
+def check_value(name: str, value, bounds: tuple | None = None) -> None:
+    """Refuse a number outside `bounds` (default: the option's RANGES entry), naming the option; the
+    scripts' flags are checked here too. nan fails every comparison, so it is refused as well."""
+    lo, hi, closed = bounds or RANGES[name]
+    if not ((lo <= value if closed[0] else lo < value) and (value <= hi if closed[1] else value < hi)):
+        side = "[(" [not closed[0]] + f"{lo}, {hi}" + "])"[not closed[1]]
+        raise ValueError(f"{name} must lie in {side}, got {value}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     stage: str = "sft"
@@ -49,7 +65,7 @@ class TrainConfig:
     data: str = ""             # root holding symbench/ and bbh/ ("" = $MINIR1CI_DATA or ../shared/data)
     sft_data: str = ""         # SFT JSONL (chat messages or rollout.py trajectories); "" = built-in oracle trajectories
     sft_min_reward: float = -INF  # with --sft_data: keep lines whose `reward` reaches this (rejection sampling)
-    use_code: bool = True      # False: text-only SFT/RL (the paper's baseline)
+    use_code: bool = RolloutParams.use_code  # False: text-only SFT/RL (the paper's baseline)
     text_fraction: float = 0.0  # SFT with code on built-in oracles: this share of questions gets the text-only answer
     resume: bool = False       # continue from <out>/last if present
     seed: int = 0
@@ -79,11 +95,12 @@ class TrainConfig:
     # RL: rollouts
     prompts_per_step: int = 8
     n_samples: int = 5
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    max_code_calls: int = 8
-    exec_timeout: float = 10.0
+    temperature: float = RolloutParams.temperature   # rollout settings default to RolloutParams'
+    top_p: float = RolloutParams.top_p
+    max_new_tokens: int = RolloutParams.max_new_tokens
+    max_code_calls: int = RolloutParams.max_code_calls
+    exec_timeout: float = RolloutParams.exec_timeout
+    stateful_code: bool = RolloutParams.stateful_code
     reward_plain: bool = False
     curriculum: bool = False
     curriculum_samples: int = 20
@@ -125,14 +142,18 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of "
                              f"micro_batch_size {self.micro_batch_size}")
-        for name, (lo, hi, closed) in RANGES.items():   # nan fails every comparison, so it is refused too
-            v = getattr(self, name)
-            if not ((lo <= v if closed[0] else lo < v) and (v <= hi if closed[1] else v < hi)):
-                side = "[(" [not closed[0]] + f"{lo}, {hi}" + "])"[not closed[1]]
-                raise ValueError(f"{name} must lie in {side}, got {v}")
+        for name in RANGES:
+            check_value(name, getattr(self, name))
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        # Every rank takes an equal share of a step: FSDP2 ranks all-gather and reduce in lockstep, so
+        # a rank with one micro-batch more would wait forever.
+        share = "prompts_per_step" if self.stage in ("grpo", "ppo") else "batch_size"
+        n, world = getattr(self, share), int(os.environ.get("WORLD_SIZE", "1"))
+        if n % world:
+            raise ValueError(f"{share}={n} is not divisible by the world size {world}: every rank needs an equal "
+                             f"share (try {share}={n + world - n % world})")
         if self.policy_loss == "gspo" and self.stage != "grpo":
             raise ValueError("--policy_loss=gspo needs one advantage per trajectory: only --stage grpo has it")
         if not self.mask_tool_output and self.old_logprobs == "sampler":

@@ -5,8 +5,8 @@ Shards the tiny preset's model with FSDP2 (`dist.parallelize` on CUDA; on CPU, w
 keeps replicas, the same `fully_shard` calls by hand, over gloo), then on every rank:
 - `dist.unsharded_copy(model, fp32)` must equal the weights before sharding, exactly;
 - the default copy has bf16 parameters, fp32 buffers and a still-tied LM head;
-- `experience.sample_rollouts` on the sharded model (the trainer's path) must give the same trajectories
-  as on an unsharded model whose parameters were cast to bf16 the same way;
+- rollouts from `dist.unsharded_copy` of the sharded model (the trainer's path) must give the same
+  trajectories as from an unsharded model whose parameters were cast to bf16 the same way;
 - the KL reference (`rl.frozen_reference`) holds those bf16 weights, frozen, and the PPO
   critic (`critic.make_critic`) the policy's fp32 backbone exactly, with a zero score head.
 Writes the findings of rank 0 to argv[1]; argv[2] == "cuda" runs on the local rank's GPU.
@@ -19,10 +19,9 @@ from dist_rl_worker import parallelize_on_cpu  # this file's folder is on sys.pa
 
 from minir1ci.training import distributed as dist
 from minir1ci.inference.checkpoint import init_from_config
-from minir1ci.env.interpreter import RolloutParams
+from minir1ci.env.interpreter import RolloutParams, run_rollouts
 from minir1ci.training.critic import make_critic
 from minir1ci.presets import tiny_dir
-from minir1ci.training.experience import sample_rollouts
 from minir1ci.env.sandbox import Sandbox
 from minir1ci.training.rl import frozen_reference
 
@@ -54,8 +53,8 @@ def main(out: str, device_name: str = "cpu") -> None:
     prompts = [torch.randint(0, 900, (n,), generator=gen).tolist() for n in (5, 19, 33)]
     params = RolloutParams(temperature=1.0, max_new_tokens=24, seed=3)
     with Sandbox() as sandbox:
-        got = sample_rollouts(sharded, tok, sandbox, prompts, 2, params)
-        want = sample_rollouts(ref, tok, sandbox, prompts, 2, params)
+        got = run_rollouts(dist.unsharded_copy(sharded), tok, sandbox, prompts, 2, params)
+        want = run_rollouts(ref, tok, sandbox, prompts, 2, params)
     result = dict(world=dist.world_size(), sharded=dist.is_sharded(sharded), mismatched=mismatched,
                   ref_ok=ref_ok, ref_frozen=ref_frozen, critic_ok=critic_ok,
                   tied=default.lm_head.weight is default.model.embed_tokens.weight,

@@ -126,6 +126,8 @@ CASES = {
     "train grpo no sft run": ("train.py", ["--stage=grpo", "--out={out}"], "no sft checkpoint"),
     "train device cuda:7": ("train.py", [*PRETRAIN, "--device=cuda:7", "--out={out}"], "cuda:7"),
     "train unknown dtype": ("train.py", [*PRETRAIN, "--dtype=fp8", "--out={out}"], "dtype"),
+    "train grpo unknown loss_agg": ("train.py", ["--stage=grpo", "--preset=tiny", "--model={good}",
+                                                 "--loss_agg=token-sum", "--out={out}"], "loss_agg"),
     "train out is a file": ("train.py", [*PRETRAIN, "--out={file}"], "not a directory"),
     "train re-run without --resume": ("train.py", [*PRETRAIN, "--steps=3", "--out={run}"], "--resume"),
     "rollout config.json wrong types": ("rollout.py", ["--model", "{bad_types}", *SAMPLE, "--out", "{out}/r.jsonl"],
@@ -238,7 +240,7 @@ def test_ctrl_c_reports_the_step_and_the_checkpoint_to_resume(tmp_path):
 def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run_at_the_step_end(tmp_path):
     """Python drops a KeyboardInterrupt raised while a finalizer runs ("Exception ignored in ..."):
     the run must stop at the end of the step all the same, not train on."""
-    from minir1ci.training import runs
+    from minir1ci.training import progress
 
     class RaisesInsideFinalizer:
         def __del__(self):
@@ -248,15 +250,15 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run_at_the_step_end(t
 
     previous = signal.getsignal(signal.SIGINT)
     try:
-        runs.catch_interrupts()
+        progress.catch_interrupts()
         RaisesInsideFinalizer()          # collected at once: the interrupt is swallowed
-        log = runs.MetricsLog(tmp_path, total_steps=10, resume=False)
+        log = progress.MetricsLog(tmp_path, total_steps=10, resume=False)
         with pytest.raises(KeyboardInterrupt):
             log.log(3, {"loss": 1.0})
-        assert not (tmp_path / "metrics.jsonl").exists() and runs.RUN.last_step != 3
+        assert not (tmp_path / "metrics.jsonl").exists() and progress.RUN.last_step != 3
     finally:
         signal.signal(signal.SIGINT, previous)
-        runs.RUN.interrupted = False
+        progress.RUN.interrupted = False
 
 
 def test_stale_save_directories_are_deleted_when_a_run_starts(tmp_path):

@@ -90,6 +90,8 @@ def test_text_fraction_only_where_it_applies():
     (["--stage=ppo", "--policy_loss=gspo"], "--policy_loss=gspo needs one advantage per trajectory"),
     (["--stage=grpo", "--policy_loss=dpo"], "policy_loss must be one of"),
     (["--stage=grpo", "--rollout_dtype=fp8"], "rollout_dtype must be one of"),
+    (["--stage=grpo", "--loss_agg=token-sum"], "loss_agg must be one of"),
+    (["--stage=sft", "--dtype=fp8"], "dtype must be one of"),
     (["--stage=grpo", "--old_logprobs=sampler", "--ppo_epochs=2"], "--old_logprobs=sampler is exact only"),
     (["--stage=ppo", "--old_logprobs=sampler", "--mini_batch_size=4"], "--old_logprobs=sampler is exact only"),
     (["--stage=grpo", "--eval_every=5"], "unknown option --eval_every"),

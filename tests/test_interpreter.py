@@ -208,20 +208,28 @@ def test_groups_are_consecutive_and_independent(tok, sandbox):
     assert [t.prompt_ids for t in trajs] == [[1], [1], [2], [2]]
 
 
-def test_rollout_params_take_every_field_of_the_same_name_from_the_config_and_the_flags():
-    """One path per rollout setting: TrainConfig and the scripts' flags reach RolloutParams by name."""
-    import dataclasses
-
+def test_rollout_settings_have_one_default_that_the_config_and_the_flags_read():
+    """One path per rollout setting: RolloutParams holds the only defaults; TrainConfig's fields and the
+    scripts' flags start from them, and `rollout_params` builds the params from either."""
     from minir1ci import cli
-    from minir1ci.config import resolve
+    from minir1ci.config import TrainConfig, resolve
+    from minir1ci.env.interpreter import rollout_params
 
-    cfg = resolve(["--stage=grpo", "--temperature=0.7", "--top_p=0.9", "--max_new_tokens=77", "--max_code_calls=3",
-                   "--exec_timeout=4", "--use_code=false"])
-    assert RolloutParams.from_options(dataclasses.asdict(cfg), seed=5) == RolloutParams(
-        temperature=0.7, top_p=0.9, max_new_tokens=77, max_code_calls=3, exec_timeout=4.0, use_code=False, seed=5)
+    settings = ("temperature", "top_p", "max_new_tokens", "max_code_calls", "exec_timeout", "use_code",
+                "stateful_code")
+    cfg, defaults = TrainConfig(stage="grpo"), RolloutParams()
+    assert all(getattr(cfg, k) == getattr(defaults, k) for k in settings)
     ap = cli.ArgumentParser(prog="test")
     cli.add_rollout_args(ap, n=1, temperature=0.6)
-    args = ap.parse_args(["--temperature=0.2", "--no-interpreter", "--exec_timeout=3", "--seed=9"])
-    assert RolloutParams.from_options(vars(args)) == RolloutParams(
-        temperature=0.2, top_p=1.0, max_new_tokens=1024, max_code_calls=8, exec_timeout=3.0, use_code=False, seed=9)
+    args = ap.parse_args([])
+    assert all(getattr(args, k) == getattr(defaults, k) for k in settings if k != "temperature")
+    cfg = resolve(["--stage=grpo", "--temperature=0.7", "--top_p=0.9", "--max_new_tokens=77", "--max_code_calls=3",
+                   "--exec_timeout=4", "--use_code=false", "--stateful_code"])
+    assert rollout_params(cfg, seed=5) == RolloutParams(
+        temperature=0.7, top_p=0.9, max_new_tokens=77, max_code_calls=3, exec_timeout=4.0, use_code=False,
+        stateful_code=True, seed=5)
+    args = ap.parse_args(["--temperature=0.2", "--no-interpreter", "--exec_timeout=3", "--seed=9", "--stateful_code"])
+    assert rollout_params(args, seed=args.seed) == RolloutParams(
+        temperature=0.2, top_p=1.0, max_new_tokens=1024, max_code_calls=8, exec_timeout=3.0, use_code=False,
+        stateful_code=True, seed=9)
     assert all(a.help for a in ap._actions)                      # every flag says what it does

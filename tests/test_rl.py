@@ -34,7 +34,7 @@ def fake_rounds(monkeypatch, flat_by_round: list[list[bool]]):
         return [traj(f"r{r}g{g}s{j} " + ("wrong" if flat_by_round[r][g] or j else "right"))
                 for g in range(len(prompts)) for j in range(n)]
 
-    monkeypatch.setattr(experience, "sample_rollouts", sample)
+    monkeypatch.setattr(experience, "run_rollouts", sample)
     monkeypatch.setattr(experience, "prompt_ids", lambda tok, exs, use_code: [[0] for _ in exs])
     return calls
 
@@ -46,9 +46,8 @@ def run_collect(rounds: int | None, cfg_args=()):
     cfg = resolve(["--stage=grpo", "--prompts_per_step=2", "--n_samples=2", *cfg_args])
     if rounds is not None:
         cfg = dataclasses.replace(cfg, dynamic_sampling=True, dynamic_sampling_rounds=rounds)
-    trajs, rewards, correct, batch, (dropped, extra) = experience.collect(torch.nn.Linear(1, 1), None, None,
-                                                                         EXAMPLES, cfg, step=0, rank=0)
-    return [t.text.split()[0] for t in trajs], batch, dropped, extra
+    trajs, batch, counts = experience.collect(torch.nn.Linear(1, 1), None, None, EXAMPLES, cfg, step=0)
+    return [t.text.split()[0] for t in trajs], batch, counts["ds_dropped_groups"], counts["ds_extra_rounds"]
 
 
 def test_dynamic_sampling_refills_the_batch_from_extra_rounds(monkeypatch):
@@ -58,8 +57,8 @@ def test_dynamic_sampling_refills_the_batch_from_extra_rounds(monkeypatch):
     assert names == ["r0g1s0", "r0g1s1", "r1g0s0", "r1g0s1"]
     assert (dropped, extra, len(calls)) == (1, 1, 2)
     assert len(set(calls)) == 2                                   # each round samples with its own seed
-    assert batch.groups.tolist() == [0, 0, 1, 1]
     assert batch.scores.tolist() == pytest.approx([0.9, -0.1, 0.9, -0.1])   # right / wrong, both malformed
+    assert batch.correct.tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
 def test_dynamic_sampling_tops_up_with_flat_groups_when_the_rounds_run_out(monkeypatch):
@@ -90,17 +89,18 @@ def test_void_turn_is_a_turn_with_neither_a_closed_block_nor_an_answer():
 def test_loss_filter_drops_void_truncated_and_mismatched_trajectories():
     trajs = [traj("ok <<<1>>>"), traj("void", finish="eos"), traj("cut <<<1>>>", finish="length"),
              traj("far <<<1>>>", logps=(-1.0, -3.0))]
-    batch = experience.to_batch(trajs, [0.0] * 4, [0, 0, 1, 1])
-    old = batch.sampler_logp.clone()
-    old[3][batch.mask[3].bool()] = -1.0          # row 3: pi_old / mu = 1 and e^2: geometric mean e = 2.72 > 2
+    batch = experience.to_batch(trajs, [0.0] * 4, [0.0] * 4)
+    batch.old_logp = batch.sampler_logp.clone()
+    batch.old_logp[3][batch.mask[3].bool()] = -1.0   # row 3: pi_old / mu = 1 and e^2: geometric mean e = 2.72 > 2
     cfg = resolve(["--stage=grpo"])
-    keep, counts = experience.loss_filter(trajs, batch, old, cfg)
-    assert keep.tolist() == [True, True, True, False] and counts == [1, 0, 0]
+    keep, counts = experience.loss_filter(trajs, batch, cfg)
+    assert keep.tolist() == [True, True, True, False]
+    assert counts == {"mis_dropped": 1, "void_dropped": 0, "truncated_dropped": 0}
     on = dataclasses.replace(cfg, filter_void_turns=True, mask_truncated=True)
-    keep, counts = experience.loss_filter(trajs, batch, old, on)
-    assert keep.tolist() == [True, False, False, False] and counts == [1, 1, 1]
+    keep, counts = experience.loss_filter(trajs, batch, on)
+    assert keep.tolist() == [True, False, False, False] and list(counts.values()) == [1, 1, 1]
     off = dataclasses.replace(cfg, mis_low=0.0, mis_high=0.0)
-    assert experience.loss_filter(trajs, batch, old, off)[0].tolist() == [True] * 4
+    assert experience.loss_filter(trajs, batch, off)[0].tolist() == [True] * 4
 
 
 def test_unmasked_tool_output_enters_the_mask_without_a_sampler_logprob():
@@ -108,9 +108,9 @@ def test_unmasked_tool_output_enters_the_mask_without_a_sampler_logprob():
     position P+k-1 = 1..4 the mask is 1 on all four, and the inserted ones hold NaN (no sampler)."""
     tr = Trajectory(prompt_ids=[1, 2], response_ids=[5, 6, 7, 8], loss_mask=[1, 0, 0, 1],
                     logprobs=[-1.0, 0.0, 0.0, -2.0])
-    masked = experience.to_batch([tr], [1.0], [0])
+    masked = experience.to_batch([tr], [1.0], [1.0])
     assert masked.mask[0].tolist() == [0, 1, 0, 0, 1, 0] and masked.sampler_logp[0, 2:4].tolist() == [0.0, 0.0]
-    full = experience.to_batch([tr], [1.0], [0], mask_tool_output=False)
+    full = experience.to_batch([tr], [1.0], [1.0], mask_tool_output=False)
     assert full.mask[0].tolist() == [0, 1, 1, 1, 1, 0]
     assert full.sampler_logp[0, [1, 4]].tolist() == [-1.0, -2.0] and full.sampler_logp[0, 2:4].isnan().all()
     with pytest.raises(ValueError, match="mask_tool_output=false needs --old_logprobs=trainer"):

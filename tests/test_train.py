@@ -164,6 +164,48 @@ def test_rl_stages_run_from_the_sft_checkpoint_and_resume_exactly(stage, sft_run
     assert comparable(metrics(tmp_path / "cut")) == comparable(rows)
 
 
+def test_rl_resume_regularises_towards_the_recorded_start_and_logs_every_nth_step(sft_run, tmp_path, monkeypatch):
+    """GRPO started without --model records the SFT checkpoint it found; SFT then trains on, and the
+    resumed GRPO run keeps that checkpoint as its KL reference (not SFT's newest). --log_every=2 writes
+    steps 0 and 2 and the last."""
+    import shutil
+    import torch
+    from minir1ci.inference.checkpoint import load_model
+
+    sft = tmp_path / "runs" / "sft"
+    shutil.copytree(sft_run, sft)
+    start = runs.latest_checkpoint(sft)
+    grpo = tmp_path / "runs" / "grpo"
+    args = ["--stage=grpo", "--preset=tiny", "--log_every=2", f"--out={grpo}", *RL]
+    rl.train_rl(resolve([*args, "--steps=3"]))
+    assert [r["step"] for r in metrics(grpo)] == [0, 2]
+    assert json.loads((grpo / "config.json").read_text())["model"] == str(start)
+    assert train_script.main(["--stage=sft", "--steps=6", "--resume", f"--out={sft}", *TINY]) == 0
+    assert runs.latest_checkpoint(sft) != start                        # SFT has moved on
+    refs = []
+    real = rl.frozen_reference
+    monkeypatch.setattr(rl, "frozen_reference", lambda *a: refs.append(real(*a)) or refs[-1])
+    rl.train_rl(resolve([*args, "--steps=5", "--resume"]))
+    assert [r["step"] for r in metrics(grpo)] == [0, 2, 4]
+    want = load_model(start).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in refs[0].state_dict().items())
+    assert json.loads((grpo / "config.json").read_text())["model"] == str(start)
+    with pytest.raises(ValueError, match="started from"):                # a resume cannot change its start
+        rl.train_rl(resolve([*args, "--steps=6", "--resume", f"--model={runs.latest_checkpoint(sft)}"]))
+
+
+def test_sft_on_tasks_without_oracle_code_is_refused_before_anything_is_written(tmp_path, capsys):
+    from minir1ci.env.tasks import gym
+    if not gym.available():
+        pytest.skip("reasoning-gym (minir1ci[gym]) not installed")
+    out = tmp_path / "sft"
+    assert train_script.main(["--stage=sft", "--tasks=builtin:mul,gym:basic_arithmetic", "--num_train_examples=2",
+                              f"--out={out}"]) == 1
+    err = capsys.readouterr().err
+    assert "gym:basic_arithmetic have no oracle code trajectories" in err and "--sft_data" in err
+    assert not out.exists()
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = sft.sft_step_loss
     calls = {"n": 0}

@@ -26,7 +26,7 @@ def summarize(examples, trajs, n: int) -> dict:
     per_task: dict[str, list] = defaultdict(list)
     for i, ex in enumerate(examples):
         group = trajs[i * n:(i + 1) * n]
-        scores = [ex.score(t.text) for t in group]
+        scores = [ex.score(t.model_text) for t in group]   # the model's own words only
         per_task[ex.task].append((scores, group))
     tasks = {}
     for name, items in sorted(per_task.items()):

@@ -12,8 +12,8 @@ overflow the token budget ends the trajectory instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from itertools import groupby
+from dataclasses import dataclass, field
+from itertools import count, groupby
 
 from minir1ci.env import prompts
 from minir1ci.inference.engine import Sampler, SamplingParams
@@ -21,9 +21,8 @@ from minir1ci.inference.engine import Sampler, SamplingParams
 
 @dataclass(frozen=True)
 class RolloutParams:
-    """Every setting of a rollout, the sampler's and the interpreter's. `from_options` picks the
-    fields of the same name from a TrainConfig or the scripts' flags: a new setting is a field
-    here, one in TrainConfig and a flag in `cli.add_rollout_args`."""
+    """Every setting of a rollout, the sampler's and the interpreter's; these defaults are the only
+    ones (TrainConfig's fields and the scripts' flags read them). `rollout_params` builds it."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -32,13 +31,16 @@ class RolloutParams:
     max_output_tokens: int = 256    # budget of one inserted interpreter output
     exec_timeout: float = 10.0      # seconds per code block: the timeout of the Sandbox the caller opens
     use_code: bool = True
+    stateful_code: bool = False     # a trajectory's blocks share one session (Sandbox replays the earlier ones)
     stop_at_answer: bool = True     # end as soon as a turn holds <<<answer>>>
     seed: int = 0
 
-    @classmethod
-    def from_options(cls, options: dict, **changes) -> RolloutParams:
-        """The fields present in `options` (e.g. `dataclasses.asdict(cfg)` or `vars(args)`), then `changes`."""
-        return cls(**{**{f.name: options[f.name] for f in fields(cls) if f.name in options}, **changes})
+
+def rollout_params(opts, seed: int) -> RolloutParams:
+    """The rollout settings of a TrainConfig or of rollout.py's and evaluate.py's parsed flags."""
+    return RolloutParams(temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
+                         max_code_calls=opts.max_code_calls, exec_timeout=opts.exec_timeout, use_code=opts.use_code,
+                         stateful_code=opts.stateful_code, seed=seed)
 
 
 @dataclass
@@ -51,7 +53,13 @@ class Trajectory:
     turns: list[str] = field(default_factory=list)         # the model's turns, as text
     num_code_calls: int = 0
     finish_reason: str = ""                                # eos | answer | max_code_calls | length
-    text: str = ""                                         # the decoded response
+    text: str = ""                                         # the decoded response, inserted output included
+
+    @property
+    def model_text(self) -> str:
+        """What the model wrote, without inserted interpreter output: the text a task scores (a
+        program that prints <<<x>>> must not answer for the model)."""
+        return "\n".join(self.turns)
 
 
 def prompt_ids(tokenizer, examples, use_code: bool) -> list[list[int]]:
@@ -97,6 +105,9 @@ def render_for_model(tokenizer, result, max_tokens: int) -> list[int]:
     return tokenizer.encode(f"\n{prompts.OUTPUT_HEADER}\n{cut}\n\n")
 
 
+_CALLS = count()   # stateful sessions are named per call, so concurrent callers never share one
+
+
 def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int, params: RolloutParams,
                  progress=None, sampler: Sampler | None = None, on_finish=None) -> list[Trajectory]:
     """n trajectories per prompt, grouped consecutively: [p0 s0, p0 s1, ..., p1 s0, ...].
@@ -106,6 +117,7 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
     stop_fn = make_stop_fn(tokenizer, params.use_code, params.stop_at_answer)
     trajs: list[Trajectory] = []
     seq_of: dict[int, int] = {}
+    session = f"rollouts{next(_CALLS)}:" if params.stateful_code else None   # + trajectory index
     for p in prompt_ids:
         for _ in range(n):
             sp = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
@@ -120,6 +132,8 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
         tr = trajs[seq_of[sid]]
         _finish(tr, c, reason, tokenizer, params.temperature)
         sampler.release(sid)
+        if session:
+            sandbox.end_session(session + str(seq_of[sid]))
         done += 1
         if on_finish:
             on_finish(seq_of[sid], tr)
@@ -139,7 +153,8 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
                 reason = "answer"
             finish(c.seq_id, c, reason)
         if paused:
-            results = sandbox.run_many([code for _, code in paused])
+            sessions = [session + str(seq_of[sid]) for sid, _ in paused] if session else None
+            results = sandbox.run_many([code for _, code in paused], session_ids=sessions)
             for (sid, code), res in zip(paused, results):
                 tr = trajs[seq_of[sid]]
                 tr.num_code_calls += 1

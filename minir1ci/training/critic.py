@@ -44,16 +44,6 @@ def make_critic(model, resume_dir) -> Critic:
     return critic
 
 
-@torch.no_grad()
-def batch_values(critic, batch, micro: int, device, amp) -> Tensor:
-    """V [B, T] at every loss position of an RLBatch (0 elsewhere)."""
-    out = torch.zeros(batch.ids.shape, dtype=torch.float32)
-    for i in range(0, len(batch), micro):
-        with amp:
-            out[i:i + micro] = critic(batch.ids[i:i + micro].to(device), batch.attn[i:i + micro].to(device)).cpu()
-    return out * batch.mask
-
-
 def token_rewards(batch, kl: Tensor | None, kl_coef: float) -> Tensor:
     """[B, T]: -kl_coef * kl (k1 of pi_old against the reference) on sampled tokens, plus the sequence
     reward on the last sampled one."""

@@ -61,6 +61,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_dict(sums: dict[str, float]) -> dict[str, float]:
+    """Each named value summed over ranks, in one float64 all-reduce; unchanged in a single process."""
+    names = sorted(sums)
+    total = all_reduce_sum(torch.tensor([float(sums[k]) for k in names], dtype=torch.float64))
+    return dict(zip(names, total.tolist()))
+
+
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank."""
     if not is_initialized():
@@ -68,15 +75,6 @@ def broadcast_object(obj):
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def check_equal_shares(name: str, n: int) -> None:
-    """Refuse a per-step count that the ranks cannot split evenly: FSDP2 ranks all-gather and
-    reduce in lockstep, so a rank with one micro-batch more would wait forever."""
-    w = world_size()
-    if n % w:
-        raise ValueError(f"{name}={n} is not divisible by the world size {w}: every rank needs an equal "
-                         f"share (try {name}={n + w - n % w})")
 
 
 def shard(items: list) -> list:

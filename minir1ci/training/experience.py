@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from minir1ci.env.interpreter import RolloutParams, prompt_ids, run_rollouts
+from minir1ci.env.interpreter import prompt_ids, rollout_params, run_rollouts
 from minir1ci.env.prompts import extract_answer, pending_code
 from minir1ci.env.rewards import RewardConfig, compute_reward
 from minir1ci.training import distributed as dist
@@ -24,24 +24,44 @@ from minir1ci.training.runs import step_seed
 
 @dataclass
 class RLBatch:
-    """One optimizer step's trajectories as padded tensors (CPU), position-aligned."""
-    ids: torch.Tensor          # [B, T] prompt + response, right-padded
-    attn: torch.Tensor         # [B, T] 1 on real tokens
-    targets: torch.Tensor      # [B, T] ids[t+1] (0 past the end)
-    mask: torch.Tensor         # [B, T] loss mask by position (sampled response tokens only)
+    """One optimizer step's trajectories as padded tensors (CPU), position-aligned, and what the step
+    computes for each row before the update (None where the step needs none)."""
+    ids: torch.Tensor           # [B, T] prompt + response, right-padded
+    attn: torch.Tensor          # [B, T] 1 on real tokens
+    targets: torch.Tensor       # [B, T] ids[t+1] (0 past the end)
+    mask: torch.Tensor          # [B, T] loss mask by position (sampled response tokens only)
     sampler_logp: torch.Tensor  # [B, T] the sampler's log-prob of each sampled token (0 elsewhere)
-    scores: torch.Tensor       # [B] sequence rewards
-    groups: torch.Tensor       # [B] prompt index of each trajectory
+    scores: torch.Tensor        # [B] rewards
+    correct: torch.Tensor       # [B] task scores (the accuracy)
+    old_logp: torch.Tensor | None = None    # [B, T] pi_old
+    ref_logp: torch.Tensor | None = None    # [B, T] the KL reference
+    tis_w: torch.Tensor | None = None       # [B, T] TIS weights
+    adv: torch.Tensor | None = None         # [B, T] advantages
+    returns: torch.Tensor | None = None     # [B, T] PPO: GAE returns
+    old_values: torch.Tensor | None = None  # [B, T] PPO: the critic's values before the update
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def rows(self, idx: slice | list[int]) -> "RLBatch":
+    def rows(self, idx: slice | list[int], device: torch.device | str = "cpu") -> "RLBatch":
+        """The rows `idx`, every tensor on `device`."""
         idx = idx if isinstance(idx, slice) else torch.as_tensor(idx)
-        return RLBatch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        return RLBatch(**{f.name: None if (x := getattr(self, f.name)) is None else x[idx].to(device)
+                          for f in fields(self)})
 
 
-def to_batch(trajs, scores: list[float], groups: list[int], mask_tool_output: bool = True) -> RLBatch:
+@torch.no_grad()
+def no_grad_pass(fn, batch: RLBatch, micro: int, device, amp) -> torch.Tensor:
+    """fn(micro-batch on `device`) -> [b, T] for each micro-batch of `batch`, as one [B, T] fp32 on the CPU
+    (pi_old, the KL reference's log-probs, the critic's values)."""
+    out = []
+    for i in range(0, len(batch), micro):
+        with amp:
+            out.append(fn(batch.rows(slice(i, i + micro), device)).float().cpu())
+    return torch.cat(out)
+
+
+def to_batch(trajs, scores: list[float], correct: list[float], mask_tool_output: bool = True) -> RLBatch:
     """Trajectories as position-aligned tensors (mask and sampler log-probs shift left with the ids).
     With `mask_tool_output` False (an ablation) interpreter tokens are in `mask` too, with NaN in
     `sampler_logp` (they were not sampled) until train_rl fills in pi_old."""
@@ -56,32 +76,19 @@ def to_batch(trajs, scores: list[float], groups: list[int], mask_tool_output: bo
         logp[i, len(t.prompt_ids):len(t.prompt_ids) + len(lp)] = lp
     targets, mask, sampler_logp = next_token_targets(ids, mask, logp * mask)
     return RLBatch(ids, attn, targets, mask, sampler_logp, torch.tensor(scores, dtype=torch.float32),
-                   torch.tensor(groups, dtype=torch.long))
+                   torch.tensor(correct, dtype=torch.float32))
 
 
-def sample_rollouts(model, tokenizer, sandbox, prompts: list[list[int]], n: int, params: RolloutParams,
-                    dtype: torch.dtype | None = None):
-    """run_rollouts on the policy in eval mode; on a copy in `dtype`, or of a sharded policy a whole
-    copy gathered on every rank (all ranks must call this), freed after."""
-    sampling = dist.unsharded_copy(model, dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        return run_rollouts(sampling, tokenizer, sandbox, prompts, n, params)
-    finally:
-        model.train(was_training)
-
-
-def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pools=None, dtype=None):
+def collect(sampling, tokenizer, sandbox, examples, cfg, step: int, pools=None):
     """This rank's share of `prompts_per_step` prompts (deterministic in seed and step), `n_samples`
-    scored trajectories each: (trajectories, rewards, correctness, RLBatch, [groups dropped, extra rounds]).
+    scored trajectories each, sampled from `sampling` (the policy or its sampling copy; every rank
+    calls this): (trajectories, RLBatch, {"ds_dropped_groups", "ds_extra_rounds"}).
 
     With `dynamic_sampling`, groups of equal rewards are set aside and up to `dynamic_sampling_rounds`
     more rounds sampled (every rank takes part in each) until this rank's share is full; if the
     rounds run out, set-aside groups fill it (their GRPO advantage is exactly 0)."""
     n, rounds = cfg.n_samples, (cfg.dynamic_sampling_rounds if cfg.dynamic_sampling else 0)
     want = len(dist.shard(range(cfg.prompts_per_step)))   # groups on this rank
-    sampling = dist.unsharded_copy(model, dtype)    # one copy for every round of this step
     kept, flat, extra, rcfg = [], [], 0, RewardConfig(plain=cfg.reward_plain)
     for r in range(1 + rounds):
         if r and not dist.all_reduce_sum(torch.tensor([want - min(len(kept), want)])).item():
@@ -89,27 +96,25 @@ def collect(model, tokenizer, sandbox, examples, cfg, step: int, rank: int, pool
         extra += r > 0
         idx = dist.shard(pick_prompts(len(examples), cfg.prompts_per_step, step, cfg.seed + 7919 * r, cfg.steps, pools))
         exs = [examples[i] for i in idx]
-        params = RolloutParams.from_options(asdict(cfg), seed=step_seed(cfg.seed, step, rank + 1000 * r))
-        trajs = sample_rollouts(sampling, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), n, params)
-        correct = [exs[i // n].score(t.text) for i, t in enumerate(trajs)]
+        params = rollout_params(cfg, seed=step_seed(cfg.seed, step, dist.rank() + 1000 * r))
+        trajs = run_rollouts(sampling, tokenizer, sandbox, prompt_ids(tokenizer, exs, cfg.use_code), n, params)
+        correct = [exs[i // n].score(t.model_text) for i, t in enumerate(trajs)]
         rewards = [compute_reward(s, t.turns, rcfg) for s, t in zip(correct, trajs)]
         for g in range(len(exs)):
             group = [(trajs[k], rewards[k], correct[k]) for k in range(g * n, (g + 1) * n)]
             (flat if cfg.dynamic_sampling and len(set(rewards[g * n:(g + 1) * n])) == 1 else kept).append(group)
     dropped = len(kept) + len(flat) - want if len(kept) < want else len(flat)
-    rows = [row for group in (kept + flat)[:want] for row in group]
-    trajs, rewards, correct = (list(x) for x in zip(*rows))
-    batch = to_batch(trajs, rewards, [i // n for i in range(len(trajs))], cfg.mask_tool_output)
-    return trajs, rewards, correct, batch, [dropped, extra]
+    trajs, rewards, correct = zip(*[row for group in (kept + flat)[:want] for row in group])
+    batch = to_batch(trajs, rewards, correct, cfg.mask_tool_output)
+    return list(trajs), batch, {"ds_dropped_groups": dropped, "ds_extra_rounds": extra}
 
 
-def measure_success(model, tokenizer, sandbox, examples, cfg, dtype=None) -> list[float]:
+def measure_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:
     """Success rate of each question over `curriculum_samples` samples (for the curriculum)."""
     prompts = prompt_ids(tokenizer, examples, cfg.use_code)
     k = cfg.curriculum_samples
-    params = RolloutParams.from_options(asdict(cfg), seed=cfg.seed + 17)
-    trajs = sample_rollouts(model, tokenizer, sandbox, prompts, k, params, dtype)
-    return [sum(examples[i].score(t.text) for t in trajs[i * k:(i + 1) * k]) / k for i in range(len(examples))]
+    trajs = run_rollouts(sampling, tokenizer, sandbox, prompts, k, rollout_params(cfg, seed=cfg.seed + 17))
+    return [sum(examples[i].score(t.model_text) for t in trajs[i * k:(i + 1) * k]) / k for i in range(len(examples))]
 
 
 def has_void_turn(turns: list[str]) -> bool:
@@ -117,20 +122,22 @@ def has_void_turn(turns: list[str]) -> bool:
     return any(pending_code(t) is None and extract_answer(t) is None for t in turns)
 
 
-def loss_filter(trajs, batch: RLBatch, old_logp: torch.Tensor, cfg) -> tuple[torch.Tensor, list[int]]:
+def loss_filter(trajs, batch: RLBatch, cfg) -> tuple[torch.Tensor, dict[str, int]]:
     """[B] bool, the trajectories kept in the loss, and how many each filter dropped (one may count in
-    several): sequence-level mismatch masking, void turns, truncation."""
-    mis = ~sequence_in_bounds(old_logp, batch.sampler_logp, batch.mask, cfg.mis_low, cfg.mis_high)
+    several): sequence-level mismatch masking (pi_old against the sampler), void turns, truncation."""
+    mis = ~sequence_in_bounds(batch.old_logp, batch.sampler_logp, batch.mask, cfg.mis_low, cfg.mis_high)
     void = torch.tensor([cfg.filter_void_turns and has_void_turn(t.turns) for t in trajs])
     cut = torch.tensor([cfg.mask_truncated and t.finish_reason == "length" for t in trajs])
-    return ~(mis | void | cut), [int(mis.sum()), int(void.sum()), int(cut.sum())]
+    return ~(mis | void | cut), {"mis_dropped": int(mis.sum()), "void_dropped": int(void.sum()),
+                                 "truncated_dropped": int(cut.sum())}
 
 
-def rollout_stats(trajs, rewards: list[float], correct: list[float]) -> dict:
+def rollout_stats(trajs, batch: RLBatch) -> dict:
+    """This rank's means over its trajectories."""
     n = max(len(trajs), 1)
     return {
-        "reward": sum(rewards) / n,
-        "accuracy": sum(correct) / n,
+        "reward": float(batch.scores.mean()),
+        "accuracy": float(batch.correct.mean()),
         "code_calls": sum(t.num_code_calls for t in trajs) / n,
         "code_use": sum(t.num_code_calls > 0 for t in trajs) / n,
         "response_len": sum(len(t.response_ids) for t in trajs) / n,

@@ -22,9 +22,6 @@ Simplified: whitening is over the tensor given (one rank's batch, no cross-rank 
 """
 from __future__ import annotations
 
-import math
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
@@ -48,50 +45,32 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / sqrt(var + eps) over mask-1 entries, unbiased variance; [B, T] -> [B, T], 0 off the mask.
-    With shift_mean=False the mean is added back (only the scale changes)."""
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over mask-1 entries, unbiased variance; [B, T] -> [B, T], 0 off the mask."""
     m = mask.bool()
     n = m.sum()
     mean = masked_sum(x, m) / n.clamp(min=1)
     var = masked_sum((x - mean) ** 2, m) / (n - 1).clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(m, out, torch.zeros_like(out))
+    return torch.where(m, (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
 
 
 # ----------------------------------------------------------------------------- advantages
 
-def grpo_advantages(scores: Tensor, groups: Tensor | int, norm_std: bool = True, eps: float = 1e-6) -> Tensor:
-    """A_i = (s_i - mean_g) / (std_g + eps), or s_i - mean_g (Dr. GRPO); scores [N] -> [N].
-
-    groups: [N] prompt ids, or an int G for consecutive groups of G. A group of one gets mean 0
-    and std 1, so its advantage is its score (as veRL)."""
-    s = scores.float()
-    n = s.shape[0]
-    if isinstance(groups, int):
-        if n % groups:
-            raise ValueError(f"{n} scores do not split into groups of {groups}")
-        ids = torch.arange(n, device=s.device) // groups
-    else:
-        if groups.shape != scores.shape:
-            raise ValueError(f"groups {tuple(groups.shape)} must match scores {tuple(scores.shape)}")
-        ids = torch.unique(groups, return_inverse=True)[1]  # [N] in 0..num_groups-1
-    num = int(ids.max()) + 1 if n else 0
-    count = torch.zeros(num, device=s.device).index_add_(0, ids, torch.ones_like(s))  # [G]
-    mean = torch.zeros(num, device=s.device).index_add_(0, ids, s) / count  # [G]
-    lo = torch.full((num,), math.inf, device=s.device).scatter_reduce(0, ids, s, "amin")  # [G]
-    hi = torch.full((num,), -math.inf, device=s.device).scatter_reduce(0, ids, s, "amax")
+def grpo_advantages(scores: Tensor, group_size: int, norm_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """A_i = (s_i - mean_g) / (std_g + eps), or s_i - mean_g (Dr. GRPO): scores [N], consecutive groups of
+    `group_size` -> [N]. A group of one gets mean 0 and std 1, so its advantage is its score (as veRL)."""
+    if scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    s = scores.float().view(-1, group_size)  # [G, n]
+    if group_size == 1:
+        return (s / (1.0 + eps) if norm_std else s).view(-1)
     # equal rewards carry no signal: exactly 0, not the mean's rounding divided by a tiny std
-    dev = torch.where((lo == hi)[ids], torch.zeros_like(s), s - mean[ids])  # [N]
-    var = torch.zeros(num, device=s.device).index_add_(0, ids, dev**2) / (count - 1).clamp(min=1)
-    single = count[ids] == 1  # [N]
-    centred = torch.where(single, s, dev)  # group of one: mean 0
+    flat = (s.amax(dim=1) == s.amin(dim=1))[:, None]  # [G, 1]
+    dev = torch.where(flat, torch.zeros_like(s), s - s.mean(dim=1, keepdim=True))
     if not norm_std:
-        return centred
-    std = torch.where(single, torch.ones_like(s), var.sqrt()[ids])  # group of one: std 1
-    return centred / (std + eps)
+        return dev.view(-1)
+    std = (dev.pow(2).sum(dim=1, keepdim=True) / (group_size - 1)).sqrt()  # unbiased
+    return (dev / (std + eps)).view(-1)
 
 
 @torch.no_grad()
@@ -123,24 +102,18 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     """Clipped surrogate per token (PPO/GRPO): [B, T] inputs -> (loss_tok [B, T], metrics).
 
     l = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)), then min(l, -c A) where A < 0 (dual
-    clip, off with dual_clip_c=None); eps_high = 0.28 is DAPO's clip-higher. Metrics are token
-    means: clipfrac, dual_clipfrac, ppo_kl (old_logp - logp)."""
-    if dual_clip_c is not None and dual_clip_c <= 1.0:
-        raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+    clip, off with dual_clip_c=None); eps_high = 0.28 is DAPO's clip-higher. clipfrac: the share of
+    mask-1 tokens whose ratio was clipped."""
     log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(unclipped, clipped)
-    dual_taken = torch.zeros_like(mask, dtype=torch.bool)
     if dual_clip_c is not None:
         bound = -dual_clip_c * advantages
-        dual_taken = (advantages < 0) & (loss > bound)
-        loss = torch.where(dual_taken, bound, loss)
+        loss = torch.where((advantages < 0) & (loss > bound), bound, loss)
     with torch.no_grad():
-        metrics = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                   "dual_clipfrac": masked_mean(dual_taken.float(), mask), "ppo_kl": masked_mean(-log_ratio, mask)}
-    return loss, metrics
+        return loss, {"clipfrac": masked_mean((clipped > unclipped).float(), mask)}
 
 
 def gspo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 3e-4,
@@ -191,8 +164,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float = 0.5,
-               mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float,
+               mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2): [B, T] -> (loss_tok [B, T], metrics).
     vf_clipfrac: share of (mask-1) tokens where the clipped term is the larger."""
     v_clipped = torch.clamp(values, old_values - clip, old_values + clip)  # V itself: old + (V - old) != V in fp32
@@ -200,9 +173,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float 
     err_clipped = (v_clipped - returns) ** 2
     loss = 0.5 * torch.maximum(err, err_clipped)
     with torch.no_grad():
-        taken = (err_clipped > err).float()
-        frac = taken.mean() if mask is None else masked_mean(taken, mask)
-    return loss, {"vf_clipfrac": frac}
+        return loss, {"vf_clipfrac": masked_mean((err_clipped > err).float(), mask)}
 
 
 # ----------------------------------------------------------------------------- sampler/trainer mismatch
@@ -220,56 +191,37 @@ def sequence_in_bounds(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, low
     return (rho >= low) & ((rho <= high) if high > 0 else True)
 
 
-def mismatch_sums(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
-    """[B, T] -> [4] float64 sums over mask-1 tokens: k3 of KL(mu || pi_old), |log pi_old - log mu|,
-    ratios outside [0.5, 2], and the token count (sum over ranks, then divide by the count)."""
+def mismatch_sums(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """[B, T] -> float64 sums over mask-1 tokens, to add over ranks and divide by `mismatch_tokens`:
+    k3 of KL(mu || pi_old), |log pi_old - log mu|, and the ratios outside [0.5, 2]."""
     m = mask.bool()
     d = old_logp - sampler_logp
     ratio = torch.exp(torch.clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    out = ((ratio < 0.5) | (ratio > 2.0)).float()
     k3 = kl_penalty(sampler_logp, old_logp, "k3")  # samples come from mu: k3 = r - 1 - log r, r = pi_old / mu
-    return torch.stack([masked_sum(k3, m), masked_sum(d.abs(), m), masked_sum(out, m), m.sum().float()]).double()
+    sums = {"mismatch_kl": masked_sum(k3, m), "mismatch_abs": masked_sum(d.abs(), m),
+            "mismatch_frac_out": masked_sum(((ratio < 0.5) | (ratio > 2.0)).float(), m), "mismatch_tokens": m.sum()}
+    return {k: v.double() for k, v in sums.items()}
 
 
 # ----------------------------------------------------------------------------- aggregation
 
-def _check_mode(mode: str) -> None:
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGG_MODES}")
-
-
-def step_denominator(masks: Tensor | Sequence[Tensor], mode: str, max_len: int | None = None) -> Tensor:
-    """This rank's share of one step's loss denominator (module docstring): masks [B_k, T_k] of its
-    micro-batches (or one mask) -> float32 scalar. C = max_len is a constant such as the response
-    budget, never a micro-batch's padded length. Sum it over ranks before use."""
-    _check_mode(mode)
-    if isinstance(masks, Tensor):
-        masks = [masks]
-    if not masks:
-        raise ValueError("step_denominator needs at least one mask")
+def step_denominator(mask: Tensor, mode: str, max_len: int = 0) -> Tensor:
+    """This rank's share of one step's loss denominator (module docstring): the mask [B, T] of its whole
+    mini-batch -> float32 scalar; sum it over ranks before use. C = max_len (seq-mean-token-sum-norm) is
+    a constant such as the response budget, never a micro-batch's padded length."""
     if mode == "token-mean":
-        total = sum(m.bool().sum() for m in masks)
-    else:
-        total = sum(m.bool().any(dim=-1).sum() for m in masks)
-        if mode == "seq-mean-token-sum-norm":
-            if max_len is None or max_len <= 0:
-                raise ValueError("seq-mean-token-sum-norm needs max_len, the constant C")
-            total = total * max_len
-    return total.float()
+        return mask.bool().sum().float()
+    seqs = mask.bool().any(dim=-1).sum().float()
+    return seqs * max_len if mode == "seq-mean-token-sum-norm" else seqs
 
 
-def aggregate(loss_tok: Tensor, mask: Tensor, mode: str, denom: Tensor | float) -> Tensor:
+def aggregate(loss_tok: Tensor, mask: Tensor, mode: str, denom: Tensor) -> Tensor:
     """One micro-batch's share of the step loss: loss_tok, mask [B, T] -> scalar masked sum / denom."""
-    _check_mode(mode)
     if mode == "seq-mean-token-mean":
         m = mask.bool()
-        per_seq = masked_sum(loss_tok, m, dim=-1) / m.sum(-1).clamp(min=1)  # [B] token means
-        numer = per_seq.sum()  # empty rows add 0 and are not in denom
+        numer = (masked_sum(loss_tok, m, dim=-1) / m.sum(-1).clamp(min=1)).sum()  # [B] token means, summed
     else:
         numer = masked_sum(loss_tok, mask)
-    # Any positive denominator as given (a count divided by the world size may be < 1); a zero
-    # one (no loss token anywhere) leaves the loss 0, as its numerator is 0 too.
-    tiny = torch.finfo(numer.dtype).tiny
-    if isinstance(denom, Tensor):
-        return numer / denom.to(numer.device, numer.dtype).clamp(min=tiny)
-    return numer / max(float(denom), tiny)
+    # Any positive denominator as given (a count divided by the world size may be < 1); a zero one
+    # (no loss token anywhere) leaves the loss 0, as its numerator is 0 too.
+    return numer / denom.to(numer.device, numer.dtype).clamp(min=torch.finfo(numer.dtype).tiny)

@@ -23,8 +23,9 @@ from minir1ci.training.data import copy_corpus, load_jsonl, next_token_targets, 
 from minir1ci.env.tasks import load_tasks
 from minir1ci.inference.devices import autocast_for
 from minir1ci.training.optim import make_optimizer, set_lr
-from minir1ci.training.runs import (MetricsLog, check_finite, load_start_model, open_run_dir, release_run_dir, resume,
-                                    save_run_checkpoint, start_run, step_seed)
+from minir1ci.training.progress import MetricsLog, check_finite
+from minir1ci.training.runs import (load_start_model, open_run_dir, release_run_dir, resume, save_run_checkpoint,
+                                    start_run, step_seed)
 
 
 def build_samples(cfg, tokenizer, vocab_size: int | None = None):
@@ -37,9 +38,10 @@ def build_samples(cfg, tokenizer, vocab_size: int | None = None):
     else:
         examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train",
                               limit=cfg.num_train_examples, seed=cfg.seed)
-        if not all(hasattr(ex, "oracle_segments") for ex in examples):
-            raise ValueError(f"--tasks {cfg.tasks!r} has tasks without oracle trajectories; "
-                             "pass --sft_data FILE.jsonl for them")
+        missing = sorted({ex.task for ex in examples if ex.oracle is None})
+        if missing and cfg.use_code:
+            raise ValueError(f"--tasks {cfg.tasks!r}: {', '.join(missing)} have no oracle code trajectories (only "
+                             "the built-in families do); pass --sft_data FILE.jsonl for them")
         samples = oracle_samples(examples, tokenizer, cfg.use_code, cfg.text_fraction, cfg.seed)
     # Too long: dropped, not truncated (a cut trajectory would teach the model to stop mid-answer).
     kept = [s for s in samples if len(s.ids) <= cfg.max_seq_len and any(s.mask)]
@@ -63,17 +65,17 @@ def sft_step_loss(model, batch, denom: float, cfg, device, amp) -> tuple[float, 
 
 def train_sft(cfg) -> dict:
     """`python train.py --stage pretrain|sft`: the whole run; returns the last step's metrics."""
-    device = start_run(cfg)
-    model, tokenizer, source, resume_dir = load_start_model(cfg, device)
+    cfg, device, resume_dir = start_run(cfg)
+    model, tokenizer, source = load_start_model(cfg, device, resume_dir)
     model.gradient_checkpointing = cfg.grad_checkpointing
     samples, dropped = build_samples(cfg, tokenizer, model.config.vocab_size)
     run_dir = open_run_dir(cfg)   # only once the data has loaded: a bad input leaves no run directory
+    log = MetricsLog(run_dir, cfg.steps, resume=cfg.resume, every=cfg.log_every)
     if dist.is_main():
         print(f"{cfg.stage}: {model.num_params() / 1e6:.2f}M params from {source}; {len(samples)} samples "
               f"({dropped} longer than {cfg.max_seq_len} dropped); world size {dist.world_size()}")
     model = dist.parallelize(model, device)
     opt = make_optimizer(model.parameters(), cfg)
-    log = MetricsLog(run_dir, cfg.steps, resume=cfg.resume, every=cfg.log_every)
     start, _ = resume(resume_dir, model, {"policy": opt})
     amp = autocast_for(device, cfg.dtype)
     model.train()
