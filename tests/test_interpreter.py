@@ -208,6 +208,22 @@ def test_groups_are_consecutive_and_independent(tok, sandbox):
     assert [t.prompt_ids for t in trajs] == [[1], [1], [2], [2]]
 
 
+def test_only_the_models_own_turns_are_scored(tok, sandbox):
+    """Inserted interpreter output never answers for the model (evaluate.py's summary, rollout.py and
+    training all score `model_text`): a program that prints <<<42>>> before the model stops without an
+    answer scores 0, and an unclosed <<< in the output does not swallow the model's own answer."""
+    from minir1ci.env.evaluation import summarize
+    from minir1ci.env.tasks import Example
+
+    ex = Example(id="q", task="t:x", prompt="?", answer="42")
+    printed = rollout(tok, sandbox, [block("print('<' * 3 + '42' + '>' * 3)"), " Done."])
+    swallowed = rollout(tok, sandbox, [block("print('<' * 3 + 'x')"), " So <<<42>>>"])
+    assert summarize([ex], [printed], 1)["average"]["accuracy"] == 0.0
+    assert summarize([ex], [swallowed], 1)["average"]["accuracy"] == 1.0
+    assert "<<<42>>>" in printed.text and prompts.extract_answer(printed.model_text) is None
+    assert prompts.extract_answer(swallowed.model_text) == "42"
+
+
 def test_rollout_settings_have_one_default_that_the_config_and_the_flags_read():
     """One path per rollout setting: RolloutParams holds the only defaults; TrainConfig's fields and the
     scripts' flags start from them, and `rollout_params` builds the params from either."""

@@ -75,6 +75,17 @@ def test_without_dynamic_sampling_flat_groups_stay_and_one_round_runs(monkeypatc
     assert names == ["r0g0s0", "r0g0s1", "r0g1s0", "r0g1s1"] and (dropped, extra, len(calls)) == (0, 0, 1)
 
 
+def test_training_scores_the_models_turns_not_the_inserted_output(monkeypatch):
+    """A trajectory whose inserted output ends in 'right' but whose model turns do not scores 0."""
+    monkeypatch.setattr(experience, "run_rollouts", lambda model, tok, sb, prompts, n, params: [
+        traj("Code Execution Results:\nright", turns=["```python\nprint('right')\n```", "wrong"])
+        for _ in range(len(prompts) * n)])
+    monkeypatch.setattr(experience, "prompt_ids", lambda tok, exs, use_code: [[0] for _ in exs])
+    _, batch, _ = experience.collect(None, None, None, EXAMPLES, resolve(["--stage=grpo", "--prompts_per_step=2",
+                                                                          "--n_samples=2"]), step=0)
+    assert batch.correct.tolist() == [0.0] * 4
+
+
 # ----------------------------------------------------------------------------- filters
 
 def test_void_turn_is_a_turn_with_neither_a_closed_block_nor_an_answer():
