@@ -208,6 +208,17 @@ def test_groups_are_consecutive_and_independent(tok, sandbox):
     assert [t.prompt_ids for t in trajs] == [[1], [1], [2], [2]]
 
 
+def test_stateful_code_shares_a_trajectorys_blocks_and_nothing_else(tok, sandbox):
+    turns = [block("x = 6"), block("print(x * 7)"), " <<<42>>>"]
+    stateless = rollout(tok, sandbox, turns)
+    assert stateless.code_blocks[1]["status"] == "error" and "NameError" in stateless.code_blocks[1]["stderr"]
+    sampler = ScriptedSampler(tok, [turns, [block("print(x)"), " <<<1>>>"]])
+    params = RolloutParams(temperature=1.0, max_new_tokens=2000, stateful_code=True)
+    first, other = run_rollouts(None, tok, sandbox, [[1], [2]], 1, params, sampler=sampler)
+    assert first.code_blocks[1]["stdout"] == "42\n"                          # the second block sees x
+    assert "NameError" in other.code_blocks[0]["stderr"]                     # another trajectory does not
+
+
 def test_only_the_models_own_turns_are_scored(tok, sandbox):
     """Inserted interpreter output never answers for the model (evaluate.py's summary, rollout.py and
     training all score `model_text`): a program that prints <<<42>>> before the model stops without an
