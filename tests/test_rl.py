@@ -97,21 +97,24 @@ def test_void_turn_is_a_turn_with_neither_a_closed_block_nor_an_answer():
     assert not experience.has_void_turn([])
 
 
-def test_loss_filter_drops_void_truncated_and_mismatched_trajectories():
+def test_filters_drop_void_truncated_and_mismatched_trajectories():
     trajs = [traj("ok <<<1>>>"), traj("void", finish="eos"), traj("cut <<<1>>>", finish="length"),
              traj("far <<<1>>>", logps=(-1.0, -3.0))]
     batch = experience.to_batch(trajs, [0.0] * 4, [0.0] * 4)
     batch.old_logp = batch.sampler_logp.clone()
     batch.old_logp[3][batch.mask[3].bool()] = -1.0   # row 3: pi_old / mu = 1 and e^2: geometric mean e = 2.72 > 2
     cfg = resolve(["--stage=grpo"])
-    keep, counts = experience.loss_filter(trajs, batch, cfg)
-    assert keep.tolist() == [True, True, True, False]
-    assert counts == {"mis_dropped": 1, "void_dropped": 0, "truncated_dropped": 0}
+    keep, counts = experience.loss_filter(trajs, cfg)
+    assert keep.all() and counts == {"void_dropped": 0, "truncated_dropped": 0}
     on = dataclasses.replace(cfg, filter_void_turns=True, mask_truncated=True)
-    keep, counts = experience.loss_filter(trajs, batch, on)
-    assert keep.tolist() == [True, False, False, False] and list(counts.values()) == [1, 1, 1]
-    off = dataclasses.replace(cfg, mis_low=0.0, mis_high=0.0)
-    assert experience.loss_filter(trajs, batch, off)[0].tolist() == [True] * 4
+    keep, counts = experience.loss_filter(trajs, on)
+    assert keep.tolist() == [True, False, False, True] and list(counts.values()) == [1, 1]
+    off = rl.correct_mismatch(dataclasses.replace(batch), dataclasses.replace(cfg, mis_low=0.0, mis_high=0.0))
+    assert off["mis_dropped"] == 0
+    sums = rl.correct_mismatch(batch, cfg)                        # sequence masking zeroes row 3's mask
+    assert sums["mis_dropped"] == 1 and batch.mask.any(dim=1).tolist() == [True, True, True, False]
+    assert sums["mismatch_tokens"] == 8 and sums["mismatch_abs"] == pytest.approx(2.0)   # |-1 - -3| once
+    assert sums["tis_sum"] == pytest.approx(9.0)          # 8 tokens of weight 1, but the e^2 one capped at 2
 
 
 def test_unmasked_tool_output_enters_the_mask_without_a_sampler_logprob():
@@ -126,6 +129,56 @@ def test_unmasked_tool_output_enters_the_mask_without_a_sampler_logprob():
     assert full.sampler_logp[0, [1, 4]].tolist() == [-1.0, -2.0] and full.sampler_logp[0, 2:4].isnan().all()
     with pytest.raises(ValueError, match="mask_tool_output=false needs --old_logprobs=trainer"):
         resolve(["--stage=grpo", "--mask_tool_output=false", "--old_logprobs=sampler"])
+
+
+def test_pi_old_from_the_update_equals_a_pass_of_its_own():
+    """GRPO with one update per step takes pi_old from the update's own forward instead of a pass of its
+    own: the same gradient (an SGD step of lr 1 shows it) and measurements within 1e-6, also when
+    sequence masking drops a trajectory there (the denominator is rescaled after) and TIS weights are off 1."""
+    import copy
+    from contextlib import nullcontext
+    from minir1ci.inference.checkpoint import init_from_config
+    from minir1ci.presets import tiny_dir
+
+    model, _ = init_from_config(tiny_dir(), seed=0)
+    g = torch.Generator().manual_seed(0)
+    trajs = []
+    for i in range(6):
+        n = 5 + 3 * i
+        mask = [1] * n
+        mask[2:4] = [0, 0]                                   # inserted interpreter output
+        trajs.append(Trajectory(prompt_ids=torch.randint(0, 1000, (4 + i,), generator=g).tolist(),
+                                response_ids=torch.randint(0, 1000, (n,), generator=g).tolist(), loss_mask=mask,
+                                logprobs=[0.0] * n, turns=["x"], finish_reason="eos"))
+    cfg = resolve(["--stage=grpo", "--n_samples=3", "--prompts_per_step=2", "--batch_size=6", "--micro_batch_size=2",
+                   "--kl_coef=0.01", "--tis_cap=1.5", "--loss_agg=seq-mean-token-mean", "--grad_clip=1e9"])
+    batch = experience.to_batch(trajs, [1.0, 0.0, 0.5, 1.0, 1.0, 0.0], [0.0] * 6)
+    true = experience.no_grad_pass(lambda x: rl.token_logp(model, x, cfg)[0], batch, 2, "cpu", nullcontext())
+    noise = torch.randn(batch.mask.shape, generator=g) * 0.3
+    noise[4] += 2.0                                          # row 4: pi_old / mu = e^-2 on average, dropped
+    batch.sampler_logp = (true + noise) * batch.mask
+    batch.ref_logp = true - 0.1
+    batch.adv = rl.grpo_advantages(batch.scores, 3)[:, None] * batch.mask
+    results = []
+    for in_update in (False, True):
+        b, net = dataclasses.replace(batch), copy.deepcopy(model)
+        if in_update:
+            assert rl.pi_old_in_update(cfg, len(b)) and b.old_logp is None
+            sums = {}
+        else:
+            b.old_logp = true
+            sums = rl.correct_mismatch(b, cfg)
+        before = [p.detach().clone() for p in net.parameters()]
+        sums.update(rl.update(net, None, {"policy": torch.optim.SGD(net.parameters(), lr=1.0)}, b, cfg, "cpu",
+                              nullcontext(), step=0))
+        results.append(([p.detach() - q for p, q in zip(net.parameters(), before)], sums))
+    (grads_pass, sums_pass), (grads_fused, sums_fused) = results
+    assert sums_pass["mis_dropped"] == sums_fused["mis_dropped"] == 1
+    for gp, gf in zip(grads_pass, grads_fused):
+        torch.testing.assert_close(gf, gp, atol=1e-6, rtol=1e-5)
+    assert any(g.abs().max() > 1e-4 for g in grads_pass)
+    for k in ("pg_loss", "kl", "clipfrac", "grad_norm", "mismatch_kl", "mismatch_abs", "tis_sum", "mismatch_tokens"):
+        assert sums_fused[k] == pytest.approx(sums_pass[k], rel=1e-5, abs=1e-6), k
 
 
 # ----------------------------------------------------------------------------- end to end

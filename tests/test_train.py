@@ -21,7 +21,7 @@ def metrics(run) -> list[dict]:
 
 
 def comparable(rows):
-    return [{k: v for k, v in r.items() if k not in ("tok_s", "step_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("tok_s", "step_s", "rollout_s", "passes_s", "update_s")} for r in rows]
 
 
 class Interrupt(Exception):

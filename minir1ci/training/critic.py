@@ -25,7 +25,7 @@ class Critic(nn.Module):
         self.score = nn.Linear(backbone.config.hidden_size, 1, bias=False, device=next(backbone.parameters()).device)
         nn.init.zeros_(self.score.weight)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         h = self.model(input_ids, attention_mask)           # [B, T, H]
         return self.score(h).squeeze(-1).float()             # [B, T]
 

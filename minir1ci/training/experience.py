@@ -18,7 +18,6 @@ from minir1ci.env.prompts import extract_answer, pending_code
 from minir1ci.env.rewards import RewardConfig, compute_reward
 from minir1ci.training import distributed as dist
 from minir1ci.training.data import next_token_targets, pad_batch
-from minir1ci.training.losses import sequence_in_bounds
 from minir1ci.training.runs import step_seed
 
 
@@ -33,6 +32,7 @@ class RLBatch:
     sampler_logp: torch.Tensor  # [B, T] the sampler's log-prob of each sampled token (0 elsewhere)
     scores: torch.Tensor        # [B] rewards
     correct: torch.Tensor       # [B] task scores (the accuracy)
+    keep: torch.Tensor          # [B] bool, the trajectories the loss keeps (`loss_filter`; all at first)
     old_logp: torch.Tensor | None = None    # [B, T] pi_old
     ref_logp: torch.Tensor | None = None    # [B, T] the KL reference
     tis_w: torch.Tensor | None = None       # [B, T] TIS weights
@@ -44,21 +44,31 @@ class RLBatch:
         return self.ids.shape[0]
 
     def rows(self, idx: slice | list[int], device: torch.device | str = "cpu") -> "RLBatch":
-        """The rows `idx`, every tensor on `device`."""
+        """The rows `idx`, every tensor on `device`, cut to the longest of them (rows are right-padded)."""
         idx = idx if isinstance(idx, slice) else torch.as_tensor(idx)
-        return RLBatch(**{f.name: None if (x := getattr(self, f.name)) is None else x[idx].to(device)
-                          for f in fields(self)})
+        T = max(int(self.attn[idx].sum(dim=1).max()), 1) if len(self) else 0
+        return RLBatch(**{f.name: None if (x := getattr(self, f.name)) is None else
+                          (x[idx, :T] if x.dim() == 2 else x[idx]).to(device) for f in fields(self)})
+
+    def by_length(self, rows: list[int], micro: int) -> list[list[int]]:
+        """`rows` in micro-batches of `micro`, longest first: each is cut to its own longest row, so a
+        short row rarely pays for a long one. Losses divide by the whole step's denominator
+        (losses.py), so the grouping changes no loss."""
+        lengths = self.attn.sum(dim=1)
+        rows = sorted(rows, key=lambda i: -int(lengths[i]))
+        return [rows[i:i + micro] for i in range(0, len(rows), micro)]
 
 
 @torch.no_grad()
 def no_grad_pass(fn, batch: RLBatch, micro: int, device, amp) -> torch.Tensor:
-    """fn(micro-batch on `device`) -> [b, T] for each micro-batch of `batch`, as one [B, T] fp32 on the CPU
-    (pi_old, the KL reference's log-probs, the critic's values)."""
-    out = []
-    for i in range(0, len(batch), micro):
+    """fn(micro-batch on `device`) -> [b, t] for micro-batches of `batch` (by length), as one [B, T]
+    fp32 tensor on the CPU (pi_old, the KL reference's log-probs, the critic's values)."""
+    out = torch.zeros(batch.ids.shape)
+    for idx in batch.by_length(list(range(len(batch))), micro):
+        x = batch.rows(idx, device)
         with amp:
-            out.append(fn(batch.rows(slice(i, i + micro), device)).float().cpu())
-    return torch.cat(out)
+            out[idx, :x.ids.shape[1]] = fn(x).float().cpu()
+    return out
 
 
 def to_batch(trajs, scores: list[float], correct: list[float], mask_tool_output: bool = True) -> RLBatch:
@@ -76,7 +86,7 @@ def to_batch(trajs, scores: list[float], correct: list[float], mask_tool_output:
         logp[i, len(t.prompt_ids):len(t.prompt_ids) + len(lp)] = lp
     targets, mask, sampler_logp = next_token_targets(ids, mask, logp * mask)
     return RLBatch(ids, attn, targets, mask, sampler_logp, torch.tensor(scores, dtype=torch.float32),
-                   torch.tensor(correct, dtype=torch.float32))
+                   torch.tensor(correct, dtype=torch.float32), torch.ones(len(trajs), dtype=torch.bool))
 
 
 def collect(sampling, tokenizer, sandbox, examples, cfg, step: int, pools=None):
@@ -122,14 +132,12 @@ def has_void_turn(turns: list[str]) -> bool:
     return any(pending_code(t) is None and extract_answer(t) is None for t in turns)
 
 
-def loss_filter(trajs, batch: RLBatch, cfg) -> tuple[torch.Tensor, dict[str, int]]:
+def loss_filter(trajs, cfg) -> tuple[torch.Tensor, dict[str, int]]:
     """[B] bool, the trajectories kept in the loss, and how many each filter dropped (one may count in
-    several): sequence-level mismatch masking (pi_old against the sampler), void turns, truncation."""
-    mis = ~sequence_in_bounds(batch.old_logp, batch.sampler_logp, batch.mask, cfg.mis_low, cfg.mis_high)
+    both): void turns, truncation. (Sequence-level mismatch masking is `rl.correct_mismatch`.)"""
     void = torch.tensor([cfg.filter_void_turns and has_void_turn(t.turns) for t in trajs])
     cut = torch.tensor([cfg.mask_truncated and t.finish_reason == "length" for t in trajs])
-    return ~(mis | void | cut), {"mis_dropped": int(mis.sum()), "void_dropped": int(void.sum()),
-                                 "truncated_dropped": int(cut.sum())}
+    return ~(void | cut), {"void_dropped": int(void.sum()), "truncated_dropped": int(cut.sum())}
 
 
 def rollout_stats(trajs, batch: RLBatch) -> dict:

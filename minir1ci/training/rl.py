@@ -28,16 +28,17 @@ from minir1ci.training.critic import make_critic, token_rewards
 from minir1ci.training.experience import (RLBatch, collect, curriculum_pools, loss_filter, measure_success,
                                           no_grad_pass, rollout_stats)
 from minir1ci.training.losses import (aggregate, gae, grpo_advantages, kl_penalty, masked_mean, masked_sum,
-                                      masked_whiten, mismatch_sums, policy_objective, step_denominator,
-                                      tis_weights, value_loss)
+                                      masked_whiten, mismatch_sums, policy_objective, sequence_in_bounds,
+                                      step_denominator, tis_weights, value_loss)
 from minir1ci.training.optim import make_optimizer, set_lr
 from minir1ci.training.progress import MetricsLog, check_finite
 from minir1ci.training.runs import load_start_model, open_run_dir, resume, save_run_checkpoint, start_run, step_seed
 
 
 def token_logp(model, x: RLBatch, cfg, with_entropy: bool = False):
-    """(log-probs [b, T] of the sampled tokens at the sampling temperature, entropy [b, T] or None)."""
-    return model(x.ids, attention_mask=x.attn, targets=x.targets, target_mask=x.mask, temperature=cfg.temperature,
+    """(log-probs [b, T] of the sampled tokens at the sampling temperature, entropy [b, T] or None). Rows
+    are right-padded, so plain causal attention never lets a real token see padding: no mask needed."""
+    return model(x.ids, targets=x.targets, target_mask=x.mask, temperature=cfg.temperature,
                  with_entropy=with_entropy, chunk_size=cfg.loss_chunk_size)
 
 
@@ -68,11 +69,35 @@ def frozen_reference(model, cfg, resumed, device):
     return ref.eval().requires_grad_(False)
 
 
+def pi_old_in_update(cfg, rows: int) -> bool:
+    """GRPO with one on-policy update per step: pi_old is the update's own forward pass, exactly (the
+    weights have not moved yet), so it needs no pass of its own (as TRL and veRL do)."""
+    return (cfg.stage == "grpo" and cfg.old_logprobs == "trainer" and cfg.ppo_epochs == 1
+            and cfg.mini_batch_size in range(rows))   # 0 or >= rows: one mini-batch
+
+
+def correct_mismatch(x: RLBatch, cfg) -> dict[str, float]:
+    """With pi_old (x.old_logp) known: measure its mismatch with the sampler, set the TIS weights, drop
+    the trajectories sequence masking refuses and those not in x.keep (their mask rows zeroed, so they
+    leave every loss term); returns what it measured, as sums.
+    Unmasked interpreter output (ablation) has no sampler log-prob (NaN): pi_old stands in (ratio 1)."""
+    sampled = ~x.sampler_logp.isnan()
+    x.sampler_logp = torch.where(sampled, x.sampler_logp, x.old_logp)
+    sums = mismatch_sums(x.old_logp, x.sampler_logp, x.mask * sampled)
+    if cfg.tis_cap > 0:
+        x.tis_w = tis_weights(x.old_logp, x.sampler_logp, x.mask, cfg.tis_cap)
+        sums.update(tis_sum=masked_sum(x.tis_w, x.mask), tis_tokens=x.mask.sum())
+    keep = sequence_in_bounds(x.old_logp, x.sampler_logp, x.mask, cfg.mis_low, cfg.mis_high)
+    x.mask = x.mask * (keep & x.keep)[:, None]   # with the trajectories `loss_filter` dropped
+    return {**{k: float(v) for k, v in sums.items()}, "mis_dropped": float((~keep).sum())}
+
+
 def update(model, critic, opts: dict, batch: RLBatch, cfg, device, amp, step: int) -> dict[str, float]:
     """`ppo_epochs` passes over mini-batches, one optimizer step (per model) per mini-batch; returns this
     rank's measurements. PPO (a critic given) first takes the clipped value loss, and during
-    `critic_warmup_steps` trains only the critic. With `old_logprobs=sampler` the first forward pass is
-    pi_old itself: its mismatch with the sampler is measured there."""
+    `critic_warmup_steps` trains only the critic. Without pi_old (`pi_old_in_update`) the forward pass is
+    pi_old itself, corrected for the mismatch there; with `old_logprobs=sampler` the mismatch is measured
+    there."""
     train_policy = step >= cfg.critic_warmup_steps
     sums = dict.fromkeys(("pg_loss", "kl", "clipfrac", "entropy", "grad_norm", "value_loss", "vf_clipfrac"), 0.0)
     measured, updates = defaultdict(float), 0
@@ -81,12 +106,13 @@ def update(model, critic, opts: dict, batch: RLBatch, cfg, device, amp, step: in
         # Denominators for the whole mini-batch on every rank, not per micro-batch.
         denom = dist.all_reduce_sum(step_denominator(mb.mask, cfg.loss_agg, cfg.max_new_tokens))
         vdenom = dist.all_reduce_sum(step_denominator(mb.mask, "token-mean"))
-        for m in range(0, len(mb), cfg.micro_batch_size):
-            x = mb.rows(slice(m, m + cfg.micro_batch_size), device)
+        kept = mb.mask.clone()   # the mask after sequence masking in this pass (pi_old from it)
+        for idx in mb.by_length(list(range(len(mb))), cfg.micro_batch_size):
+            x = mb.rows(idx, device)
             share = len(x) / len(batch)
             if critic is not None:
                 with amp:
-                    values = critic(x.ids, x.attn)
+                    values = critic(x.ids)
                 vl, vm = value_loss(values, x.old_values, x.returns, cfg.value_clip, x.mask)
                 aggregate(vl, x.mask, "token-mean", vdenom).backward()
                 sums["value_loss"] += float(aggregate(vl.detach(), x.mask, "token-mean", vdenom))
@@ -95,7 +121,12 @@ def update(model, critic, opts: dict, batch: RLBatch, cfg, device, amp, step: in
                 continue
             with amp:
                 logp, ent = token_logp(model, x, cfg, with_entropy=cfg.entropy_coef > 0)
-            if cfg.old_logprobs == "sampler" and updates == 0:
+            if x.old_logp is None:
+                x.old_logp = logp.detach()
+                for k, v in correct_mismatch(x, cfg).items():
+                    measured[k] += v
+                kept[idx, :x.mask.shape[1]] = x.mask.cpu()
+            elif cfg.old_logprobs == "sampler" and updates == 0:
                 for k, v in mismatch_sums(logp.detach(), x.old_logp, x.mask).items():
                     measured[k] += float(v)
             pl, pm = policy_objective(logp, x.old_logp, x.adv, x.mask, cfg)
@@ -112,6 +143,14 @@ def update(model, critic, opts: dict, batch: RLBatch, cfg, device, amp, step: in
             aggregate(loss_tok, x.mask, cfg.loss_agg, denom).backward()
             sums["pg_loss"] += float(aggregate(pl.detach(), x.mask, cfg.loss_agg, denom))
             sums["clipfrac"] += float(pm["clipfrac"]) * share
+        if batch.old_logp is None:   # the denominator counted trajectories this pass then dropped: rescale
+            kept_denom = dist.all_reduce_sum(step_denominator(kept, cfg.loss_agg, cfg.max_new_tokens))
+            scale = float(denom / kept_denom.clamp(min=1e-30))   # none left: every gradient is 0 anyway
+            if scale != 1.0:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+                sums["pg_loss"] *= scale
         for name, net in (("critic", critic), ("policy", model if train_policy else None)):
             if net is not None:
                 dist.sync_grads(net)
@@ -178,38 +217,38 @@ def train_rl(cfg) -> dict:
             sampling = dist.unsharded_copy(model, sample_dtype)
             trajs, batch, sums = collect(sampling, tokenizer, sandbox, examples, cfg, step, pools)
             del sampling
-            # pi_old and the reference's log-probs; the sampler/trainer mismatch, corrected and filtered.
+            t_rollout = time.time()
+            # pi_old (the sampler's, a pass of its own, or the update's forward) and the reference's log-probs;
+            # the sampler/trainer mismatch corrected; the filters' trajectories out of every loss term.
             if cfg.old_logprobs == "sampler":
                 batch.old_logp = batch.sampler_logp
-            else:
+            elif not pi_old_in_update(cfg, len(batch)):
                 batch.old_logp = no_grad_pass(lambda x: token_logp(model, x, cfg)[0], batch, micro, device, amp)
-                sums.update(mismatch_sums(batch.old_logp, batch.sampler_logp, batch.mask))
-            # Unmasked interpreter output (ablation): pi_old stands in for the sampler there (ratio 1).
-            batch.sampler_logp = torch.where(batch.sampler_logp.isnan(), batch.old_logp, batch.sampler_logp)
+            batch.keep, dropped = loss_filter(trajs, cfg)
+            if batch.old_logp is not None:
+                sums.update(correct_mismatch(batch, cfg))
             if ref is not None:
                 batch.ref_logp = no_grad_pass(lambda x: token_logp(ref, x, cfg)[0], batch, micro, device, amp)
-            if cfg.tis_cap > 0:
-                batch.tis_w = tis_weights(batch.old_logp, batch.sampler_logp, batch.mask, cfg.tis_cap)
-                sums.update(tis_sum=masked_sum(batch.tis_w, batch.mask), tis_tokens=batch.mask.sum())
-            keep, dropped = loss_filter(trajs, batch, cfg)
-            batch.mask = batch.mask * keep[:, None]   # a dropped trajectory leaves every loss term
             # Advantages: GRPO's group-relative, one per trajectory; PPO's from GAE on the critic's values,
             # with the KL (k1 of pi_old against the reference) in the reward, whitened.
             if critic is None:
                 batch.adv = grpo_advantages(batch.scores, cfg.n_samples, norm_std=cfg.norm_adv_std)[:, None] * batch.mask
             else:
-                batch.old_values = no_grad_pass(lambda x: critic(x.ids, x.attn), batch, micro, device, amp) * batch.mask
+                batch.old_values = no_grad_pass(lambda x: critic(x.ids), batch, micro, device, amp) * batch.mask
                 reward_kl = kl_penalty(batch.old_logp, batch.ref_logp, "k1") if ref is not None else None
                 adv, batch.returns = gae(token_rewards(batch, reward_kl, cfg.kl_coef), batch.old_values, batch.mask,
                                          cfg.gamma, cfg.lam)
                 batch.adv = masked_whiten(adv, batch.mask) * batch.mask
-            lr = set_lr(opts["policy"], step, cfg)
-            sums.update(**dropped, **rollout_stats(trajs, batch), **update(model, critic, opts, batch, cfg, device, amp,
-                                                                           step))
+            lr, t_passes = set_lr(opts["policy"], step, cfg), time.time()
+            sums.update(**dropped, **rollout_stats(trajs, batch))
+            for k, v in update(model, critic, opts, batch, cfg, device, amp, step).items():
+                sums[k] = sums.get(k, 0.0) + v   # mismatch sums come from here instead when pi_old is the update's
             if critic is not None:   # PPO logs the reward's KL as `kl` (GRPO its loss term's)
                 sums.update(value_mean=float(masked_mean(batch.old_values, batch.mask)),
                             kl=float(masked_mean(reward_kl, batch.mask)) if reward_kl is not None else 0.0)
-            last = {**step_metrics(sums), "lr": lr, "step_s": time.time() - t0}
+            t_end = time.time()   # the step's time and its phases: rollouts, no-grad passes, update
+            last = {**step_metrics(sums), "lr": lr, "step_s": t_end - t0, "rollout_s": t_rollout - t0,
+                    "passes_s": t_passes - t_rollout, "update_s": t_end - t_passes}
             check_finite(last["pg_loss"] + last["value_loss"], step, run_dir)
             log.log(step, last)
             if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:

@@ -55,9 +55,8 @@ def sft_step_loss(model, batch, denom: float, cfg, device, amp) -> tuple[float, 
     ids, attn, mask = pad_batch([s.ids for s in batch], [s.mask for s in batch])
     ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
     targets, target_mask = next_token_targets(ids, mask)
-    with amp:
-        logp, _ = model(ids, attention_mask=attn, targets=targets, target_mask=target_mask,
-                        chunk_size=cfg.loss_chunk_size)
+    with amp:   # right-padded: plain causal attention never lets a real token see padding
+        logp, _ = model(ids, targets=targets, target_mask=target_mask, chunk_size=cfg.loss_chunk_size)
     loss_sum = -(logp * target_mask).sum()
     (loss_sum / denom).backward()
     return float(loss_sum.detach()), int(attn.sum())
@@ -86,7 +85,7 @@ def train_sft(cfg) -> dict:
         batch = [samples[rng.randrange(len(samples))] for _ in range(cfg.batch_size)]
         # The normaliser counts trained tokens over the whole step, every micro-batch and rank.
         denom = float(sum(sum(s.mask[1:]) for s in batch))
-        mine = dist.shard(batch)
+        mine = sorted(dist.shard(batch), key=lambda s: len(s.ids))   # micro-batches of like lengths: less padding
         loss_sum, tokens = 0.0, 0
         for i in range(0, len(mine), cfg.micro_batch_size):
             l, n = sft_step_loss(model, mine[i:i + cfg.micro_batch_size], denom, cfg, device, amp)
