@@ -15,7 +15,8 @@ questions under the text-only system prompt, rendered by our chat template into 
 tokenize the same way), `--prompts` prompts x `--group` samples per step, the same response budget
 (`--budget` tokens), temperature 1, KL coefficient (`--kl`, k3 against the starting weights on both
 sides), learning rate, Adam betas and micro-batch size (TRL's per-device batch, with gradient
-accumulation to the whole step: one generation and one optimizer step per step, as ours), the same
+accumulation to the whole step: one generation and one optimizer step per step, as ours; each revision
+of ours runs its own preset's micro-batch), the same
 reward (correct +1, format +-0.1: our reward function, called by TRL on its completions), fp32, and
 `--threads` threads. What differs, and why it is still the same work: TRL samples with HF `generate`
 (the whole batch padded until its longest completion ends) where we run our continuous-batching
@@ -50,7 +51,7 @@ def our_args(args, out: Path, steps: int, use_code: bool) -> list[str]:
     model = args.model or str(random_start(out.parent))
     return ["--stage=grpo", "--preset=tiny", f"--model={model}", f"--out={out}", f"--steps={steps}",
             f"--prompts_per_step={args.prompts}", f"--n_samples={args.group}", f"--batch_size={args.prompts * args.group}",
-            f"--micro_batch_size={args.micro}", f"--max_new_tokens={args.budget}", f"--kl_coef={args.kl}",
+            f"--max_new_tokens={args.budget}", f"--kl_coef={args.kl}",
             f"--lr={args.lr}", "--curriculum=false", f"--save_every={steps}", "--device=cpu",
             f"--use_code={'true' if use_code else 'false'}", "--seed=0"]
 
@@ -131,6 +132,7 @@ def run_trl(args, work: Path, tag: str) -> list[float]:
                      learning_rate=args.lr, adam_beta2=0.95, weight_decay=0.0, lr_scheduler_type="constant",
                      warmup_steps=0, max_steps=args.steps, logging_steps=10_000, save_strategy="no",
                      report_to="none", use_cpu=True, bf16=False, fp16=False, seed=0, loss_type="dapo",
+                     gradient_checkpointing=False,   # TRL's default is on; our tiny preset's is off
                      dataloader_num_workers=0, disable_tqdm=True)
     clock = Clock()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
@@ -175,13 +177,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--budget", type=int, default=160, help="response tokens")
-    ap.add_argument("--micro", type=int, default=32)
+    ap.add_argument("--micro", type=int, default=None, help="TRL's per-device batch (default: our tiny preset's "
+                    "micro-batch); each revision of ours runs its own preset's")
     ap.add_argument("--kl", type=float, default=0.001)
     ap.add_argument("--lr", type=float, default=4e-5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--against", default=None, help="a git revision whose multi-turn step to compare with")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: trl, multi, floor")
     args = ap.parse_args()
+    from minir1ci.config import tiny
+    args.micro = args.micro or tiny("grpo").micro_batch_size
     import torch
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
