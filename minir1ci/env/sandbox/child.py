@@ -30,10 +30,10 @@ import types
 from contextlib import suppress
 from typing import NoReturn
 
-from minir1ci.env.sandbox.client import read_frame
 from minir1ci.env.sandbox.isolation import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, MS_NODEV,
                                             MS_NOEXEC, MS_NOSUID, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, fork,
                                             fresh_tmpfs, libc, prctl, tmpfs_inodes)
+from minir1ci.env.sandbox.protocol import read_frame
 
 CTRL_IN, CTRL_OUT = 3, 4  # the server's request and result fds
 REQ_FD, STATUS_FD = 3, 4  # in a slot init (0-2 are stdin, stdout, stderr)

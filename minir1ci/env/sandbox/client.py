@@ -34,7 +34,6 @@ import random
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -44,15 +43,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Sequence
 
+from minir1ci.env.sandbox.protocol import USER_ENV, read_frame, write_frame
+
 DEFAULT_PRELOAD = ("math", "itertools", "collections", "re", "json", "fractions", "decimal",
                    "random", "statistics", "functools", "heapq", "string", "numpy", "numpy.random", "sympy")
 MAX_TIMEOUT = 86400.0  # seconds; a session's budget (one timeout per block) may exceed it
 # Listed unused by systemd: above its container range, below its "foreign" range and 2**31 (signed readers).
 UID_RANGE = (0x70000000, 0x7FFE0000)
-# The server's whole environment, which executions inherit: no trainer secrets. BLAS pools of one
-# thread: fork copies only the calling thread, and a pool of one never starts another.
-USER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "HOME": "/tmp",
-            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "server.py")
 
 
@@ -310,23 +307,3 @@ def _result(msg: dict, limits: Limits) -> ExecResult:
         status = "ok" if code == 0 else "memory" if memory else "error"
     return ExecResult(stdout, stderr, status, msg["duration"], truncated, code)
 
-
-# ---- the protocol between client, server and slots: length-prefixed JSON frames
-def read_frame(fd: int) -> dict | None:
-    """Blocking read of one frame; None at EOF."""
-    buf, need = b"", 4
-    while len(buf) < need:
-        chunk = os.read(fd, need - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-        if len(buf) == 4 == need:
-            buf, need = b"", struct.unpack(">I", buf)[0]
-    return json.loads(buf)
-
-
-def write_frame(fd: int, obj: dict) -> None:
-    data = json.dumps(obj).encode()
-    data = struct.pack(">I", len(data)) + data
-    while data:
-        data = data[os.write(fd, data):]

@@ -26,8 +26,8 @@ from contextlib import suppress
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 from minir1ci.env.sandbox.child import CTRL_IN, CTRL_OUT, ignore, zygote_main  # noqa: E402
-from minir1ci.env.sandbox.client import USER_ENV, write_frame  # noqa: E402
 from minir1ci.env.sandbox.isolation import PR_SET_DUMPABLE, fork, huge_pages, prctl, setup_isolation  # noqa: E402
+from minir1ci.env.sandbox.protocol import USER_ENV, pop_frames, write_frame  # noqa: E402
 
 del sys.path[0]  # executions should not import this checkout by accident
 
@@ -109,12 +109,7 @@ class Server:
         if not data:
             return False
         self.inbuf += data
-        while len(self.inbuf) >= 4:
-            (n,) = struct.unpack(">I", self.inbuf[:4])
-            if len(self.inbuf) < 4 + n:
-                break
-            self.queue.append(json.loads(self.inbuf[4:4 + n]))
-            del self.inbuf[:4 + n]
+        self.queue.extend(pop_frames(self.inbuf))
         return True
 
     def _spawn(self, slot: _Slot) -> None:
