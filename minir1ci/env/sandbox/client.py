@@ -291,15 +291,17 @@ def _result(msg: dict, limits: Limits) -> ExecResult:
         truncated |= omitted > 0
     stdout, stderr = texts
     st, code = msg["wait_status"], None
-    if msg["timed_out"]:
+    used, limit = msg["cpu"]  # CPU seconds, RLIMIT_CPU's soft limit: SIGXCPU there, SIGKILL a second later
+    if msg["timed_out"] or st is not None and os.WIFSIGNALED(st) and os.WTERMSIG(st) in (
+            signal.SIGXCPU, signal.SIGKILL) and used >= limit:
         status = "timeout"
     elif msg["flooded"]:
         status = "error"
         stderr += f"\nOutputLimitError: more than {limits.stop_output_bytes} bytes of output; stopped\n"
     elif st is None:  # the slot's init died before reporting
         status, stderr = "error", stderr + "\nsandbox: the execution was lost\n"
-    elif os.WIFSIGNALED(st):  # SIGXCPU: RLIMIT_CPU, the CPU side of the time limit
-        status = "timeout" if os.WTERMSIG(st) == signal.SIGXCPU else f"signal:{os.WTERMSIG(st)}"
+    elif os.WIFSIGNALED(st):  # a SIGXCPU the code sent itself, too: as `python -c` shows it
+        status = f"signal:{os.WTERMSIG(st)}"
     else:
         code = os.WEXITSTATUS(st)
         last = stderr.rstrip("\n").rpartition("\n")[2]  # an uncaught MemoryError (or subclass), as printed

@@ -1,5 +1,6 @@
 """What the sandbox's processes agree on (client.py, server.py, child.py): the server's environment, the
-length-prefixed JSON frames of requests and results. Stdlib only: the server runs with `python -I`."""
+length-prefixed JSON frames of requests and results, the slot init's report. Stdlib only: the server
+runs with `python -I`."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import struct
 # thread: fork copies only the calling thread, and a pool of one never starts another.
 USER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "HOME": "/tmp",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+STATUS = struct.Struct("<id")  # slot init -> server, per execution: its wait status, the CPU seconds it used
 
 
 def read_frame(fd: int) -> dict | None:
