@@ -12,18 +12,23 @@ per-session seed and one deadline of `timeout` per block.
 
 Threat model (as root on Linux; `Sandbox.isolation` lists the layers the kernel allowed). Per execution:
 processes all killed and reaped before the result, a deadline on the server's clock, RLIMIT_CPU, AS (per
-process), FSIZE and NOFILE, output caps, an IPC namespace, fds 0-2 only, fresh tmpfs on /tmp and /dev/shm,
-first to go when memory runs out (oom_score_adj 1000), forked from processes that never held another
-execution's data. Per slot: uid `uid_base + slot` (no capabilities, no_new_privs, RLIMIT_NPROC), a PID
-namespace and its /proc, a network namespace with no interface up. Per sandbox: a read-only root showing only
-the system's directories and the interpreter's (not the project, its task data and answers, or home
-directories), a minimal environment, a seccomp filter refusing the key syscalls (keyrings outlive processes),
-new user namespaces, bpf, perf events, userfaultfd and io_uring, a uid range no other sandbox on the host
-holds. Not covered (this is not a VM): the host kernel; world-readable files in the system's directories;
-memory beyond one process (a memory cgroup per slot would bound it); shared CPU and timing; "memory" is read
-from stderr, so code can claim it. Without root or namespaces: no uid change, a process-group kill and orphan
-sweep instead of a PID namespace, no network isolation, no hidden files, workdirs in the host's /tmp; off
-x86_64/aarch64, no seccomp filter.
+process), FSIZE and NOFILE, output caps, an IPC namespace, fds 0-2 only, new tmpfs on /tmp and /dev/shm
+(mounted as its request arrives), pids numbered from 2 (the slot's counter restarts), first to go when memory
+runs out (oom_score_adj 1000), forked from processes that never held another execution's data. Per slot: uid
+`uid_base + slot` (no capabilities, no_new_privs, RLIMIT_NPROC), a PID namespace and its /proc (hiding the
+slot's init, whose counters sum its executions), a network namespace with no interface up. Per sandbox: a
+read-only root showing only the system's directories and the interpreter's (not the project, its task data
+and answers, or home directories), no ptys (the host's devpts numbers all of them), a minimal environment,
+a seccomp filter refusing the key syscalls (keyrings outlive processes), new user namespaces, bpf, perf
+events, userfaultfd, io_uring, inotify, fanotify and dnotify (they report reads of shared files) and sockets
+other than AF_UNIX, under which file locks succeed and lock nothing (a lock on a shared inode signals other
+slots and the host), a uid range no other sandbox on the host holds. Not covered (this is not
+a VM): the host kernel, and its host-wide state, through which concurrent executions can still signal each
+other (CPU, memory and timing, the load and memory figures in /proc, inode-number counters, futexes on pages
+of shared files); world-readable files in the system's directories; memory beyond one process (a memory
+cgroup per slot would bound it); "memory" is read from stderr, so code can claim it. Without root or
+namespaces: no uid change, a process-group kill and orphan sweep instead of a PID namespace, no network
+isolation, no hidden files, workdirs in the host's /tmp; off x86_64/aarch64, no seccomp filter.
 """
 from __future__ import annotations
 
@@ -80,7 +85,8 @@ def _check_timeout(timeout) -> float:
 
 @dataclass
 class ExecResult:
-    """`status` "memory": exit code 1 with a MemoryError last in stderr; "timeout": wall clock or RLIMIT_CPU.
+    """`status` "memory": exit code 1 with a MemoryError last in stderr; "timeout": the server's deadline or
+    RLIMIT_CPU reached (a SIGXCPU the code sends itself is "signal:24", as `python -c` shows).
     `truncated`: output was cut around "[... N bytes omitted ...]", or stopped past `stop_output_bytes`."""
     stdout: str
     stderr: str
