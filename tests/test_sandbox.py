@@ -567,7 +567,8 @@ def test_executions_cannot_read_the_counters_of_their_slots_init(sb):
     count one execution sets and the next reads. Hidden from the slot's uid, as another user's process."""
     if not sb.isolation["pid_ns"] or not sb.isolation["uid"]:
         pytest.skip("no PID namespace or uid change here")
-    code = ("import os\nprint(os.getppid())\ntry:\n    print(open(f'/proc/{os.getppid()}/stat').read().split(')')[1].split()[8])\n"
+    code = ("import os\nprint(os.getppid())\ntry:\n"
+            "    print(open(f'/proc/{os.getppid()}/stat').read().split(')')[1].split()[8])  # cminflt\n"
             "except OSError as e:\n    print(type(e).__name__)")
     assert _reference(code).stdout.splitlines()[1].isdigit()  # the reference: a parent's cminflt, readable
     r = sb.run(code)
@@ -576,8 +577,8 @@ def test_executions_cannot_read_the_counters_of_their_slots_init(sb):
 
 TMP_STATE = ("import os\nfor d in ('/tmp', '/dev/shm'):\n    st = os.stat(d)\n    open(f'{d}/f', 'w').close()\n"
              "    print(min(st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns), os.stat(f'{d}/f').st_ino)")
-CHURN = ("import os\nfor d in ('/tmp', '/dev/shm'):\n    for i in range(50):\n        open(f'{d}/x{i}', 'w').close()\n"
-         "        os.unlink(f'{d}/x{i}')")
+CHURN = ("import os\nfor d in ('/tmp', '/dev/shm'):\n    for i in range(50):\n"
+         "        open(f'{d}/x{i}', 'w').close()\n        os.unlink(f'{d}/x{i}')")
 
 
 def test_tmp_and_dev_shm_are_new_mounts_in_every_execution(sb):
@@ -616,8 +617,9 @@ def blocked(fd):
     except BlockingIOError:
         return True
 f = open('/etc/passwd', 'rb')
-conflict = struct.unpack('hhqqi', fcntl.fcntl(f, fcntl.F_GETLK, struct.pack('hhqqi', fcntl.F_WRLCK, 0, 0, 0, 0)))[0]
-print(blocked(f), conflict != fcntl.F_UNLCK, blocked(os.eventfd(0)))
+query = struct.pack('hhqqi', fcntl.F_WRLCK, 0, 0, 0, 0)  # F_GETLK: the type of a conflicting lock
+print(blocked(f), struct.unpack('hhqqi', fcntl.fcntl(f, fcntl.F_GETLK, query))[0] != fcntl.F_UNLCK,
+      blocked(os.eventfd(0)))
 """
 
 
@@ -666,8 +668,8 @@ def test_ptys_of_one_execution_do_not_show_in_another(sb):
     if not sb.isolation["hidden_files"]:
         pytest.skip("no private mounts here")
     pid = sb.server_pid
-    opener = ("import os, time\ntry:\n    fds = [os.open('/dev/ptmx', os.O_RDWR) for _ in range(5)]\n    print('opened')\n"
-              "except OSError as e:\n    print(e.strerror)\ntime.sleep(0.8)")
+    opener = ("import os, time\ntry:\n    fds = [os.open('/dev/ptmx', os.O_RDWR) for _ in range(5)]\n"
+              "    print('opened')\nexcept OSError as e:\n    print(e.strerror)\ntime.sleep(0.8)")
     assert _reference(opener).stdout == "opened\n"
     opened, listed = sb.run_many([opener, "import os, time\ntime.sleep(0.4)\nprint(os.listdir('/dev/pts'))"])
     assert (opened.stdout, listed.stdout) == (os.strerror(19) + "\n", "[]\n"), (opened, listed)  # ENODEV

@@ -121,7 +121,7 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
         pid = fork()
         if pid == 0:
             _user_main(slot, cfg, iso, workdir, failed)
-        _, status, usage = os.wait4(pid, 0)  # its CPU time (and its reaped children's) tells RLIMIT_CPU's signals
+        _, status, usage = os.wait4(pid, 0)  # its CPU time (with its reaped children's): did RLIMIT_CPU kill it?
         if iso["pid_ns"]:
             ignore(os.kill, -1, signal.SIGKILL)  # from pid 1: every other process of the namespace
             with suppress(ChildProcessError):

@@ -17,18 +17,18 @@ process), FSIZE and NOFILE, output caps, an IPC namespace, fds 0-2 only, new tmp
 runs out (oom_score_adj 1000), forked from processes that never held another execution's data. Per slot: uid
 `uid_base + slot` (no capabilities, no_new_privs, RLIMIT_NPROC), a PID namespace and its /proc (hiding the
 slot's init, whose counters sum its executions), a network namespace with no interface up. Per sandbox: a
-read-only root showing only the system's directories and the interpreter's (not the project, its task data
-and answers, or home directories), no ptys (the host's devpts numbers all of them), a minimal environment,
-a seccomp filter refusing the key syscalls (keyrings outlive processes), new user namespaces, bpf, perf
-events, userfaultfd, io_uring, inotify, fanotify and dnotify (they report reads of shared files) and sockets
-other than AF_UNIX, under which file locks succeed and lock nothing (a lock on a shared inode signals other
-slots and the host), a uid range no other sandbox on the host holds. Not covered (this is not
-a VM): the host kernel, and its host-wide state, through which concurrent executions can still signal each
-other (CPU, memory and timing, the load and memory figures in /proc, inode-number counters, futexes on pages
-of shared files); world-readable files in the system's directories; memory beyond one process (a memory
-cgroup per slot would bound it); "memory" is read from stderr, so code can claim it. Without root or
-namespaces: no uid change, a process-group kill and orphan sweep instead of a PID namespace, no network
-isolation, no hidden files, workdirs in the host's /tmp; off x86_64/aarch64, no seccomp filter.
+read-only root showing only the system's directories and the interpreter's (not the project, its task data and
+answers, or home directories), no ptys (the host's devpts numbers all of them), a minimal environment, a
+seccomp filter refusing the key syscalls (keyrings outlive processes), new user namespaces, bpf, perf events,
+userfaultfd, io_uring, inotify, fanotify and dnotify (they report reads of shared files) and sockets other
+than AF_UNIX, under which file locks succeed and lock nothing (a lock on a shared inode signals other slots
+and the host), a uid range no other sandbox on the host holds. Not covered (this is not a VM): the host
+kernel, and its host-wide state, through which concurrent executions can still signal each other (CPU, memory
+and timing, the page cache, the load and memory figures in /proc, inode-number counters, futexes on pages of
+shared files); world-readable files in the system's directories; memory beyond one process (a memory cgroup
+per slot would bound it); "memory" is read from stderr, so code can claim it. Without root or namespaces: no
+uid change, a process-group kill and orphan sweep instead of a PID namespace, no network isolation, no hidden
+files, workdirs in the host's /tmp; off x86_64/aarch64, no seccomp filter.
 """
 from __future__ import annotations
 

@@ -22,10 +22,11 @@ SYSTEM_DIRS = ("bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "nix", "p
 # seccomp, per machine: the audit arch; the calls refused with ENOSYS (add_key, request_key, keyctl, clone3,
 # bpf, perf_event_open, userfaultfd, io_uring_setup/enter/register, inotify_init(1), fanotify_init); the
 # calls whose arguments it reads
-SYSCALLS = {"x86_64": dict(arch=0xC000003E, refused=(248, 249, 250, 435, 321, 298, 323, 425, 426, 427, 253, 294, 300),
-                           clone=56, unshare=272, flock=73, fcntl=72, socket=41),
-            "aarch64": dict(arch=0xC00000B7, refused=(217, 218, 219, 435, 280, 241, 282, 425, 426, 427, 26, 262),
-                            clone=220, unshare=97, flock=32, fcntl=25, socket=198)}
+SYSCALLS = {
+    "x86_64": dict(arch=0xC000003E, refused=(248, 249, 250, 435, 321, 298, 323, 425, 426, 427, 253, 294, 300),
+                   clone=56, unshare=272, flock=73, fcntl=72, socket=41),
+    "aarch64": dict(arch=0xC00000B7, refused=(217, 218, 219, 435, 280, 241, 282, 425, 426, 427, 26, 262),
+                    clone=220, unshare=97, flock=32, fcntl=25, socket=198)}
 F_LOCKS, F_NOTIFY, AF_UNIX = (6, 7, 37, 38), 1026, 1  # F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -85,8 +86,9 @@ def install_seccomp() -> None:
     # (code, k, label jumped to when true, when false) or a label; seccomp_data: nr at 0, arch at 4, the low
     # 32 bits of args[0] at 16 and of args[1] at 24 (both machines are little-endian)
     prog = [(ld, 4), (jeq, nr["arch"], None, "nosys"), (ld, 0), (jge, 0x40000000, "nosys"),
-            *[(jeq, n, "nosys") for n in nr["refused"]], (jeq, nr["flock"], "pretend"), (jeq, nr["clone"], "clone"),
-            (jeq, nr["unshare"], "clone"), (jeq, nr["fcntl"], "fcntl"), (jeq, nr["socket"], "socket"), (ret, allow),
+            *[(jeq, n, "nosys") for n in nr["refused"]], (jeq, nr["flock"], "pretend"),
+            (jeq, nr["clone"], "clone"), (jeq, nr["unshare"], "clone"), (jeq, nr["fcntl"], "fcntl"),
+            (jeq, nr["socket"], "socket"), (ret, allow),
             "clone", (ld, 16), (jset, CLONE_NEWUSER, "perm"), (ret, allow),
             "fcntl", (ld, 24), *[(jeq, cmd, "pretend") for cmd in F_LOCKS], (jeq, F_NOTIFY, "inval"), (ret, allow),
             "socket", (ld, 16), (jeq, AF_UNIX, None, "family"), (ret, allow),
