@@ -605,6 +605,7 @@ fcntl.lockf(f, fcntl.LOCK_SH)  # a POSIX read lock
 fcntl.fcntl(g, fcntl.F_OFD_SETLK, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0))  # struct flock
 e = os.eventfd(0)
 fcntl.flock(e, fcntl.LOCK_EX)  # every eventfd on the host has the same inode
+print('holding', flush=True)
 time.sleep(1.2)
 """
 LOCK_PROBE = """
@@ -630,12 +631,13 @@ def test_file_locks_carry_no_signal_between_concurrent_executions(sb):
     if not sb.isolation["seccomp"] or os.uname().machine not in ("x86_64", "aarch64"):
         pytest.skip("no seccomp filter here")
     pid = sb.server_pid
-    with subprocess.Popen([sys.executable, "-c", LOCK_HOLDER]) as holder:  # the reference: plain processes
-        ref = _reference(LOCK_PROBE)
+    with subprocess.Popen([sys.executable, "-c", LOCK_HOLDER], stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout.readline() == "holding\n"
+        ref = _reference(LOCK_PROBE)  # the reference: plain processes see each other's locks
         holder.wait()
     assert ref.stdout == "True True True\n", ref
     held, probe = sb.run_many([LOCK_HOLDER, LOCK_PROBE])
-    assert held.ok and (probe.status, probe.stdout) == ("ok", "False False False\n"), (held, probe)
+    assert (held.stdout, probe.status, probe.stdout) == ("holding\n", "ok", "False False False\n"), (held, probe)
     _host_ok(sb, pid)
 
 
@@ -684,7 +686,7 @@ SEND_37 = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\
            "        s.sendto(b'x', ('10.1.2.3', 9))\n    except OSError:\n        pass")
 
 
-def test_only_unix_sockets_so_the_slots_network_counters_stay_still(sb):
+def test_only_unix_sockets_so_no_network_counter_outlives_an_execution(sb):
     """An unroutable datagram counts in the slot's network namespace (OutNoRoutes), which outlives the
     execution; netlink's port numbers come from a host-wide counter. Sockets other than AF_UNIX are refused."""
     if not sb.isolation["net_ns"] or not sb.isolation["seccomp"]:
