@@ -3,7 +3,7 @@
     server ─fork─> zygote: forked before the server reads any request; forks every slot init
                    └─fork─> slot init: root, pid 1 of the slot's PID, network (no interface up) and mount
                             namespaces (its own /proc); reads no request or output; as a request arrives,
-                            mounts new capped tmpfs on /tmp and /dev/shm
+                            mounts new capped tmpfs on /tmp and /dev/shm (detached after the report)
                             └─fork─> user (one per request): reads its request, gets an IPC namespace,
                                      rlimits, the slot's uid, fds 0-2 only, and runs the code (`run_code`)
                    then the init kills (kill(-1) from pid 1) and reaps all else in its namespace, restarts
@@ -31,8 +31,8 @@ from contextlib import suppress
 from typing import NoReturn
 
 from minir1ci.env.sandbox.isolation import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, MS_NODEV,
-                                            MS_NOEXEC, MS_NOSUID, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, fork,
-                                            fresh_tmpfs, libc, prctl, restart_pid_counter)
+                                            MS_NOEXEC, MS_NOSUID, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG,
+                                            drop_tmpfs, fork, fresh_tmpfs, libc, prctl, restart_pid_counter)
 from minir1ci.env.sandbox.protocol import STATUS, read_frame
 
 CTRL_IN, CTRL_OUT = 3, 4  # the server's request and result fds
@@ -98,7 +98,8 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
             if iso["pid_ns"]:  # a /proc of this namespace, showing the slot uid none of root's processes:
                 # not this init, whose fault and CPU counts sum every execution it reaped (hidepid=invisible)
                 libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
-            fresh_tmpfs(opts, remount=False)
+            fresh_tmpfs(opts)  # a check only: each execution gets its own, mounted as its request arrives
+            drop_tmpfs()
     except OSError:  # every request then fails with the reason (a respawn would fail the same way)
         failed = f"sandbox set-up failed:\n{traceback.format_exc()}"
     if not iso["pid_ns"]:
@@ -107,10 +108,7 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
     poll.register(REQ_FD, select.POLLIN)
     while all(events & select.POLLIN for _, events in poll.poll()):  # a request waits (not read here)
         if iso["mount_ns"] and not failed:  # mounted now, so nothing in them (times, inode numbers) is older
-            try:
-                fresh_tmpfs(opts, remount=True)
-            except OSError:  # retire the slot: the server reports this run as lost and respawns it
-                os._exit(0)
+            _or_retire(fresh_tmpfs, opts)
         workdir = "/tmp" if iso["mount_ns"] else tempfile.mkdtemp(dir=cfg["scratch"])
         # Forks share one random state (numpy never reseeds): reseed here, so the user process touches
         # none of those pages; an int keeps numpy on its cheap C path. Sessions reseed in the user process.
@@ -138,7 +136,16 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
         if iso["pid_ns"]:  # the next execution's processes are numbered as if the namespace were new
             restart_pid_counter()
         os.write(STATUS_FD, STATUS.pack(status, usage.ru_utime + usage.ru_stime))
+        if iso["mount_ns"] and not failed:  # after the report, off its path; the run's files go now
+            _or_retire(drop_tmpfs)
     os._exit(0)
+
+
+def _or_retire(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:  # retire the slot: the server reports a run it sent as lost, and respawns the slot
+        os._exit(0)
 
 
 def _sweep(keep: set[int]) -> None:

@@ -146,12 +146,9 @@ def interpreter_dirs() -> tuple[str, ...]:
     return tuple(sorted(p for p in real if not any(p.startswith(q + "/") for q in real)))
 
 
-def fresh_tmpfs(opts: str, remount: bool) -> None:
-    """Mount empty tmpfs on /tmp and /dev/shm (detaching used ones), bind-mounting back the interpreter's
-    directories under /tmp (a venv there)."""
-    if remount:
-        libc("umount2", "/tmp", MNT_DETACH)
-        libc("umount2", "/dev/shm", MNT_DETACH)
+def fresh_tmpfs(opts: str) -> None:
+    """Mount empty tmpfs on /tmp and /dev/shm, bind-mounting back the interpreter's directories under /tmp
+    (a venv there)."""
     keep = [p for p in interpreter_dirs() if p.startswith("/tmp/")]
     if keep:  # stage the original /tmp on /dev/shm, which gets its own tmpfs next
         libc("mount", "/tmp", "/dev/shm", None, MS_BIND | MS_REC, None)
@@ -164,6 +161,13 @@ def fresh_tmpfs(opts: str, remount: bool) -> None:
     if keep:
         libc("umount2", "/dev/shm", MNT_DETACH)
     libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+
+
+def drop_tmpfs() -> None:
+    """Detach what fresh_tmpfs mounted; the files go with the last reference. umount waits for an RCU grace
+    period (ms on a busy machine): do it where nobody waits."""
+    libc("umount2", "/tmp", MNT_DETACH)
+    libc("umount2", "/dev/shm", MNT_DETACH)
 
 
 def restart_pid_counter() -> None:
