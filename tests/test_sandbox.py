@@ -606,7 +606,7 @@ fcntl.fcntl(g, fcntl.F_OFD_SETLK, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0
 e = os.eventfd(0)
 fcntl.flock(e, fcntl.LOCK_EX)  # every eventfd on the host has the same inode
 print('holding', flush=True)
-time.sleep(1.2)
+time.sleep({hold})
 """
 LOCK_PROBE = """
 import fcntl, os, struct, time
@@ -631,12 +631,16 @@ def test_file_locks_carry_no_signal_between_concurrent_executions(sb):
     if not sb.isolation["seccomp"] or os.uname().machine not in ("x86_64", "aarch64"):
         pytest.skip("no seccomp filter here")
     pid = sb.server_pid
-    with subprocess.Popen([sys.executable, "-c", LOCK_HOLDER], stdout=subprocess.PIPE, text=True) as holder:
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(hold=60)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
         assert holder.stdout.readline() == "holding\n"
         ref = _reference(LOCK_PROBE)  # the reference: plain processes see each other's locks
-        holder.wait()
+    finally:
+        holder.kill()
+        holder.communicate()
     assert ref.stdout == "True True True\n", ref
-    held, probe = sb.run_many([LOCK_HOLDER, LOCK_PROBE])
+    held, probe = sb.run_many([LOCK_HOLDER.format(hold=1.2), LOCK_PROBE])
     assert (held.stdout, probe.status, probe.stdout) == ("holding\n", "ok", "False False False\n"), (held, probe)
     _host_ok(sb, pid)
 
