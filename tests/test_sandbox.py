@@ -100,6 +100,11 @@ def _reference(code: str) -> subprocess.CompletedProcess:
     "raise SystemExit('')",
     # every descriptor above stderr is closed, as in a fresh interpreter: none leads to the server
     "import os\nprint([fd for fd in range(3, 256) if os.path.exists(f'/proc/self/fd/{fd}')])",
+    # sqlite3 locks its file (fcntl) and, in WAL mode, its shared-memory index: locks hold nothing, yet it works
+    "import sqlite3, tempfile\nwith tempfile.TemporaryDirectory() as d:\n    con = sqlite3.connect(d + '/t.db')\n"
+    "    print(con.execute('pragma journal_mode=wal').fetchone())\n    con.execute('create table t(x)')\n"
+    "    con.executemany('insert into t values (?)', [(i,) for i in range(100)])\n    con.commit()\n"
+    "    print(con.execute('select sum(x) from t').fetchone())\n    con.close()",
 ])
 def test_results_match_a_fresh_interpreter(sb, code):
     ref, r = _reference(code), sb.run(code)
@@ -538,6 +543,182 @@ def test_kernel_attack_surface_calls_are_refused(sb):
     assert ref.returncode == 0 and len(ref.stdout.splitlines()) == 6 and nosys not in ref.stdout, ref
     r = sb.run(SURFACE)
     assert r.ok and [line.split(" ", 1)[1] for line in r.stdout.splitlines()] == [nosys] * 6, r
+
+
+# ---------------------------------------------------------------- state that outlives an execution or spans slots
+# Each case: a value one execution sets and another (the next in its slot, or one running beside it) reads.
+
+GETPID = "import os\nprint(os.getpid())"
+FORK_137 = "import os\nfor _ in range(137):\n    if os.fork() == 0:\n        os._exit(0)\n    os.wait()"
+
+
+def test_the_pid_counter_starts_afresh_in_every_execution(sb):
+    if not sb.isolation["pid_ns"]:
+        pytest.skip("no PID namespace here")
+    pid = sb.server_pid
+    fresh = [r.stdout for r in sb.run_many([GETPID] * 2)]  # one per slot
+    assert all(r.ok for r in sb.run_many([FORK_137] * 2))
+    assert [r.stdout for r in sb.run_many([GETPID] * 2)] == fresh  # not 137 further on
+    _host_ok(sb, pid)
+
+
+def test_executions_cannot_read_the_counters_of_their_slots_init(sb):
+    """The slot's init reaps every execution, so its /proc/PID/stat sums their page faults and CPU time: a
+    count one execution sets and the next reads. Hidden from the slot's uid, as another user's process."""
+    if not sb.isolation["pid_ns"] or not sb.isolation["uid"]:
+        pytest.skip("no PID namespace or uid change here")
+    code = ("import os\nprint(os.getppid())\ntry:\n"
+            "    print(open(f'/proc/{os.getppid()}/stat').read().split(')')[1].split()[8])  # cminflt\n"
+            "except OSError as e:\n    print(type(e).__name__)")
+    assert _reference(code).stdout.splitlines()[1].isdigit()  # the reference: a parent's cminflt, readable
+    r = sb.run(code)
+    assert r.ok and r.stdout.splitlines() == ["1", "FileNotFoundError"], r
+
+
+TMP_STATE = ("import os\nfor d in ('/tmp', '/dev/shm'):\n    st = os.stat(d)\n    open(f'{d}/f', 'w').close()\n"
+             "    print(min(st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns), os.stat(f'{d}/f').st_ino)")
+CHURN = ("import os\nfor d in ('/tmp', '/dev/shm'):\n    for i in range(50):\n"
+         "        open(f'{d}/x{i}', 'w').close()\n        os.unlink(f'{d}/x{i}')")
+
+
+def test_tmp_and_dev_shm_are_new_mounts_in_every_execution(sb):
+    """A run that creates and removes files leaves the inode count as it was, but not the directories'
+    times or the next inode number; the next run in the slot sees mounts made for it."""
+    if not sb.isolation["mount_ns"]:
+        pytest.skip("no mount namespaces: workdirs are fresh directories, not one tmpfs")
+    pid = sb.server_pid
+    inodes = [[line.split()[1] for line in r.stdout.splitlines()] for r in sb.run_many([TMP_STATE] * 2)]
+    assert all(r.ok for r in sb.run_many([CHURN] * 2))
+    time.sleep(0.3)
+    start = time.time_ns() - 50_000_000  # file times come from a coarse clock, a few ms behind
+    for r, fresh in zip(sb.run_many([TMP_STATE] * 2), inodes):
+        times, inos = zip(*(line.split() for line in r.stdout.splitlines()))
+        assert r.ok and list(inos) == fresh and min(map(int, times)) >= start, (r, fresh, start)
+    _host_ok(sb, pid)
+
+
+LOCK_HOLDER = """
+import fcntl, os, struct, time
+f, g = open('/etc/passwd', 'rb'), open('/etc/passwd', 'rb')
+fcntl.flock(f, fcntl.LOCK_EX)
+fcntl.lockf(f, fcntl.LOCK_SH)  # a POSIX read lock
+fcntl.fcntl(g, fcntl.F_OFD_SETLK, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0))  # struct flock
+e = os.eventfd(0)
+fcntl.flock(e, fcntl.LOCK_EX)  # every eventfd on the host has the same inode
+print('holding', flush=True)
+time.sleep({hold})
+"""
+LOCK_PROBE = """
+import fcntl, os, struct, time
+time.sleep(0.4)
+def blocked(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+f = open('/etc/passwd', 'rb')
+query = struct.pack('hhqqi', fcntl.F_WRLCK, 0, 0, 0, 0)  # F_GETLK: the type of a conflicting lock
+print(blocked(f), struct.unpack('hhqqi', fcntl.fcntl(f, fcntl.F_GETLK, query))[0] != fcntl.F_UNLCK,
+      blocked(os.eventfd(0)))
+"""
+
+
+def test_file_locks_carry_no_signal_between_concurrent_executions(sb):
+    """Locks on a file both can open (a system file, or the one inode all eventfds share) are one bit each
+    between slots, and reach the host's processes. Lock calls succeed and hold nothing (sqlite3 still works:
+    see the fresh-interpreter cases)."""
+    if not sb.isolation["seccomp"] or os.uname().machine not in ("x86_64", "aarch64"):
+        pytest.skip("no seccomp filter here")
+    pid = sb.server_pid
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(hold=60)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        ref = _reference(LOCK_PROBE)  # the reference: plain processes see each other's locks
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert ref.stdout == "True True True\n", ref
+    held, probe = sb.run_many([LOCK_HOLDER.format(hold=1.2), LOCK_PROBE])
+    assert (held.stdout, probe.status, probe.stdout) == ("holding\n", "ok", "False False False\n"), (held, probe)
+    _host_ok(sb, pid)
+
+
+NOTIFY = """
+import ctypes, fcntl, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+INOTIFY_INIT1, FANOTIFY_INIT = {'x86_64': (294, 300), 'aarch64': (26, 262)}[platform.machine()]
+for ret in (libc.syscall(INOTIFY_INIT1, 0), libc.syscall(FANOTIFY_INIT, 0x200, 0)):  # FAN_REPORT_FID
+    print('ok' if ret >= 0 else os.strerror(ctypes.get_errno()))
+try:
+    fcntl.fcntl(os.open('/usr', os.O_RDONLY), fcntl.F_NOTIFY, fcntl.DN_ACCESS)
+    print('ok')
+except OSError as e:
+    print(e.strerror)
+"""
+
+
+def test_notify_watches_are_refused(sb):
+    """inotify, fanotify and dnotify report reads of files every slot and the host share (/dev/null, the
+    system's files): a signal between executions. Refused, as by a kernel built without them."""
+    if not sb.isolation["seccomp"] or os.uname().machine not in ("x86_64", "aarch64"):
+        pytest.skip("no seccomp filter here")
+    assert _reference(NOTIFY).stdout.split() == ["ok"] * 3  # the reference: all three work on the host
+    r = sb.run(NOTIFY)
+    assert r.ok and r.stdout.splitlines() == [os.strerror(38)] * 2 + [os.strerror(22)], r  # ENOSYS, EINVAL
+
+
+def test_ptys_of_one_execution_do_not_show_in_another(sb):
+    """The host's devpts numbers the ptys of every process on the host: executions get none."""
+    if not sb.isolation["hidden_files"]:
+        pytest.skip("no private mounts here")
+    pid = sb.server_pid
+    opener = ("import os, time\ntry:\n    fds = [os.open('/dev/ptmx', os.O_RDWR) for _ in range(5)]\n"
+              "    print('opened')\nexcept OSError as e:\n    print(e.strerror)\ntime.sleep(0.8)")
+    assert _reference(opener).stdout == "opened\n"
+    opened, listed = sb.run_many([opener, "import os, time\ntime.sleep(0.4)\nprint(os.listdir('/dev/pts'))"])
+    assert (opened.stdout, listed.stdout) == (os.strerror(19) + "\n", "[]\n"), (opened, listed)  # ENODEV
+    _host_ok(sb, pid)
+
+
+SNMP = "print(open('/proc/net/snmp').read().splitlines()[1])"  # the IP counters of this network namespace
+FAMILIES = ("import socket\nfor family in ('AF_UNIX', 'AF_INET', 'AF_INET6', 'AF_NETLINK'):\n    try:\n"
+            "        socket.socket(getattr(socket, family), socket.SOCK_DGRAM).close()\n        print('ok')\n"
+            "    except OSError as e:\n        print(e.strerror)")
+SEND_37 = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range(37):\n    try:\n"
+           "        s.sendto(b'x', ('10.1.2.3', 9))\n    except OSError:\n        pass")
+
+
+def test_only_unix_sockets_so_no_network_counter_outlives_an_execution(sb):
+    """An unroutable datagram counts in the slot's network namespace (OutNoRoutes), which outlives the
+    execution; netlink's port numbers come from a host-wide counter. Sockets other than AF_UNIX are refused."""
+    if not sb.isolation["net_ns"] or not sb.isolation["seccomp"]:
+        pytest.skip("no network namespace or seccomp filter here")
+    pid = sb.server_pid
+    assert _reference(FAMILIES).stdout.split() == ["ok"] * 4
+    r = sb.run(FAMILIES)
+    assert r.ok and r.stdout.splitlines() == ["ok"] + [os.strerror(97)] * 3, r  # EAFNOSUPPORT
+    before = [r.stdout for r in sb.run_many([SNMP] * 2)]
+    sb.run_many([SEND_37] * 2)
+    assert [r.stdout for r in sb.run_many([SNMP] * 2)] == before
+    _host_ok(sb, pid)
+
+
+def test_a_self_sent_sigxcpu_is_that_signal_not_a_timeout(sb):
+    pid = sb.server_pid
+    code = "import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)"
+    r = sb.run(code)
+    assert r.status == f"signal:{signal.SIGXCPU}" == f"signal:{-_reference(code).returncode}", r
+    _host_ok(sb, pid)
+
+
+def test_a_death_by_sigxcpu_or_sigkill_is_a_timeout_only_past_the_cpu_limit():
+    from minir1ci.env.sandbox.client import _result
+    msg = {"out": ("", "", 0), "err": ("", "", 0), "flooded": False, "timed_out": False, "duration": 1.0}
+    for sig in (signal.SIGXCPU, signal.SIGKILL):  # the soft limit's signal, the hard limit's
+        assert _result({**msg, "wait_status": sig, "cpu": [3.0, 3]}, Limits()).status == "timeout"
+        assert _result({**msg, "wait_status": sig, "cpu": [0.01, 3]}, Limits()).status == f"signal:{sig}"
 
 
 def test_sandboxes_on_one_host_get_disjoint_uids_by_default():

@@ -2,11 +2,12 @@
 
     server ─fork─> zygote: forked before the server reads any request; forks every slot init
                    └─fork─> slot init: root, pid 1 of the slot's PID, network (no interface up) and mount
-                            namespaces (/proc, capped tmpfs on /tmp and /dev/shm); reads no request or output
+                            namespaces (its own /proc); reads no request or output; as a request arrives,
+                            mounts new capped tmpfs on /tmp and /dev/shm (detached after the report)
                             └─fork─> user (one per request): reads its request, gets an IPC namespace,
                                      rlimits, the slot's uid, fds 0-2 only, and runs the code (`run_code`)
-                   then the init kills (kill(-1) from pid 1) and reaps all else in its namespace, mounts
-                   fresh tmpfs if the run left a file (it counts inodes, never reads names), and reports.
+                   then the init kills (kill(-1) from pid 1) and reaps all else in its namespace, restarts
+                   its pid counter, and reports the wait status and CPU time.
 
 So every execution forks from processes that never held another execution's data. Without PID
 namespaces, inits and zygote are child subreapers that kill the process group, then every orphan.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import builtins
 import linecache
-import math
 import os
 import resource
 import select
@@ -30,10 +30,10 @@ import types
 from contextlib import suppress
 from typing import NoReturn
 
-from minir1ci.env.sandbox.client import read_frame
 from minir1ci.env.sandbox.isolation import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, MS_NODEV,
-                                            MS_NOEXEC, MS_NOSUID, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, fork,
-                                            fresh_tmpfs, libc, prctl, tmpfs_inodes)
+                                            MS_NOEXEC, MS_NOSUID, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG,
+                                            drop_tmpfs, fork, fresh_tmpfs, libc, prctl, restart_pid_counter)
+from minir1ci.env.sandbox.protocol import STATUS, read_frame
 
 CTRL_IN, CTRL_OUT = 3, 4  # the server's request and result fds
 REQ_FD, STATUS_FD = 3, 4  # in a slot init (0-2 are stdin, stdout, stderr)
@@ -88,16 +88,18 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
     # execution; set here, as root, so code cannot lower it, and once (a write costs ~0.3 ms).
     with suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
-    failed, clean = None, (0, 0)
+    failed = None
     opts = f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=1777"
     try:
         if iso["net_ns"]:  # abstract unix sockets and the like reach no other slot
             libc("unshare", CLONE_NEWNET)
         if iso["mount_ns"]:
             libc("unshare", CLONE_NEWNS)
-            if iso["pid_ns"]:  # a /proc that shows only this namespace
-                libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-            clean = fresh_tmpfs(opts, remount=False)
+            if iso["pid_ns"]:  # a /proc of this namespace, showing the slot uid none of root's processes:
+                # not this init, whose fault and CPU counts sum every execution it reaped (hidepid=invisible)
+                libc("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
+            fresh_tmpfs(opts)  # a check only: each execution gets its own, mounted as its request arrives
+            drop_tmpfs()
     except OSError:  # every request then fails with the reason (a respawn would fail the same way)
         failed = f"sandbox set-up failed:\n{traceback.format_exc()}"
     if not iso["pid_ns"]:
@@ -105,6 +107,8 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
     poll = select.poll()
     poll.register(REQ_FD, select.POLLIN)
     while all(events & select.POLLIN for _, events in poll.poll()):  # a request waits (not read here)
+        if iso["mount_ns"] and not failed:  # mounted now, so nothing in them (times, inode numbers) is older
+            _or_retire(fresh_tmpfs, opts)
         workdir = "/tmp" if iso["mount_ns"] else tempfile.mkdtemp(dir=cfg["scratch"])
         # Forks share one random state (numpy never reseeds): reseed here, so the user process touches
         # none of those pages; an int keeps numpy on its cheap C path. Sessions reseed in the user process.
@@ -115,7 +119,7 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
         pid = fork()
         if pid == 0:
             _user_main(slot, cfg, iso, workdir, failed)
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)  # its CPU time (with its reaped children's): did RLIMIT_CPU kill it?
         if iso["pid_ns"]:
             ignore(os.kill, -1, signal.SIGKILL)  # from pid 1: every other process of the namespace
             with suppress(ChildProcessError):
@@ -124,18 +128,24 @@ def _slot_main(slot: int, fds: tuple[int, ...], cfg: dict, iso: dict) -> None:
         else:
             ignore(os.killpg, pid, signal.SIGKILL)
             _sweep(set())
-        if iso["mount_ns"] and not failed and tmpfs_inodes() != clean:  # every writer is dead
-            try:
-                clean = fresh_tmpfs(opts, remount=True)
-            except OSError:  # retire the slot: the server reports this run as lost and respawns it
-                os._exit(0)
-        elif not iso["mount_ns"]:  # in a child, so that the names of its files never enter our memory
+        if not iso["mount_ns"]:  # in a child, so that the names of its files never enter our memory
             if (cleaner := fork()) == 0:
                 shutil.rmtree(workdir, ignore_errors=True)
                 os._exit(0)
             os.waitpid(cleaner, 0)
-        os.write(STATUS_FD, struct.pack("<i", status))
+        if iso["pid_ns"]:  # the next execution's processes are numbered as if the namespace were new
+            restart_pid_counter()
+        os.write(STATUS_FD, STATUS.pack(status, usage.ru_utime + usage.ru_stime))
+        if iso["mount_ns"] and not failed:  # after the report, off its path; the run's files go now
+            _or_retire(drop_tmpfs)
     os._exit(0)
+
+
+def _or_retire(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:  # retire the slot: the server reports a run it sent as lost, and respawns the slot
+        os._exit(0)
 
 
 def _sweep(keep: set[int]) -> None:
@@ -177,7 +187,7 @@ def _user_main(slot: int, cfg: dict, iso: dict, workdir: str, failed: str | None
             # root (no uid to drop to) gets its own mounts and network too, or its changes would last
             root_only = 0 if iso["uid"] else CLONE_NEWNS | (CLONE_NEWNET if iso["net_ns"] else 0)
             libc("unshare", CLONE_NEWIPC | root_only)
-        lim, cpu = cfg["limits"], math.ceil(req["timeout"] * (1 + len(req["prelude"]))) + 1
+        lim, cpu = cfg["limits"], req["cpu_s"]
         limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_CORE, (0, 0)),
                   (resource.RLIMIT_AS, (lim["memory_bytes"],) * 2),
                   (resource.RLIMIT_FSIZE, (lim["file_bytes"],) * 2),

@@ -12,18 +12,23 @@ per-session seed and one deadline of `timeout` per block.
 
 Threat model (as root on Linux; `Sandbox.isolation` lists the layers the kernel allowed). Per execution:
 processes all killed and reaped before the result, a deadline on the server's clock, RLIMIT_CPU, AS (per
-process), FSIZE and NOFILE, output caps, an IPC namespace, fds 0-2 only, fresh tmpfs on /tmp and /dev/shm,
-first to go when memory runs out (oom_score_adj 1000), forked from processes that never held another
-execution's data. Per slot: uid `uid_base + slot` (no capabilities, no_new_privs, RLIMIT_NPROC), a PID
-namespace and its /proc, a network namespace with no interface up. Per sandbox: a read-only root showing only
-the system's directories and the interpreter's (not the project, its task data and answers, or home
-directories), a minimal environment, a seccomp filter refusing the key syscalls (keyrings outlive processes),
-new user namespaces, bpf, perf events, userfaultfd and io_uring, a uid range no other sandbox on the host
-holds. Not covered (this is not a VM): the host kernel; world-readable files in the system's directories;
-memory beyond one process (a memory cgroup per slot would bound it); shared CPU and timing; "memory" is read
-from stderr, so code can claim it. Without root or namespaces: no uid change, a process-group kill and orphan
-sweep instead of a PID namespace, no network isolation, no hidden files, workdirs in the host's /tmp; off
-x86_64/aarch64, no seccomp filter.
+process), FSIZE and NOFILE, output caps, an IPC namespace, fds 0-2 only, new tmpfs on /tmp and /dev/shm
+(mounted as its request arrives), pids numbered from 2 (the slot's counter restarts), first to go when memory
+runs out (oom_score_adj 1000), forked from processes that never held another execution's data. Per slot: uid
+`uid_base + slot` (no capabilities, no_new_privs, RLIMIT_NPROC), a PID namespace and its /proc (hiding the
+slot's init, whose counters sum its executions), a network namespace with no interface up. Per sandbox: a
+read-only root showing only the system's directories and the interpreter's (not the project, its task data and
+answers, or home directories), no ptys (the host's devpts numbers all of them), a minimal environment, a
+seccomp filter refusing the key syscalls (keyrings outlive processes), new user namespaces, bpf, perf events,
+userfaultfd, io_uring, inotify, fanotify and dnotify (they report reads of shared files) and sockets other
+than AF_UNIX, under which file locks succeed and lock nothing (a lock on a shared inode signals other slots
+and the host), a uid range no other sandbox on the host holds. Not covered (this is not a VM): the host
+kernel, and its host-wide state, through which concurrent executions can still signal each other (CPU, memory
+and timing, the page cache, the load and memory figures in /proc, inode-number counters, futexes on pages of
+shared files); world-readable files in the system's directories; memory beyond one process (a memory cgroup
+per slot would bound it); "memory" is read from stderr, so code can claim it. Without root or namespaces: no
+uid change, a process-group kill and orphan sweep instead of a PID namespace, no network isolation, no hidden
+files, workdirs in the host's /tmp; off x86_64/aarch64, no seccomp filter.
 """
 from __future__ import annotations
 
@@ -34,7 +39,6 @@ import random
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -44,15 +48,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Sequence
 
+from minir1ci.env.sandbox.protocol import USER_ENV, read_frame, write_frame
+
 DEFAULT_PRELOAD = ("math", "itertools", "collections", "re", "json", "fractions", "decimal",
                    "random", "statistics", "functools", "heapq", "string", "numpy", "numpy.random", "sympy")
 MAX_TIMEOUT = 86400.0  # seconds; a session's budget (one timeout per block) may exceed it
 # Listed unused by systemd: above its container range, below its "foreign" range and 2**31 (signed readers).
 UID_RANGE = (0x70000000, 0x7FFE0000)
-# The server's whole environment, which executions inherit: no trainer secrets. BLAS pools of one
-# thread: fork copies only the calling thread, and a pool of one never starts another.
-USER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "HOME": "/tmp",
-            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "server.py")
 
 
@@ -83,7 +85,8 @@ def _check_timeout(timeout) -> float:
 
 @dataclass
 class ExecResult:
-    """`status` "memory": exit code 1 with a MemoryError last in stderr; "timeout": wall clock or RLIMIT_CPU.
+    """`status` "memory": exit code 1 with a MemoryError last in stderr; "timeout": the server's deadline or
+    RLIMIT_CPU reached (a SIGXCPU the code sends itself is "signal:24", as `python -c` shows).
     `truncated`: output was cut around "[... N bytes omitted ...]", or stopped past `stop_output_bytes`."""
     stdout: str
     stderr: str
@@ -294,15 +297,17 @@ def _result(msg: dict, limits: Limits) -> ExecResult:
         truncated |= omitted > 0
     stdout, stderr = texts
     st, code = msg["wait_status"], None
-    if msg["timed_out"]:
+    used, limit = msg["cpu"]  # CPU seconds, RLIMIT_CPU's soft limit: SIGXCPU there, SIGKILL a second later
+    if msg["timed_out"] or st is not None and os.WIFSIGNALED(st) and os.WTERMSIG(st) in (
+            signal.SIGXCPU, signal.SIGKILL) and used >= limit:
         status = "timeout"
     elif msg["flooded"]:
         status = "error"
         stderr += f"\nOutputLimitError: more than {limits.stop_output_bytes} bytes of output; stopped\n"
     elif st is None:  # the slot's init died before reporting
         status, stderr = "error", stderr + "\nsandbox: the execution was lost\n"
-    elif os.WIFSIGNALED(st):  # SIGXCPU: RLIMIT_CPU, the CPU side of the time limit
-        status = "timeout" if os.WTERMSIG(st) == signal.SIGXCPU else f"signal:{os.WTERMSIG(st)}"
+    elif os.WIFSIGNALED(st):  # a SIGXCPU the code sent itself, too: as `python -c` shows it
+        status = f"signal:{os.WTERMSIG(st)}"
     else:
         code = os.WEXITSTATUS(st)
         last = stderr.rstrip("\n").rpartition("\n")[2]  # an uncaught MemoryError (or subclass), as printed
@@ -310,23 +315,3 @@ def _result(msg: dict, limits: Limits) -> ExecResult:
         status = "ok" if code == 0 else "memory" if memory else "error"
     return ExecResult(stdout, stderr, status, msg["duration"], truncated, code)
 
-
-# ---- the protocol between client, server and slots: length-prefixed JSON frames
-def read_frame(fd: int) -> dict | None:
-    """Blocking read of one frame; None at EOF."""
-    buf, need = b"", 4
-    while len(buf) < need:
-        chunk = os.read(fd, need - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-        if len(buf) == 4 == need:
-            buf, need = b"", struct.unpack(">I", buf)[0]
-    return json.loads(buf)
-
-
-def write_frame(fd: int, obj: dict) -> None:
-    data = json.dumps(obj).encode()
-    data = struct.pack(">I", len(data)) + data
-    while data:
-        data = data[os.write(fd, data):]

@@ -19,10 +19,15 @@ PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 # The top-level directories executions see as they are (hide_files covers the rest); the Nix store
 # because its programs and libraries refer to each other there
 SYSTEM_DIRS = ("bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "nix", "proc", "sbin", "sys", "tmp", "usr")
-# seccomp, per machine: the audit arch; the refused calls (add_key, request_key, keyctl, clone3, bpf,
-# perf_event_open, userfaultfd, io_uring_setup, io_uring_enter, io_uring_register); clone and unshare
-SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250, 435, 321, 298, 323, 425, 426, 427), (56, 272)),
-            "aarch64": (0xC00000B7, (217, 218, 219, 435, 280, 241, 282, 425, 426, 427), (220, 97))}
+# seccomp, per machine: the audit arch; the calls refused with ENOSYS (add_key, request_key, keyctl, clone3,
+# bpf, perf_event_open, userfaultfd, io_uring_setup/enter/register, inotify_init(1), fanotify_init); the
+# calls whose arguments it reads
+SYSCALLS = {
+    "x86_64": dict(arch=0xC000003E, refused=(248, 249, 250, 435, 321, 298, 323, 425, 426, 427, 253, 294, 300),
+                   clone=56, unshare=272, flock=73, fcntl=72, socket=41),
+    "aarch64": dict(arch=0xC00000B7, refused=(217, 218, 219, 435, 280, 241, 282, 425, 426, 427, 26, 262),
+                    clone=220, unshare=97, flock=32, fcntl=25, socket=198)}
+F_LOCKS, F_NOTIFY, AF_UNIX = (6, 7, 37, 38), 1026, 1  # F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _str, _int, _ulong = ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
@@ -56,29 +61,48 @@ def fork() -> int:
 
 
 def install_seccomp() -> None:
-    """A seccomp filter, for this process and all it forks. ENOSYS for every syscall of another ABI (i386,
-    x32); for add_key, request_key and keyctl (keyrings outlive processes: a uid's lives as long as the
-    kernel, and the session keyring comes from the client); for bpf, perf_event_open, userfaultfd and
-    io_uring, kernel attack surface no Python program needs (container runtimes refuse them too); and
-    for clone3, whose flags a filter cannot read (libc then falls back to clone). EPERM for clone and
-    unshare with CLONE_NEWUSER: in a user namespace of its own, code holds every capability, and with
-    them the kernel's namespaced attack surface (netfilter, mounts of its own tmpfs beyond any limit
-    here). Needs no_new_privs."""
+    """A seccomp filter, for this process and all it forks (needs no_new_privs). ENOSYS for every syscall of
+    another ABI (i386, x32) and for:
+    - the key calls: keyrings outlive processes (a uid's lives as long as the kernel, the session
+      keyring comes from the client);
+    - bpf, perf_event_open, userfaultfd and io_uring: kernel attack surface no Python program needs;
+    - inotify and fanotify: they report reads of files every slot and the host share (/dev/null, the
+      system's files), a signal between executions; fcntl's dnotify (F_NOTIFY) gets EINVAL, as in a
+      kernel built without it;
+    - clone3, whose flags a filter cannot read (libc then falls back to clone).
+    EPERM for clone and unshare with CLONE_NEWUSER: in a user namespace of its own, code holds every
+    capability, and with them the kernel's namespaced attack surface. EAFNOSUPPORT for sockets other than
+    AF_UNIX (no interface is up anyway): a datagram counts in the slot's network namespace, which outlives
+    the execution, and netlink numbers its sockets from a host-wide counter. flock and fcntl's lock
+    commands return 0 and lock nothing: every lock is on an inode that other slots and the host can lock
+    too (a system file, the one inode all eventfds share), and /proc/locks lists it host-wide. One process
+    per locked file (sqlite3 on a file in /tmp) sees no difference; processes of one execution can no
+    longer exclude each other with locks."""
     if os.uname().machine not in SYSCALLS:
         raise OSError(errno.ENOSYS, f"no syscall table for {os.uname().machine}")
-    arch, refused, (clone, unshare) = SYSCALLS[os.uname().machine]
+    nr = SYSCALLS[os.uname().machine]
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, |JGE|K, |JSET|K; RET|K
-    # (code, k, label jumped to when true, when false); seccomp_data: nr at 0, arch at 4, args[0] at 16
-    # (its low 32 bits: both machines are little-endian)
-    prog = [(ld, 4), (jeq, arch, None, "nosys"), (ld, 0), (jge, 0x40000000, "nosys"),
-            *[(jeq, nr, "nosys") for nr in refused], (jeq, clone, "flags"), (jeq, unshare, "flags"),
-            (ret, 0x7FFF0000), (ld, 16), (jset, CLONE_NEWUSER, "perm"), (ret, 0x7FFF0000),  # ALLOW
-            (ret, 0x00050000 | errno.EPERM), (ret, 0x00050000 | errno.ENOSYS)]  # SECCOMP_RET_ERRNO
-    at = {"flags": len(prog) - 5, "perm": len(prog) - 2, "nosys": len(prog) - 1}
-    insns = []
-    for i, (code, k, *labels) in enumerate(prog):
+    allow, fail = 0x7FFF0000, 0x00050000  # SECCOMP_RET_ALLOW; SECCOMP_RET_ERRNO | errno (0: success, no call)
+    # (code, k, label jumped to when true, when false) or a label; seccomp_data: nr at 0, arch at 4, the low
+    # 32 bits of args[0] at 16 and of args[1] at 24 (both machines are little-endian)
+    prog = [(ld, 4), (jeq, nr["arch"], None, "nosys"), (ld, 0), (jge, 0x40000000, "nosys"),
+            *[(jeq, n, "nosys") for n in nr["refused"]], (jeq, nr["flock"], "pretend"),
+            (jeq, nr["clone"], "clone"), (jeq, nr["unshare"], "clone"), (jeq, nr["fcntl"], "fcntl"),
+            (jeq, nr["socket"], "socket"), (ret, allow),
+            "clone", (ld, 16), (jset, CLONE_NEWUSER, "perm"), (ret, allow),
+            "fcntl", (ld, 24), *[(jeq, cmd, "pretend") for cmd in F_LOCKS], (jeq, F_NOTIFY, "inval"), (ret, allow),
+            "socket", (ld, 16), (jeq, AF_UNIX, None, "family"), (ret, allow),
+            "perm", (ret, fail | errno.EPERM), "nosys", (ret, fail | errno.ENOSYS), "pretend", (ret, fail),
+            "inval", (ret, fail | errno.EINVAL), "family", (ret, fail | errno.EAFNOSUPPORT)]
+    at, insns = {}, []
+    for item in prog:  # a label names the index of the instruction after it
+        if isinstance(item, str):
+            at[item] = len(insns)
+        else:
+            insns.append(item)
+    for i, (code, k, *labels) in enumerate(insns):
         jt, jf = (at[label] - i - 1 if label else 0 for label in (*labels, None, None)[:2])  # from the next
-        insns.append((code, jt, jf, k))
+        insns[i] = (code, jt, jf, k)
     # struct sock_filter {u16 code; u8 jt, jf; u32 k}[]; struct sock_fprog {unsigned short len; filter *}
     buf = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *insn) for insn in insns))
     fprog = ctypes.create_string_buffer(struct.pack("@HP", len(insns), ctypes.addressof(buf)))
@@ -108,7 +132,7 @@ def setup_isolation(cfg: dict) -> dict:
             iso["readonly_root"] = try_call(readonly)
     if try_call(lambda: libc("unshare", CLONE_NEWPID)):
         own = os.open(f"/proc/{os.getpid()}/ns/pid", os.O_RDONLY)
-        iso["pid_ns"] = probe(lambda: os.getpid() == 1 or os._exit(1))
+        iso["pid_ns"] = probe(lambda: (os.getpid() == 1 or os._exit(1), restart_pid_counter()))
         libc("setns", own, CLONE_NEWPID)
         os.close(own)
     return iso
@@ -122,12 +146,9 @@ def interpreter_dirs() -> tuple[str, ...]:
     return tuple(sorted(p for p in real if not any(p.startswith(q + "/") for q in real)))
 
 
-def fresh_tmpfs(opts: str, remount: bool) -> tuple[int, int]:
-    """Mount empty tmpfs on /tmp and /dev/shm (detaching used ones), bind-mounting back the interpreter's
-    directories under /tmp (a venv there); returns the inode counts, which change when a run leaves a file."""
-    if remount:
-        libc("umount2", "/tmp", MNT_DETACH)
-        libc("umount2", "/dev/shm", MNT_DETACH)
+def fresh_tmpfs(opts: str) -> None:
+    """Mount empty tmpfs on /tmp and /dev/shm, bind-mounting back the interpreter's directories under /tmp
+    (a venv there)."""
     keep = [p for p in interpreter_dirs() if p.startswith("/tmp/")]
     if keep:  # stage the original /tmp on /dev/shm, which gets its own tmpfs next
         libc("mount", "/tmp", "/dev/shm", None, MS_BIND | MS_REC, None)
@@ -140,21 +161,35 @@ def fresh_tmpfs(opts: str, remount: bool) -> tuple[int, int]:
     if keep:
         libc("umount2", "/dev/shm", MNT_DETACH)
     libc("mount", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
-    return tmpfs_inodes()
 
 
-def tmpfs_inodes() -> tuple[int, int]:
-    return tuple(st.f_files - st.f_ffree for st in map(os.statvfs, ("/tmp", "/dev/shm")))
+def drop_tmpfs() -> None:
+    """Detach what fresh_tmpfs mounted; the files go with the last reference. umount waits for an RCU grace
+    period (ms on a busy machine): do it where nobody waits."""
+    libc("umount2", "/tmp", MNT_DETACH)
+    libc("umount2", "/dev/shm", MNT_DETACH)
+
+
+def restart_pid_counter() -> None:
+    """Number the next process of this PID namespace 2, as in a new one (once all but its init are reaped)."""
+    fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY)
+    try:
+        os.write(fd, b"1")
+    finally:
+        os.close(fd)
 
 
 def hide_files(keep: tuple[str, ...]) -> bool:
     """Cover with an empty tmpfs every top-level directory outside SYSTEM_DIRS, and each directory closed
     to the slot uids on the way to a `keep` directory (the interpreter's), then bind back exactly the
     `keep` directories: code reads neither the project, its task data and answers, nor home directories.
-    False when a directory could not be covered (it stays as it was)."""
+    /dev/pts too: the host's ptys are numbered in one instance for every process, so executions get none
+    (opening /dev/ptmx fails with ENODEV). False when a directory could not be covered (it stays as it was)."""
     keep = [p for p in keep if not p.startswith("/tmp/")]  # /tmp: fresh_tmpfs binds those
     covers: dict[str, list[str]] = {entry.path: [] for entry in os.scandir("/") if entry.path not in keep
                                     and entry.is_dir(follow_symlinks=False) and entry.name not in SYSTEM_DIRS}
+    if os.path.isdir("/dev/pts"):
+        covers["/dev/pts"] = []
     for path in keep:
         parts = path.split("/")
         ancestors = ("/".join(parts[:i]) for i in range(2, len(parts)))

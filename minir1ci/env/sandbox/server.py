@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import importlib
 import json
+import math
 import os
 import select
 import shutil
@@ -26,8 +27,8 @@ from contextlib import suppress
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 from minir1ci.env.sandbox.child import CTRL_IN, CTRL_OUT, ignore, zygote_main  # noqa: E402
-from minir1ci.env.sandbox.client import USER_ENV, write_frame  # noqa: E402
 from minir1ci.env.sandbox.isolation import PR_SET_DUMPABLE, fork, huge_pages, prctl, setup_isolation  # noqa: E402
+from minir1ci.env.sandbox.protocol import STATUS, USER_ENV, pop_frames, write_frame  # noqa: E402
 
 del sys.path[0]  # executions should not import this checkout by accident
 
@@ -56,7 +57,9 @@ class _Job:
         self.out, self.err = _Capture(keep), _Capture(keep)
         self.start = time.monotonic()
         # one budget for a session's replay and new block: the new one gets about `timeout` at least
-        self.deadline = self.start + req["timeout"] * (1 + len(req["prelude"]))
+        budget = req["timeout"] * (1 + len(req["prelude"]))
+        self.deadline = self.start + budget
+        req["cpu_s"] = math.ceil(budget) + 1  # RLIMIT_CPU's soft limit (hard: one more), set by the execution
         self.timed_out = self.flooded = False
 
 
@@ -109,12 +112,7 @@ class Server:
         if not data:
             return False
         self.inbuf += data
-        while len(self.inbuf) >= 4:
-            (n,) = struct.unpack(">I", self.inbuf[:4])
-            if len(self.inbuf) < 4 + n:
-                break
-            self.queue.append(json.loads(self.inbuf[4:4 + n]))
-            del self.inbuf[:4 + n]
+        self.queue.extend(pop_frames(self.inbuf))
         return True
 
     def _spawn(self, slot: _Slot) -> None:
@@ -158,14 +156,15 @@ class Server:
             data = os.read(slot.fds["status"], 64)
         except BlockingIOError:  # a stale event for a reused fd number (a respawn in this batch)
             return
-        status = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else None
+        status, cpu = STATUS.unpack(data[:STATUS.size]) if len(data) >= STATUS.size else (None, 0.0)
         if (job := slot.job) is not None:
             for kind in ("out", "err"):  # every writer is dead: read what they wrote
                 while self._read_stream(slot, kind):
                     pass
             # raw facts only: the client's `_result` turns them into a status and texts
             write_frame(CTRL_OUT, {"id": job.req["id"], "out": job.out.parts(), "err": job.err.parts(),
-                                   "wait_status": status, "timed_out": job.timed_out, "flooded": job.flooded,
+                                   "wait_status": status, "cpu": [cpu, job.req["cpu_s"]],
+                                   "timed_out": job.timed_out, "flooded": job.flooded,
                                    "duration": time.monotonic() - job.start})
             slot.job = None
         if status is None:  # EOF: the init died (killed at a deadline or for output, or crashed)
