@@ -203,15 +203,17 @@ def tiny(stage: str) -> TrainConfig:
     the best SFT set-up measured: 40% in text, as much of the paper's GPT-4o SFT set is, scored 18
     points lower) -> grpo / ppo (the paper's 4p(1-p) curriculum, success measured from 4 samples of
     100 questions per family; every checkpoint kept, every 5 steps, for the demo's curves).
+    Micro-batches of 8 rows (losses are the same for any split): on a 2-core CPU the SFT step ran 16%
+    and the GRPO step 22% faster than with 32 (smaller working sets; micro-batches of like lengths).
     """
     if stage == "pretrain":
         return TrainConfig(stage="pretrain", lr=1e-3, warmup_steps=20, min_lr_ratio=1.0, steps=500, batch_size=32,
-                           micro_batch_size=32, max_seq_len=256, num_train_examples=16000, save_every=100)
+                           micro_batch_size=8, max_seq_len=256, num_train_examples=16000, save_every=100)
     if stage == "sft":
         return TrainConfig(stage="sft", tasks=TINY_TASKS, lr=2e-3, warmup_steps=20, steps=400, batch_size=32,
-                           micro_batch_size=32, max_seq_len=320, num_train_examples=2000, save_every=100)
+                           micro_batch_size=8, max_seq_len=320, num_train_examples=2000, save_every=100)
     common = dict(tasks=TINY_TASKS, lr=2e-5, warmup_steps=0, steps=30, prompts_per_step=16, n_samples=4, batch_size=64,
-                  micro_batch_size=32, max_new_tokens=160, max_seq_len=320, max_code_calls=2,
+                  micro_batch_size=8, max_new_tokens=160, max_seq_len=320, max_code_calls=2,
                   exec_timeout=5.0, save_every=5, keep_checkpoints=0, kl_coef=0.001, min_lr_ratio=1.0,
                   curriculum=True, curriculum_samples=4, num_train_examples=100)
     # max_new_tokens counts the inserted interpreter output too: sort's code answers run to 150
