@@ -39,6 +39,38 @@ def test_logits_match_hf_unpadded(tied):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_rows_sharing_a_prefix_run_it_once_and_match_hf_logits_and_gradients(gradient_checkpointing):
+    """Rows that begin with the same 24 tokens (a system prompt) and are right-padded: the prefix runs
+    once (Qwen2Model._forward_shared_prefix) and logits and gradients equal HF's plain forward."""
+    import minir1ci.inference.model as model_module
+
+    hf, ours = make_pair(tied=True, seed=2)
+    ours.gradient_checkpointing = gradient_checkpointing
+    ours.train()
+    ids = torch.randint(1, BASE["vocab_size"], (4, 40))
+    ids[:, :24] = ids[0, :24]
+    ids[1, 24] = ids[0, 24]                        # rows 0 and 1 share one token more: still 24 for all
+    ids[2, 31:] = 0                                # right padding
+    assert model_module.shared_prefix(ids) == 24 >= model_module.MIN_SHARED_PREFIX
+    calls = []
+    real = model_module.Qwen2Model._forward_shared_prefix
+    model_module.Qwen2Model._forward_shared_prefix = lambda self, x, P: calls.append(P) or real(self, x, P)
+    try:
+        out = ours(ids)
+    finally:
+        model_module.Qwen2Model._forward_shared_prefix = real
+    ref = hf(input_ids=ids).logits
+    assert calls == [24]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    weight = torch.randn_like(ref)
+    (out * weight).sum().backward()
+    (ref * weight).sum().backward()
+    hf_grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, hf_grads[name].grad, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_logits_match_hf_padded(tied, side):

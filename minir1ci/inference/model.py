@@ -185,20 +185,26 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                kv_cache: tuple[Tensor, Tensor] | None, meta: AttnMeta | None) -> Tensor:
+                kv_cache: tuple[Tensor, Tensor] | None, meta: AttnMeta | None,
+                prefix_kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(output, this call's keys and values); `prefix_kv` [1, nkv, P, hd]: a prefix every row shares,
+        computed once (Qwen2Model), whose keys the rows see before their own."""
         if kv_cache is not None:
-            return self._forward_paged(x, cos, sin, kv_cache, meta)
+            return self._forward_paged(x, cos, sin, kv_cache, meta), None
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]                                        # (B, 1, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kv = (k, v)
+        if prefix_kv is not None:                                                    # (B, nkv, P + T, hd)
+            k, v = (torch.cat([p.expand(B, -1, -1, -1), t], dim=2) for p, t in zip(prefix_kv, kv))
         rep = self.n_heads // self.n_kv
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), kv
 
     def _forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor,
                        kv_cache: tuple[Tensor, Tensor], meta: AttnMeta) -> Tensor:
@@ -268,9 +274,11 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen2MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, meta=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, meta=None, prefix_kv=None):
+        """(hidden, the attention's keys and values): see Qwen2Attention."""
+        y, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, meta, prefix_kv)
+        x = x + y
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Qwen2Model(nn.Module):
@@ -287,6 +295,10 @@ class Qwen2Model(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 kv_caches: list[tuple[Tensor, Tensor]] | None = None, attn_meta: AttnMeta | None = None) -> Tensor:
+        if kv_caches is None and attention_mask is None and position_ids is None:
+            prefix = shared_prefix(input_ids)
+            if prefix >= MIN_SHARED_PREFIX:
+                return self._forward_shared_prefix(input_ids, prefix)
         x = self.embed_tokens(input_ids)
         mask = None
         if kv_caches is None:
@@ -301,12 +313,39 @@ class Qwen2Model(nn.Module):
             raise ValueError("sampling with a KV cache needs position_ids and attn_meta")
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            cache = kv_caches[i] if kv_caches is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, attn_meta, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, attn_meta)
+            x, _ = self._layer(layer, x, cos, sin, mask, kv_caches[i] if kv_caches is not None else None, attn_meta)
         return self.norm(x)
+
+    def _layer(self, layer, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def _forward_shared_prefix(self, input_ids: Tensor, P: int) -> Tensor:
+        """The training forward when every row begins with the same P tokens (a system prompt in SFT,
+        a question's group in GRPO): the prefix runs once, as one row, and the rest of each row attends
+        to its keys and values, then to its own. Exact: a causal position depends only on the tokens up
+        to it. Rows are right-padded (no attention mask), so a padding position sees only real tokens."""
+        B, T = input_ids.shape
+        xp, x = self.embed_tokens(input_ids[:1, :P]), self.embed_tokens(input_ids[:, P:])    # (1, P, H), (B, T-P, H)
+        cos, sin = self.rotary_emb(torch.arange(T, device=input_ids.device)[None], x.dtype)   # (1, T, hd)
+        mask = torch.ones(T - P, T, dtype=torch.bool, device=x.device).tril(P)              # every prefix key, then causal
+        for layer in self.layers:
+            xp, kv = self._layer(layer, xp, cos[:, :P], sin[:, :P])
+            x, _ = self._layer(layer, x, cos[:, P:], sin[:, P:], mask, None, None, kv)
+        return self.norm(torch.cat([xp.expand(B, -1, -1), x], dim=1))
+
+
+MIN_SHARED_PREFIX = 16   # shorter shared prefixes save less than the second pass per layer costs
+
+
+def shared_prefix(input_ids: Tensor) -> int:
+    """How many leading tokens every row of input_ids [B, T] shares, leaving at least one of each row's
+    own (0 for a single row). Padding in it is fine: causal positions see nothing after them."""
+    if input_ids.dim() != 2 or input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0)                                     # [T]
+    return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
 
 
 def padded_causal_mask(attention_mask: Tensor) -> Tensor:

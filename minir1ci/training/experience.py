@@ -50,21 +50,22 @@ class RLBatch:
         return RLBatch(**{f.name: None if (x := getattr(self, f.name)) is None else
                           (x[idx, :T] if x.dim() == 2 else x[idx]).to(device) for f in fields(self)})
 
-    def by_length(self, rows: list[int], micro: int) -> list[list[int]]:
-        """`rows` in micro-batches of `micro`, longest first: each is cut to its own longest row, so a
-        short row rarely pays for a long one. Losses divide by the whole step's denominator
-        (losses.py), so the grouping changes no loss."""
-        lengths = self.attn.sum(dim=1)
-        rows = sorted(rows, key=lambda i: -int(lengths[i]))
+    def micro_batches(self, rows: list[int], micro: int) -> list[list[int]]:
+        """`rows` in micro-batches of `micro`: a question's samples together, as they share its prompt
+        (which the model then runs once per micro-batch: `model.shared_prefix`), longest first; each
+        is cut to its own longest row. Losses divide by the whole step's denominator (losses.py), so
+        the grouping changes no loss."""
+        lengths, prompt_lens = self.attn.sum(dim=1), (self.mask.cumsum(dim=1) == 0).sum(dim=1)
+        rows = sorted(rows, key=lambda i: (self.ids[i, :prompt_lens[i]].tolist(), -int(lengths[i])))
         return [rows[i:i + micro] for i in range(0, len(rows), micro)]
 
 
 @torch.no_grad()
 def no_grad_pass(fn, batch: RLBatch, micro: int, device, amp) -> torch.Tensor:
-    """fn(micro-batch on `device`) -> [b, t] for micro-batches of `batch` (by length), as one [B, T]
+    """fn(micro-batch on `device`) -> [b, t] for the micro-batches of `batch`, as one [B, T]
     fp32 tensor on the CPU (pi_old, the KL reference's log-probs, the critic's values)."""
     out = torch.zeros(batch.ids.shape)
-    for idx in batch.by_length(list(range(len(batch))), micro):
+    for idx in batch.micro_batches(list(range(len(batch))), micro):
         x = batch.rows(idx, device)
         with amp:
             out[idx, :x.ids.shape[1]] = fn(x).float().cpu()

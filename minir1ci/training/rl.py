@@ -107,7 +107,7 @@ def update(model, critic, opts: dict, batch: RLBatch, cfg, device, amp, step: in
         denom = dist.all_reduce_sum(step_denominator(mb.mask, cfg.loss_agg, cfg.max_new_tokens))
         vdenom = dist.all_reduce_sum(step_denominator(mb.mask, "token-mean"))
         kept = mb.mask.clone()   # the mask after sequence masking in this pass (pi_old from it)
-        for idx in mb.by_length(list(range(len(mb))), cfg.micro_batch_size):
+        for idx in mb.micro_batches(list(range(len(mb))), cfg.micro_batch_size):
             x = mb.rows(idx, device)
             share = len(x) / len(batch)
             if critic is not None:
