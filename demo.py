@@ -2,23 +2,24 @@
 
 0. pretraining of the tiny preset from scratch on the synthetic copy corpus (the stand-in for the
    pretrained checkpoint the paper starts from: the model learns to copy text, nothing of the tasks);
-1. SFT from it on the built-in tasks' oracle trajectories, every answer with code (`sft-code`: the
-   best SFT set-up measured, so the start of RL, as in the paper);
-2. the same SFT budget, from the same start, on text-only answers (`sft-text`, the text baseline);
-3. GRPO and 4. PPO from `sft-code`, with the paper's 4p(1-p) curriculum (tiny preset);
-5. evaluation of all four on held-out questions (the built-in families' test split), with the
-   interpreter for the code models and without it for the text model; and for the RL curves, every
-   kept RL checkpoint evaluated greedily on a fixed subset of them.
+1. SFT from it, as the paper's: a teacher that answers 40% of the questions in text and the rest with
+   code (`sft-teacher`, the RL start; the paper's GPT-4o trajectories mix both); with the same budget,
+   every answer in text (`sft-text`, the text baseline) and every answer with code (`sft-oracle`: the
+   best policy there is for these families, a reference no real teacher gives);
+2. GRPO and PPO from `sft-teacher`, with the paper's 4p(1-p) curriculum (tiny preset);
+3. evaluation of all five on held-out questions (the built-in families' test split), with the
+   interpreter for the code models and without it for the text model: accuracy and code use per
+   family, how often a trajectory calls code a second time and what for; and for the RL curves,
+   every kept RL checkpoint evaluated greedily on a fixed subset of them.
 
-Prints the table (accuracy per task family, code-use rate, mean code calls), writes
-`<out>/results.json`, PNG plots to docs/, and rewrites the README's results section.
-`--ablations` then trains only the RL runs that differ from the demo's GRPO (interpreter output
-unmasked, curriculum off, cold start from the pretrain checkpoint, bf16 rollouts with and without
-TIS), reuses the demo's GRPO and PPO runs, and writes `<out>/ablations.json` and the README table.
-Every stage is an ordinary `train.py` run, so each can be rerun or inspected on its own.
-Seeds are fixed. Evaluation samples at temperature 0.6, the paper's evaluation setting, 3 seeded
-samples per question; the greedy average is reported beside it. `evaluate.py --seed 1 --limit 100
---n 3 --temperature 0.6 --max_new_tokens 160 --max_code_calls 2` gives the same numbers.
+Prints the table and each stage's time, writes `<out>/results.json`, PNG plots to docs/, and
+rewrites the README's results section. `--ablations` then trains the RL runs that change one thing
+against the demo's GRPO, each with two seeds (the demo's GRPO and PPO are seed 0), and writes
+`<out>/ablations.json` and the README table. Every stage is an ordinary `train.py` run, so each can
+be rerun or inspected on its own. Seeds are fixed. Evaluation samples at temperature 0.6, the paper's
+evaluation setting, 3 seeded samples per question; the greedy average is reported beside it.
+`evaluate.py --seed 1 --limit 100 --n 3 --temperature 0.6 --max_new_tokens 160 --max_code_calls 2
+--dtype float32` gives the same numbers.
 
     python demo.py [--out runs/demo] [--eval_limit 100] [--ablations] [--no-readme]
 
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent
 PRETRAIN_STEPS = 500
 SFT_STEPS = 400
 RL_STEPS = 30
+TEACHER_TEXT_SHARE = 0.4   # the share of questions the SFT teacher answers in text (see the README)
 FAMILIES = ["mul", "add", "letters", "sort", "base", "date"]
 EVAL_TEMPERATURE = 0.6
 EVAL_SAMPLES = 3
@@ -56,21 +58,35 @@ def latest(run: Path) -> Path:
     return run / (run / "latest").read_text().strip()
 
 
+def second_calls(trajs) -> dict:
+    """How often a trajectory calls code a second time, and what for: after an error (a fix), the same
+    program again, or another program after one that ran (a check, or the next part of the work)."""
+    kinds = {"fix": 0, "same": 0, "other": 0}
+    for t in trajs:
+        if t.num_code_calls >= 2:
+            first, second = t.code_blocks[:2]
+            kind = "fix" if first["status"] != "ok" else "same" if first["code"] == second["code"] else "other"
+            kinds[kind] += 1
+    return {"share": sum(kinds.values()) / max(len(trajs), 1), **kinds}
+
+
 def evaluate(ckpt: Path, use_code: bool, limit: int, greedy_only: bool = False) -> dict:
-    """{"sampled": summary at EVAL_TEMPERATURE, EVAL_SAMPLES per question; "greedy": summary}
-    on the first `limit` test questions per family of seed EVAL_SEED. Kept in the checkpoint
-    directory, so a rerun (or the ablations) reads it instead of evaluating again."""
+    """{"sampled": summary at EVAL_TEMPERATURE, EVAL_SAMPLES per question, with "second_calls";
+    "greedy": summary} on the first `limit` test questions per family of seed EVAL_SEED, in fp32
+    (what evaluate.py --dtype float32 does). Kept in the checkpoint directory, so a rerun (or the
+    ablations) reads it instead of evaluating again."""
     cache = ckpt / f"demo-eval-{limit}{'-greedy' if greedy_only else ''}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    from minir1ci.inference.checkpoint import load_pretrained
+    import torch
     from minir1ci.config import TINY_TASKS
     from minir1ci.env.evaluation import evaluate_examples
     from minir1ci.env.interpreter import RolloutParams
     from minir1ci.env.sandbox import Sandbox
     from minir1ci.env.tasks import load_tasks
+    from minir1ci.inference.checkpoint import load_pretrained
 
-    model, tok = load_pretrained(ckpt)
+    model, tok = load_pretrained(ckpt, dtype=torch.float32)
     examples = load_tasks(TINY_TASKS, split="test", limit=limit, seed=EVAL_SEED)
     settings = (("greedy", 0.0, 1),) if greedy_only else (("sampled", EVAL_TEMPERATURE, EVAL_SAMPLES),
                                                           ("greedy", 0.0, 1))
@@ -79,7 +95,8 @@ def evaluate(ckpt: Path, use_code: bool, limit: int, greedy_only: bool = False) 
         for key, temperature, n in settings:
             params = RolloutParams(temperature=temperature, max_new_tokens=160, max_code_calls=2, use_code=use_code,
                                    seed=EVAL_SEED)
-            out[key], _ = evaluate_examples(model.eval(), tok, sb, examples, n, params)
+            out[key], trajs = evaluate_examples(model.eval(), tok, sb, examples, n, params)
+            out[key]["second_calls"] = second_calls(trajs)
     cache.write_text(json.dumps(out))
     return out
 
@@ -104,28 +121,29 @@ def plot(runs: dict, curve: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, run in runs.items():
         rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        ax.plot([r["step"] + 1 for r in rows], [r["reward"] for r in rows], label=name, marker=".")
+        ax.plot([r["step"] + 1 for r in rows], [r["reward"] for r in rows], label=f"{name} reward", marker=".")
+        ax.plot([r["step"] + 1 for r in rows], [r["code_use"] for r in rows], "--", label=f"{name} code use")
     ax.set_xlabel("RL step")
-    ax.set_ylabel("training reward")
-    ax.set_title("reward of sampled trajectories during RL (T=1.0)")
+    ax.set_title("sampled trajectories during RL (T=1.0)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     paths = [out / "rl_reward.png"]
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(curve), figsize=(6 * len(curve), 4), sharey=True, squeeze=False)
-    for ax, (name, points) in zip(axes[0], curve.items()):
+    fig, axes = plt.subplots(2, len(curve), figsize=(6 * len(curve), 7), sharex=True, sharey="row", squeeze=False)
+    for col, (name, points) in enumerate(curve.items()):
         steps = [s for s, _ in points]
-        for fam in FAMILIES:
-            ax.plot(steps, [100 * m["tasks"][f"builtin:{fam}"]["accuracy"] for _, m in points], marker=".", label=fam)
-        ax.plot(steps, [100 * m["average"]["accuracy"] for _, m in points], "k-", lw=2, label="average")
-        ax.plot(steps, [100 * m["average"]["code_use"] for _, m in points], "k--", label="code-use rate")
-        ax.set_xlabel("RL step")
-        ax.set_title(f"{name}: held-out accuracy per family (greedy, {CURVE_LIMIT} per family)", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("%")
+        for row, (key, label) in enumerate((("accuracy", "held-out accuracy"), ("code_use", "code use"))):
+            ax = axes[row][col]
+            for fam in FAMILIES:
+                ax.plot(steps, [100 * m["tasks"][f"builtin:{fam}"][key] for _, m in points], marker=".", label=fam)
+            ax.plot(steps, [100 * m["average"][key] for _, m in points], "k-", lw=2, label="average")
+            ax.set_title(f"{name}: {label} per family (greedy, {CURVE_LIMIT} per family)", fontsize=9)
+            ax.grid(alpha=0.3)
+            axes[row][0].set_ylabel("%")
+        axes[1][col].set_xlabel("RL step")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     paths.append(out / "rl_heldout.png")
@@ -135,19 +153,22 @@ def plot(runs: dict, curve: dict, out: Path) -> list[Path]:
 
 
 def table(results: dict) -> str:
+    """Accuracy / code use (%) per family and model, then the averages."""
     names = list(results)
-    head = "| family | " + " | ".join(names) + " |"
-    lines = [head, "|" + "---|" * (len(names) + 1)]
+    lines = ["| family | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     sampled = {n: results[n]["sampled"] for n in names}
     for fam in FAMILIES:
-        task = f"builtin:{fam}"
-        lines.append(f"| {fam} | " + " | ".join(f"{100 * sampled[n]['tasks'][task]['accuracy']:.1f}" for n in names) + " |")
-    rows = (("**average accuracy**", sampled, "accuracy", 100),
-            ("average accuracy, greedy", {n: results[n]["greedy"] for n in names}, "accuracy", 100),
-            ("code-use rate", sampled, "code_use", 100), ("mean code calls", sampled, "code_calls", 1))
-    for label, summaries, key, scale in rows:
-        fmt = "{:.1f}" if scale == 100 else "{:.2f}"
-        lines.append(f"| {label} | " + " | ".join(fmt.format(scale * summaries[n]["average"][key]) for n in names) + " |")
+        cells = [sampled[n]["tasks"][f"builtin:{fam}"] for n in names]
+        lines.append(f"| {fam} | " + " | ".join(f"{100 * c['accuracy']:.1f} / {100 * c['code_use']:.0f}" for c in cells)
+                     + " |")
+    rows = (("**average accuracy** / code use", lambda n: f"**{100 * sampled[n]['average']['accuracy']:.1f}** / "
+                                                          f"{100 * sampled[n]['average']['code_use']:.0f}"),
+            ("average accuracy, greedy", lambda n: f"{100 * results[n]['greedy']['average']['accuracy']:.1f}"),
+            ("mean code calls", lambda n: f"{sampled[n]['average']['code_calls']:.2f}"),
+            ("second code call: share of trajectories", lambda n: f"{100 * sampled[n]['second_calls']['share']:.1f}"),
+            ("second call after an error / same program / another program",
+             lambda n: "{fix} / {same} / {other}".format(**sampled[n]["second_calls"])))
+    lines += [f"| {label} | " + " | ".join(cell(n) for n in names) + " |" for label, cell in rows]
     return "\n".join(lines)
 
 
@@ -168,86 +189,119 @@ def fmt_times(times: dict) -> str:
     return ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
 
 
-def load_note() -> str:
-    """The machine's load average (other jobs share the 2 cores and slow every stage)."""
+def host_note() -> str:
+    """The machine: its CPU's matrix units as torch sees them, and the load average (other jobs share
+    the 2 cores and slow every stage)."""
+    import torch
+    caps = torch.cpu.get_capabilities()
+    units = [k for k in ("amx_bf16", "avx512_bf16", "avx512_f", "avx2") if caps.get(k)]
     try:
-        return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
-        return "load average unknown"
+        load = "unknown"
+    return f"CPU {caps.get('cpu_name', '?')} ({', '.join(units) or 'no vector units listed'}), load average {load}"
 
 
-# The ablations: (row, run dir under --out or None for a demo run, train.py arguments, the paper's finding).
-PAPER_ABLATIONS = {
-    "mask": "masking the interpreter output helps (R1-CI v1: training on it lowers accuracy and stability)",
-    "curriculum": "the curriculum matters: GRPO 66.5 without, 72.4 with (v2, 14B; SFT 63.1)",
-    "cold": "warm start (SFT, then RL) beats RL from the base model (v1)",
-    "ppo": "GRPO beats PPO (v1)",
-    "tis": "not in the paper (sampler/trainer mismatch correction, veRL and others)",
-}
+# The ablations: (key, row, how it differs from the demo's GRPO, the paper's finding). Every row runs
+# seeds 0 and 1 from the teacher SFT unless its change says otherwise; the demo's GRPO and PPO runs
+# are seed 0 of their rows.
+ABLATIONS = [
+    ("grpo", "GRPO (demo: masked, curriculum, teacher SFT start, fp32 rollouts)", [], ""),
+    ("unmasked", "interpreter output unmasked (`--mask_tool_output=false`)", ["--mask_tool_output=false"],
+     "masking the interpreter output helps (R1-CI v1: training on it lowers accuracy and stability)"),
+    ("no-curriculum", "curriculum off (`--curriculum=false`)", ["--curriculum=false"],
+     "the curriculum matters: GRPO 66.5 without, 72.4 with (v2, 14B; SFT 63.1)"),
+    ("curriculum-20", "curriculum from 20 samples per question, all four stages filled", ["--curriculum_samples=20"],
+     "the paper measures p from 20 samples"),
+    ("cold", "cold start: RL from the pretrain checkpoint", ["start:pretrain"],
+     "warm start (SFT, then RL) beats RL from the base model (v1)"),
+    ("ppo", "PPO instead of GRPO", ["--stage=ppo"], "GRPO beats PPO (v1)"),
+    ("bf16-tis", "bf16 rollouts, TIS on (cap 2)", ["--rollout_dtype=bfloat16"],
+     "not in the paper (sampler/trainer mismatch correction: veRL and others)"),
+    ("bf16-notis", "bf16 rollouts, TIS off (`--tis_cap=0`)", ["--rollout_dtype=bfloat16", "--tis_cap=0"],
+     "not in the paper (as above)"),
+    ("dynamic", "dynamic sampling (`--dynamic_sampling`, DAPO)", ["--dynamic_sampling"],
+     "not in the paper (DAPO: more signal per step)"),
+    ("mix-0.0", "teacher with 0% text (the oracle SFT), then GRPO", ["start:sft-oracle"],
+     "the paper's SFT data mixes text and code (GPT-4o)"),
+    ("mix-0.7", "teacher with 70% text, then GRPO", ["start:sft-teacher-0.7"], "as above"),
+    ("lora", "GRPO with LoRA (rank 8, lr 4e-4: 10x full fine-tuning's)", ["--lora_rank=8", "--lr=4e-4"],
+     "LoRA Without Regret: LoRA matches full fine-tuning in RL at about 10x the learning rate"),
+]
+SEEDS = (0, 1)
 
 
-def ablations(out: Path, rl_steps: int, limit: int, readme: bool, train_runs: bool = True) -> int:
-    """Train the RL runs that differ from the demo's GRPO, evaluate all rows, write the table.
-    Without `train_runs`, a row whose run has not finished is reported as not run."""
-    base, code, grpo, ppo = out / "pretrain", out / "sft-code", out / "grpo", out / "ppo"
+def ablation_runs(out: Path) -> list[tuple[str, int, Path, list[str]]]:
+    """(key, seed, run dir, train.py arguments) of every ablation run; the demo's GRPO and PPO are seed 0."""
+    runs = []
+    for key, _, change, _ in ABLATIONS:
+        for seed in SEEDS:
+            if key in ("grpo", "ppo") and seed == 0:
+                runs.append((key, seed, out / key, []))
+                continue
+            start = next((c.removeprefix("start:") for c in change if c.startswith("start:")), "sft-teacher")
+            stage = next((c for c in change if c.startswith("--stage=")), "--stage=grpo")
+            extra = [c for c in change if not c.startswith(("start:", "--stage="))]
+            run = out / f"abl-{key}-s{seed}"
+            runs.append((key, seed, run, [stage, "--preset=tiny", f"--seed={seed}", "--resume", f"--steps={RL_STEPS}",
+                                          f"--model={latest(out / start)}", f"--out={run}", *extra]))
+    return runs
 
-    def need(*runs):
-        for run in runs:
-            if not (run / "latest").exists():
-                sys.exit(f"demo.py: {run} has no checkpoint; run `make demo` first")
 
-    need(base, code)
-    t_start = time.time()
-    common = ["--stage=grpo", "--preset=tiny", "--seed=0", "--resume", f"--steps={rl_steps}"]
-    warm, cold = latest(code), latest(base)
-    rows = [  # (label, run dir, start checkpoint and arguments beyond the demo's GRPO or None, paper key)
-        ("GRPO (demo: masked, curriculum, warm start, fp32 rollouts)", grpo, None, ""),
-        ("interpreter output unmasked (`--mask_tool_output=false`)", out / "abl-unmasked",
-         (warm, ["--mask_tool_output=false"]), "mask"),
-        ("curriculum off (`--curriculum=false`)", out / "abl-no-curriculum", (warm, ["--curriculum=false"]),
-         "curriculum"),
-        ("cold start: RL from the pretrain checkpoint", out / "abl-cold", (cold, []), "cold"),
-        ("PPO instead of GRPO (demo)", ppo, None, "ppo"),
-        ("bf16 rollouts, TIS on (cap 2)", out / "abl-bf16-tis", (warm, ["--rollout_dtype=bfloat16"]), "tis"),
-        ("bf16 rollouts, TIS off (`--tis_cap=0`)", out / "abl-bf16-notis",
-         (warm, ["--rollout_dtype=bfloat16", "--tis_cap=0"]), "tis"),
-    ]
-    times, results = {}, {}
-    for label, run, change, _ in rows:
-        if change is not None and train_runs:
-            times[run.name] = train([*common, f"--model={change[0]}", f"--out={run}", *change[1]])
-    done = [r for r in rows if (r[1] / "latest").exists() and latest(r[1]).name == f"step-{rl_steps - 1:06d}"]
-    need(grpo, ppo)
+def ablations(out: Path, limit: int, readme: bool) -> int:
+    """Train every ablation run (and the SFT runs they start from), evaluate them, write the table."""
+    for run in ("pretrain", "sft-teacher", "sft-oracle", "grpo", "ppo"):
+        if not (out / run / "latest").exists():
+            sys.exit(f"demo.py: {out / run} has no checkpoint; run `make demo` first")
+    t_start, times = time.time(), {}
+    base = latest(out / "pretrain")
+    sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={base}", f"--steps={SFT_STEPS}"]
+    # SFT: the third teacher of the mix sweep, and a second seed of the teacher and the oracle (the date family)
+    times["sft (70% text)"] = train([*sft, "--seed=0", "--text_fraction=0.7", f"--out={out / 'sft-teacher-0.7'}"])
+    for name, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
+        times[f"{name} seed 1"] = train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / (name + '-s1')}"])
+    runs = ablation_runs(out)
+    for key, seed, run, args in runs:
+        if args:
+            times[run.name] = train(args)
     t0 = time.time()
-    demo = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    same = demo.get("eval_limit") == limit      # the demo's own evaluation of its GRPO and PPO is reused
-    for label, run, _, _ in done:
-        key = {grpo: "+GRPO", ppo: "+PPO"}.get(run)
-        results[label] = demo[key] if same and key in demo else evaluate(latest(run), True, limit)
+    acc = {(key, seed): evaluate(latest(run), True, limit)["sampled"]["average"] for key, seed, run, _ in runs}
+    sft_seeds = {f"{name} seed {s}": evaluate(latest(out / (name + ("-s1" if s else ""))), True, limit)["sampled"]
+                 for name in ("sft-teacher", "sft-oracle") for s in SEEDS}
     times["evaluation"] = time.time() - t0
     total = time.time() - t_start
-    ref = results[rows[0][0]]["sampled"]["average"]["accuracy"]
-    lines = ["| run | accuracy (T=0.6) | Δ vs GRPO | greedy | code-use rate | paper |", "|---|---|---|---|---|---|"]
-    for label, run, _, key in rows:
-        if label not in results:
-            lines.append(f"| {label} | not run (time) | | | | {PAPER_ABLATIONS.get(key, '')} |")
-            continue
-        s, g = results[label]["sampled"]["average"], results[label]["greedy"]["average"]
-        delta = "" if run == grpo else f"{100 * (s['accuracy'] - ref):+.1f}"
-        lines.append(f"| {label} | {100 * s['accuracy']:.1f} | {delta} | {100 * g['accuracy']:.1f} | "
-                     f"{100 * s['code_use']:.1f} | {PAPER_ABLATIONS.get(key, '')} |")
+
+    def spread(key):   # (mean, half-range) of a row's accuracy over its seeds, in points
+        xs = [100 * acc[key, s]["accuracy"] for s in SEEDS]
+        return sum(xs) / len(xs), (max(xs) - min(xs)) / 2
+
+    ref_mean, ref_half = spread("grpo")
+    lines = ["| run | seed 0 | seed 1 | mean ± half-range | Δ vs GRPO | beyond the spread | code use | paper |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, label, _, paper in ABLATIONS:
+        mean, half = spread(key)
+        seeds = " | ".join(f"{100 * acc[key, s]['accuracy']:.1f}" for s in SEEDS)
+        delta = "" if key == "grpo" else f"{mean - ref_mean:+.1f}"
+        beyond = "" if key == "grpo" else ("yes" if abs(mean - ref_mean) > half + ref_half else "no")
+        code = sum(100 * acc[key, s]["code_use"] for s in SEEDS) / len(SEEDS)
+        lines.append(f"| {label} | {seeds} | {mean:.1f} ± {half:.1f} | {delta} | {beyond} | {code:.0f} | {paper} |")
+    date = " ".join(f"{name}: {100 * s['tasks']['builtin:date']['accuracy']:.1f} (average "
+                    f"{100 * s['average']['accuracy']:.1f})," for name, s in sft_seeds.items())
     tbl = "\n".join(lines)
-    (out / "ablations.json").write_text(json.dumps(
-        {label: {"run": str(run), "args": change and [f"--model={change[0]}", *change[1]], **results[label]}
-         for label, run, change, _ in done}, indent=2))
-    print(f"\nAblations (held-out, {limit} per family, T={EVAL_TEMPERATURE} x {EVAL_SAMPLES}; greedy beside):\n{tbl}")
-    print(f"\ntimes: {fmt_times(times)}; total {total / 60:.1f} min; {load_note()}")
+    (out / "ablations.json").write_text(json.dumps({"runs": {f"{k} seed {s}": {"run": str(r), "args": a, **acc[k, s]}
+                                                             for k, s, r, a in runs},
+                                                    "sft_seeds": sft_seeds, "times": times}, indent=2))
+    print(f"\nAblations (held-out, {limit} per family, T={EVAL_TEMPERATURE} x {EVAL_SAMPLES}):\n{tbl}")
+    print(f"\nSFT seeds on `date` (T={EVAL_TEMPERATURE}): {date}")
+    print(f"\ntimes: {fmt_times(times)}; total {total / 60:.1f} min; {host_note()}")
     if readme:
-        update_readme(f"`make ablations` (`python demo.py --ablations`), after `make demo`: each row is one GRPO "
-                      f"run of {rl_steps} steps from the demo's `sft-code` checkpoint (the cold start from "
-                      f"`pretrain`) that changes one thing, evaluated as the main table ({limit} held-out "
-                      f"questions per family). Total {total / 60:.1f} min ({fmt_times(times)}; {load_note()})."
-                      f"\n\n{tbl}", "ablations")
+        update_readme(f"`make ablations` (`python demo.py --ablations`), after `make demo`: each row trains GRPO "
+                      f"(or what the row names) for {RL_STEPS} steps from the demo's teacher SFT, changing one "
+                      f"thing, with seeds 0 and 1 (the demo's runs are seed 0), and is evaluated as the main table "
+                      f"({limit} held-out questions per family, T={EVAL_TEMPERATURE} x {EVAL_SAMPLES}). A difference "
+                      f"is beyond the spread when it exceeds the two rows' half-ranges added. Total "
+                      f"{total / 60:.1f} min ({fmt_times(times)}; {host_note()}).\n\n{tbl}\n\nSFT seeds, `date` "
+                      f"accuracy (T={EVAL_TEMPERATURE}): {date.rstrip(',')}.", "ablations")
     return 0
 
 
@@ -255,64 +309,59 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="the CPU demo")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--eval_limit", type=int, default=100, help="held-out questions per family")
-    ap.add_argument("--pretrain_steps", type=int, default=PRETRAIN_STEPS)
-    ap.add_argument("--sft_steps", type=int, default=SFT_STEPS)
-    ap.add_argument("--rl_steps", type=int, default=RL_STEPS)
     ap.add_argument("--ablations", action="store_true", help="the ablation table (after the demo)")
-    ap.add_argument("--no-train", dest="train_runs", action="store_false",
-                    help="--ablations: report the finished runs only")
     ap.add_argument("--no-readme", dest="readme", action="store_false")
     args = ap.parse_args()
     out = Path(args.out)
     if args.ablations:
-        return ablations(out, args.rl_steps, args.eval_limit, args.readme, args.train_runs)
+        return ablations(out, args.eval_limit, args.readme)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    times = {}
-    base, code, text = out / "pretrain", out / "sft-code", out / "sft-text"
-    grpo, ppo = out / "grpo", out / "ppo"
+    t_start, times = time.time(), {}
     # --resume: a demo stopped part-way (Ctrl-C) picks up where it stopped, and a finished stage is
     # kept as it is (its run directory holds the final checkpoint); delete --out to start afresh.
     common = ["--preset=tiny", "--seed=0", "--resume"]
-    times["pretrain"] = train(["--stage=pretrain", f"--out={base}", f"--steps={args.pretrain_steps}", *common])
-    sft = ["--stage=sft", f"--model={latest(base)}", f"--steps={args.sft_steps}", *common]
-    times["sft (code)"] = train([*sft, f"--out={code}"])
-    times["sft (text)"] = train([*sft, f"--out={text}", "--use_code=false"])
-    start = latest(code)
-    times["grpo"] = train(["--stage=grpo", f"--model={start}", f"--out={grpo}", f"--steps={args.rl_steps}", *common])
-    times["ppo"] = train(["--stage=ppo", f"--model={start}", f"--out={ppo}", f"--steps={args.rl_steps}", *common])
+    times["pretrain"] = train(["--stage=pretrain", f"--out={out / 'pretrain'}", f"--steps={PRETRAIN_STEPS}", *common])
+    sft = ["--stage=sft", f"--model={latest(out / 'pretrain')}", f"--steps={SFT_STEPS}", *common]
+    times["sft (text)"] = train([*sft, f"--out={out / 'sft-text'}", "--use_code=false"])
+    times["sft (teacher)"] = train([*sft, f"--out={out / 'sft-teacher'}", f"--text_fraction={TEACHER_TEXT_SHARE}"])
+    times["sft (oracle)"] = train([*sft, f"--out={out / 'sft-oracle'}"])
+    start = latest(out / "sft-teacher")
+    for stage in ("grpo", "ppo"):
+        times[stage] = train([f"--stage={stage}", f"--model={start}", f"--out={out / stage}", f"--steps={RL_STEPS}",
+                              *common])
     t0 = time.time()
     results = {
-        "text-only SFT": evaluate(latest(text), False, args.eval_limit),
-        "code SFT (RL start)": evaluate(start, True, args.eval_limit),
-        "+GRPO": evaluate(latest(grpo), True, args.eval_limit),
-        "+PPO": evaluate(latest(ppo), True, args.eval_limit),
+        "text-only SFT": evaluate(latest(out / "sft-text"), False, args.eval_limit),
+        "teacher SFT (RL start)": evaluate(start, True, args.eval_limit),
+        "+GRPO": evaluate(latest(out / "grpo"), True, args.eval_limit),
+        "+PPO": evaluate(latest(out / "ppo"), True, args.eval_limit),
+        "oracle SFT (reference)": evaluate(latest(out / "sft-oracle"), True, args.eval_limit),
     }
     times["evaluation"] = time.time() - t0
     t0 = time.time()
-    curve = curves(start, {"GRPO": grpo, "PPO": ppo})
+    rl_runs = {"GRPO": out / "grpo", "PPO": out / "ppo"}
+    curve = curves(start, rl_runs)
     times["curves"] = time.time() - t0
-    (out / "results.json").write_text(json.dumps({**results, "eval_limit": args.eval_limit, "curves": curve},
-                                                 indent=2))
+    (out / "results.json").write_text(json.dumps({**results, "eval_limit": args.eval_limit, "curves": curve,
+                                                  "times": times}, indent=2))
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
-    plots = [p.relative_to(ROOT) for p in plot({"GRPO": grpo, "PPO": ppo}, curve, docs)]
+    plots = [p.relative_to(ROOT) for p in plot(rl_runs, curve, docs)]
     total = time.time() - t_start
     tbl = table(results)
-    print(f"\nHeld-out accuracy (%), built-in test split, {args.eval_limit} per family, temperature "
-          f"{EVAL_TEMPERATURE}, {EVAL_SAMPLES} samples per question (greedy average below it):\n" + tbl)
-    print(f"\ntimes: {fmt_times(times)}; total {total / 60:.1f} min; {load_note()}")
+    print(f"\nHeld-out accuracy / code use (%), built-in test split, {args.eval_limit} per family, temperature "
+          f"{EVAL_TEMPERATURE}, {EVAL_SAMPLES} samples per question (greedy average below):\n" + tbl)
+    print(f"\ntimes: {fmt_times(times)}; total {total / 60:.1f} min; {host_note()}")
     if args.readme:
         n = args.eval_limit
-        text_block = (f"`make demo` on this repository's CPU machine (2 cores), seeds fixed, {n} held-out "
-                      f"questions per family, {EVAL_SAMPLES} samples each at temperature {EVAL_TEMPERATURE} (the "
-                      f"paper's evaluation temperature), plus the greedy average; RL {args.rl_steps} steps; "
-                      f"total {total / 60:.1f} min ({fmt_times(times)}; {load_note()}).\n\n{tbl}\n\n"
+        update_readme(f"`make demo`, seeds fixed, {n} held-out questions per family, {EVAL_SAMPLES} samples each at "
+                      f"temperature {EVAL_TEMPERATURE} (the paper's evaluation temperature), plus the greedy "
+                      f"average; each cell is accuracy / code use (%); RL {RL_STEPS} steps from the teacher SFT; "
+                      f"total {total / 60:.1f} min ({fmt_times(times)}; {host_note()}).\n\n{tbl}\n\n"
                       + " ".join(f"![{p.stem}]({p.as_posix()})" for p in plots)
                       + f"\n\nThe curves evaluate every kept RL checkpoint (every 5 steps) greedily on the first "
                       f"{CURVE_LIMIT} of the same held-out questions per family (cheaper than the table's "
-                      f"evaluation); step 0 is the code SFT checkpoint.")
-        update_readme(text_block)
+                      f"evaluation); step 0 is the teacher SFT checkpoint.")
     return 0
 
 

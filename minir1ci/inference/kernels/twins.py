@@ -88,9 +88,11 @@ def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     # expansion (a quarter less time than enable_gqa here). CPU SDPA accumulates in fp32 for bf16.
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G, D)
-    if q.dtype == torch.float32 == k.dtype:   # two products and a softmax: half SDPA's time for G query rows
-        s = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None, None, :], float("-inf"))
-        out = torch.matmul(s.softmax(-1), v)                                   # [B, Hkv, G, D]
+    if q.dtype == torch.float32 == k.dtype:   # two batched products and a softmax: half SDPA's time here
+        kf, vf = (t.reshape(B * Hkv, K, D) for t in (k, v))                    # contiguous per head (a copy)
+        s = torch.bmm(qg.reshape(B * Hkv, G, D), kf.transpose(1, 2)).view(B, Hkv, G, K)
+        s = s.mul_(scale).masked_fill_(~visible[:, None, None, :], float("-inf"))
+        out = torch.bmm(s.softmax(-1).view(B * Hkv, G, K), vf).view(B, Hkv, G, D)
     else:
         out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=visible[:, None, None, :],
                                              scale=scale)                      # [B, Hkv, G, D]
