@@ -39,7 +39,7 @@ RANGES = {
     **dict.fromkeys(("warmup_steps", "weight_decay", "temperature", "max_code_calls", "dynamic_sampling_rounds",
                      "tis_cap", "mis_low", "mis_high", "gspo_clip_low", "gspo_clip_high", "mini_batch_size",
                      "keep_checkpoints", "clip_low", "clip_high", "kl_coef", "entropy_coef",
-                     "critic_warmup_steps"), NONNEG),
+                     "critic_warmup_steps", "threads"), NONNEG),
     **dict.fromkeys(("text_fraction", "min_lr_ratio", "gamma", "lam"), UNIT),
     "top_p": (0, 1, (False, True)), "beta1": (0, 1, (True, False)), "beta2": (0, 1, (True, False)),
     "dual_clip": (1, INF, (False, False)), "sft_min_reward": (-INF, INF, (True, False)),
@@ -85,6 +85,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # precision and memory
     device: str = "auto"       # auto: cuda if available, else cpu
+    threads: int = 0           # CPU threads of torch's operators; 0 = its default (one per core)
     dtype: str = "auto"        # auto: bf16 autocast on cuda, fp32 on cpu
     grad_checkpointing: bool = False
     loss_chunk_size: int = 1024  # tokens per vocabulary chunk in the loss

@@ -329,7 +329,7 @@ class Qwen2Model(nn.Module):
         B, T = input_ids.shape
         xp, x = self.embed_tokens(input_ids[:1, :P]), self.embed_tokens(input_ids[:, P:])    # (1, P, H), (B, T-P, H)
         cos, sin = self.rotary_emb(torch.arange(T, device=input_ids.device)[None], x.dtype)   # (1, T, hd)
-        mask = torch.ones(T - P, T, dtype=torch.bool, device=x.device).tril(P)              # every prefix key, then causal
+        mask = torch.ones(T - P, T, dtype=torch.bool, device=x.device).tril(P)   # every prefix key, then causal
         for layer in self.layers:
             xp, kv = self._layer(layer, xp, cos[:, :P], sin[:, :P])
             x, _ = self._layer(layer, x, cos[:, P:], sin[:, P:], mask, None, None, kv)

@@ -232,7 +232,8 @@ def train_rl(cfg) -> dict:
             # Advantages: GRPO's group-relative, one per trajectory; PPO's from GAE on the critic's values,
             # with the KL (k1 of pi_old against the reference) in the reward, whitened.
             if critic is None:
-                batch.adv = grpo_advantages(batch.scores, cfg.n_samples, norm_std=cfg.norm_adv_std)[:, None] * batch.mask
+                adv = grpo_advantages(batch.scores, cfg.n_samples, norm_std=cfg.norm_adv_std)   # [B]
+                batch.adv = adv[:, None] * batch.mask
             else:
                 batch.old_values = no_grad_pass(lambda x: critic(x.ids), batch, micro, device, amp) * batch.mask
                 reward_kl = kl_penalty(batch.old_logp, batch.ref_logp, "k1") if ref is not None else None

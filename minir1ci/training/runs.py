@@ -39,6 +39,8 @@ def start_run(cfg):
     device = pick_device(cfg.device, dist.local_rank())
     start, resumed = _on_main(check_inputs, cfg)
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     return dataclasses.replace(cfg, model=start), device, resumed
 
 
