@@ -46,12 +46,41 @@ EVAL_SEED = 1          # questions and sampling seeds of the held-out evaluation
 CURVE_LIMIT = 30       # held-out questions per family for the RL curves (greedy)
 
 
-def train(args: list[str]) -> float:
-    t0 = time.time()
-    cmd = [sys.executable, str(ROOT / "train.py"), *args]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
-    return time.time() - t0
+LANES = 2   # jobs at a time, one thread each: on 2 cores two one-thread runs do 1.65x the work of one on two
+
+
+def run_jobs(jobs: list[tuple[str, list[str], set[str]]], logs: Path) -> dict[str, float]:
+    """Run (name, command after `python`, names it waits for) jobs, LANES at a time, the first ready in
+    list order next; each job's output goes to logs/<name>.log. A job's thread count is fixed in its
+    command, so its result does not depend on what runs beside it. Returns each job's seconds."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, times = list(jobs), {}, {}
+    while pending or running:
+        for name, cmd, after in [j for j in pending if j[2] <= times.keys()][:LANES - len(running)]:
+            pending.remove((name, cmd, after))
+            print(f"[{time.strftime('%H:%M:%S')}] start {name}: python {' '.join(cmd)}", flush=True)
+            log = open(logs / f"{name}.log", "w")
+            running[name] = (subprocess.Popen([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT), time.time())
+        time.sleep(0.5)
+        for name, (proc, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            if proc.returncode:
+                sys.exit(f"demo.py: {name} failed (exit {proc.returncode}); see {logs / (name + '.log')}")
+            times[name] = time.time() - t0
+            del running[name]
+            print(f"[{time.strftime('%H:%M:%S')}] done {name} in {times[name]:.0f}s", flush=True)
+    return times
+
+
+def train(args: list[str], threads: int = 1) -> list[str]:
+    return [str(ROOT / "train.py"), *args, f"--threads={threads}"]
+
+
+def eval_job(run: Path, use_code: bool, limit: int, greedy_only: bool = False) -> list[str]:
+    """The command that evaluates the newest checkpoint of `run` (see `evaluate`), one thread."""
+    return [str(ROOT / "demo.py"), "--evaluate", str(run), f"--eval_limit={limit}",
+            *(["--no-code"] if not use_code else []), *(["--greedy_only"] if greedy_only else [])]
 
 
 def latest(run: Path) -> Path:
@@ -232,7 +261,8 @@ SEEDS = (0, 1)
 
 
 def ablation_runs(out: Path) -> list[tuple[str, int, Path, list[str]]]:
-    """(key, seed, run dir, train.py arguments) of every ablation run; the demo's GRPO and PPO are seed 0."""
+    """(key, seed, run dir, train.py arguments) of every ablation run; the demo's GRPO and PPO are seed 0
+    (no arguments: nothing to train)."""
     runs = []
     for key, _, change, _ in ABLATIONS:
         for seed in SEEDS:
@@ -244,7 +274,7 @@ def ablation_runs(out: Path) -> list[tuple[str, int, Path, list[str]]]:
             extra = [c for c in change if not c.startswith(("start:", "--stage="))]
             run = out / f"abl-{key}-s{seed}"
             runs.append((key, seed, run, [stage, "--preset=tiny", f"--seed={seed}", "--resume", f"--steps={RL_STEPS}",
-                                          f"--model={latest(out / start)}", f"--out={run}", *extra]))
+                                          f"--model={out / start}", f"--out={run}", *extra]))
     return runs
 
 
@@ -253,22 +283,26 @@ def ablations(out: Path, limit: int, readme: bool) -> int:
     for run in ("pretrain", "sft-teacher", "sft-oracle", "grpo", "ppo"):
         if not (out / run / "latest").exists():
             sys.exit(f"demo.py: {out / run} has no checkpoint; run `make demo` first")
-    t_start, times = time.time(), {}
-    base = latest(out / "pretrain")
-    sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={base}", f"--steps={SFT_STEPS}"]
+    t_start = time.time()
+    sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}"]
     # SFT: the third teacher of the mix sweep, and a second seed of the teacher and the oracle (the date family)
-    times["sft (70% text)"] = train([*sft, "--seed=0", "--text_fraction=0.7", f"--out={out / 'sft-teacher-0.7'}"])
+    jobs = [("sft-teacher-0.7", train([*sft, "--seed=0", "--text_fraction=0.7", f"--out={out / 'sft-teacher-0.7'}"]),
+             set())]
     for name, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
-        times[f"{name} seed 1"] = train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / (name + '-s1')}"])
+        jobs.append((f"{name}-s1", train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / name}-s1"]),
+                     set()))
+        jobs.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit), {f"{name}-s1"}))
     runs = ablation_runs(out)
     for key, seed, run, args in runs:
+        # --model names the SFT run: train.py starts from its newest checkpoint when the job starts
+        after = {a.removeprefix(f"--model={out}/") for a in args if a.startswith("--model=")} & {j[0] for j in jobs}
         if args:
-            times[run.name] = train(args)
-    t0 = time.time()
+            jobs.append((run.name, train(args), after))
+        jobs.append((f"eval-{run.name}", eval_job(run, True, limit), {run.name} if args else set()))
+    times = run_jobs(jobs, out / "logs")
     acc = {(key, seed): evaluate(latest(run), True, limit)["sampled"]["average"] for key, seed, run, _ in runs}
     sft_seeds = {f"{name} seed {s}": evaluate(latest(out / (name + ("-s1" if s else ""))), True, limit)["sampled"]
                  for name in ("sft-teacher", "sft-oracle") for s in SEEDS}
-    times["evaluation"] = time.time() - t0
     total = time.time() - t_start
 
     def spread(key):   # (mean, half-range) of a row's accuracy over its seeds, in points
@@ -285,14 +319,14 @@ def ablations(out: Path, limit: int, readme: bool) -> int:
         beyond = "" if key == "grpo" else ("yes" if abs(mean - ref_mean) > half + ref_half else "no")
         code = sum(100 * acc[key, s]["code_use"] for s in SEEDS) / len(SEEDS)
         lines.append(f"| {label} | {seeds} | {mean:.1f} ± {half:.1f} | {delta} | {beyond} | {code:.0f} | {paper} |")
-    date = " ".join(f"{name}: {100 * s['tasks']['builtin:date']['accuracy']:.1f} (average "
-                    f"{100 * s['average']['accuracy']:.1f})," for name, s in sft_seeds.items())
+    date = ", ".join(f"{name} {100 * s['tasks']['builtin:date']['accuracy']:.1f} (average "
+                     f"{100 * s['average']['accuracy']:.1f})" for name, s in sft_seeds.items())
     tbl = "\n".join(lines)
     (out / "ablations.json").write_text(json.dumps({"runs": {f"{k} seed {s}": {"run": str(r), "args": a, **acc[k, s]}
                                                              for k, s, r, a in runs},
                                                     "sft_seeds": sft_seeds, "times": times}, indent=2))
     print(f"\nAblations (held-out, {limit} per family, T={EVAL_TEMPERATURE} x {EVAL_SAMPLES}):\n{tbl}")
-    print(f"\nSFT seeds on `date` (T={EVAL_TEMPERATURE}): {date}")
+    print(f"\nSFT seeds, `date` accuracy (T={EVAL_TEMPERATURE}): {date}")
     print(f"\ntimes: {fmt_times(times)}; total {total / 60:.1f} min; {host_note()}")
     if readme:
         update_readme(f"`make ablations` (`python demo.py --ablations`), after `make demo`: each row trains GRPO "
@@ -300,8 +334,8 @@ def ablations(out: Path, limit: int, readme: bool) -> int:
                       f"thing, with seeds 0 and 1 (the demo's runs are seed 0), and is evaluated as the main table "
                       f"({limit} held-out questions per family, T={EVAL_TEMPERATURE} x {EVAL_SAMPLES}). A difference "
                       f"is beyond the spread when it exceeds the two rows' half-ranges added. Total "
-                      f"{total / 60:.1f} min ({fmt_times(times)}; {host_note()}).\n\n{tbl}\n\nSFT seeds, `date` "
-                      f"accuracy (T={EVAL_TEMPERATURE}): {date.rstrip(',')}.", "ablations")
+                      f"{total / 60:.1f} min, {LANES} runs at a time ({fmt_times(times)}; {host_note()}).\n\n{tbl}"
+                      f"\n\nSFT seeds, `date` accuracy (T={EVAL_TEMPERATURE}): {date}.", "ablations")
     return 0
 
 
@@ -311,54 +345,74 @@ def main() -> int:
     ap.add_argument("--eval_limit", type=int, default=100, help="held-out questions per family")
     ap.add_argument("--ablations", action="store_true", help="the ablation table (after the demo)")
     ap.add_argument("--no-readme", dest="readme", action="store_false")
+    ap.add_argument("--evaluate", metavar="RUN", help="(a demo job) evaluate RUN's newest checkpoint into its cache")
+    ap.add_argument("--curve", action="store_true", help="with --evaluate: every kept checkpoint, greedy")
+    ap.add_argument("--no-code", dest="use_code", action="store_false", help="with --evaluate: text only")
+    ap.add_argument("--greedy_only", action="store_true", help="with --evaluate: the greedy setting alone")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.evaluate:
+        import torch
+        torch.set_num_threads(1)
+        run = Path(args.evaluate)
+        for ckpt in ([p for _, p in checkpoints(run)] if args.curve else [latest(run)]):
+            evaluate(ckpt, args.use_code, args.eval_limit, args.greedy_only)
+        return 0
     if args.ablations:
         return ablations(out, args.eval_limit, args.readme)
     out.mkdir(parents=True, exist_ok=True)
-    t_start, times = time.time(), {}
+    t_start = time.time()
     # --resume: a demo stopped part-way (Ctrl-C) picks up where it stopped, and a finished stage is
     # kept as it is (its run directory holds the final checkpoint); delete --out to start afresh.
     common = ["--preset=tiny", "--seed=0", "--resume"]
-    times["pretrain"] = train(["--stage=pretrain", f"--out={out / 'pretrain'}", f"--steps={PRETRAIN_STEPS}", *common])
-    sft = ["--stage=sft", f"--model={latest(out / 'pretrain')}", f"--steps={SFT_STEPS}", *common]
-    times["sft (text)"] = train([*sft, f"--out={out / 'sft-text'}", "--use_code=false"])
-    times["sft (teacher)"] = train([*sft, f"--out={out / 'sft-teacher'}", f"--text_fraction={TEACHER_TEXT_SHARE}"])
-    times["sft (oracle)"] = train([*sft, f"--out={out / 'sft-oracle'}"])
+    sft = ["--stage=sft", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}", *common]   # a run: its newest
+    rl = [f"--model={out / 'sft-teacher'}", f"--steps={RL_STEPS}", *common]
+    n = args.eval_limit
+    jobs = [  # (name, command, what it waits for), started in this order as lanes free up
+        ("pretrain", train(["--stage=pretrain", f"--out={out / 'pretrain'}", f"--steps={PRETRAIN_STEPS}", *common],
+                           threads=LANES), set()),
+        ("sft-teacher", train([*sft, f"--out={out / 'sft-teacher'}", f"--text_fraction={TEACHER_TEXT_SHARE}"]),
+         {"pretrain"}),
+        ("sft-text", train([*sft, f"--out={out / 'sft-text'}", "--use_code=false"]), {"pretrain"}),
+        ("grpo", train(["--stage=grpo", f"--out={out / 'grpo'}", *rl]), {"sft-teacher"}),
+        ("sft-oracle", train([*sft, f"--out={out / 'sft-oracle'}"]), {"pretrain"}),
+        ("ppo", train(["--stage=ppo", f"--out={out / 'ppo'}", *rl]), {"sft-teacher"}),
+        ("eval-sft-text", eval_job(out / "sft-text", False, n), {"sft-text"}),
+        ("eval-sft-teacher", eval_job(out / "sft-teacher", True, n), {"sft-teacher"}),
+        ("eval-sft-oracle", eval_job(out / "sft-oracle", True, n), {"sft-oracle"}),
+        ("eval-grpo", eval_job(out / "grpo", True, n), {"grpo"}),
+        ("eval-ppo", eval_job(out / "ppo", True, n), {"ppo"}),
+        ("curve-start", eval_job(out / "sft-teacher", True, CURVE_LIMIT, greedy_only=True), {"sft-teacher"}),
+        ("curve-grpo", [*eval_job(out / "grpo", True, CURVE_LIMIT, greedy_only=True), "--curve"], {"grpo"}),
+        ("curve-ppo", [*eval_job(out / "ppo", True, CURVE_LIMIT, greedy_only=True), "--curve"], {"ppo"}),
+    ]
+    times = run_jobs(jobs, out / "logs")
     start = latest(out / "sft-teacher")
-    for stage in ("grpo", "ppo"):
-        times[stage] = train([f"--stage={stage}", f"--model={start}", f"--out={out / stage}", f"--steps={RL_STEPS}",
-                              *common])
-    t0 = time.time()
     results = {
-        "text-only SFT": evaluate(latest(out / "sft-text"), False, args.eval_limit),
-        "teacher SFT (RL start)": evaluate(start, True, args.eval_limit),
-        "+GRPO": evaluate(latest(out / "grpo"), True, args.eval_limit),
-        "+PPO": evaluate(latest(out / "ppo"), True, args.eval_limit),
-        "oracle SFT (reference)": evaluate(latest(out / "sft-oracle"), True, args.eval_limit),
+        "text-only SFT": evaluate(latest(out / "sft-text"), False, n),
+        "teacher SFT (RL start)": evaluate(start, True, n),
+        "+GRPO": evaluate(latest(out / "grpo"), True, n),
+        "+PPO": evaluate(latest(out / "ppo"), True, n),
+        "oracle SFT (reference)": evaluate(latest(out / "sft-oracle"), True, n),
     }
-    times["evaluation"] = time.time() - t0
-    t0 = time.time()
     rl_runs = {"GRPO": out / "grpo", "PPO": out / "ppo"}
     curve = curves(start, rl_runs)
-    times["curves"] = time.time() - t0
-    (out / "results.json").write_text(json.dumps({**results, "eval_limit": args.eval_limit, "curves": curve,
-                                                  "times": times}, indent=2))
+    (out / "results.json").write_text(json.dumps({**results, "eval_limit": n, "curves": curve, "times": times},
+                                                 indent=2))
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
     plots = [p.relative_to(ROOT) for p in plot(rl_runs, curve, docs)]
     total = time.time() - t_start
     tbl = table(results)
-    print(f"\nHeld-out accuracy / code use (%), built-in test split, {args.eval_limit} per family, temperature "
+    print(f"\nHeld-out accuracy / code use (%), built-in test split, {n} per family, temperature "
           f"{EVAL_TEMPERATURE}, {EVAL_SAMPLES} samples per question (greedy average below):\n" + tbl)
-    print(f"\ntimes: {fmt_times(times)}; total {total / 60:.1f} min; {host_note()}")
+    print(f"\ntimes: {fmt_times(times)}; total {total / 60:.1f} min, {LANES} jobs at a time; {host_note()}")
     if args.readme:
-        n = args.eval_limit
         update_readme(f"`make demo`, seeds fixed, {n} held-out questions per family, {EVAL_SAMPLES} samples each at "
                       f"temperature {EVAL_TEMPERATURE} (the paper's evaluation temperature), plus the greedy "
                       f"average; each cell is accuracy / code use (%); RL {RL_STEPS} steps from the teacher SFT; "
-                      f"total {total / 60:.1f} min ({fmt_times(times)}; {host_note()}).\n\n{tbl}\n\n"
-                      + " ".join(f"![{p.stem}]({p.as_posix()})" for p in plots)
+                      f"total {total / 60:.1f} min, {LANES} jobs at a time ({fmt_times(times)}; {host_note()})."
+                      f"\n\n{tbl}\n\n" + " ".join(f"![{p.stem}]({p.as_posix()})" for p in plots)
                       + f"\n\nThe curves evaluate every kept RL checkpoint (every 5 steps) greedily on the first "
                       f"{CURVE_LIMIT} of the same held-out questions per family (cheaper than the table's "
                       f"evaluation); step 0 is the teacher SFT checkpoint.")

@@ -194,6 +194,16 @@ def test_rl_resume_regularises_towards_the_recorded_start_and_logs_every_nth_ste
         rl.train_rl(resolve([*args, "--steps=6", "--resume", f"--model={runs.latest_checkpoint(sft)}"]))
 
 
+def test_model_may_name_a_run_directory_whose_newest_checkpoint_starts_the_run(sft_run, tmp_path):
+    start, resumed = runs.start_source(resolve(["--stage=grpo", f"--model={sft_run}", f"--out={tmp_path / 'g'}"]))
+    assert (start, resumed) == (str(runs.latest_checkpoint(sft_run)), None)
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    (empty / "latest").write_text("step-000009\n")
+    with pytest.raises(FileNotFoundError, match="without a complete checkpoint"):
+        runs.start_source(resolve(["--stage=grpo", f"--model={empty}", f"--out={tmp_path / 'g2'}"]))
+
+
 def test_sft_on_tasks_without_oracle_code_is_refused_before_anything_is_written(tmp_path, capsys):
     from minir1ci.env.tasks import gym
     if not gym.available():

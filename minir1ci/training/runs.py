@@ -90,20 +90,25 @@ def check_inputs(cfg) -> tuple[str, Path | None]:
 def start_source(cfg) -> tuple[str, Path | None]:
     """(the run's start checkpoint, "" = the tiny preset from scratch; the checkpoint to resume from).
 
-    Without --model: pretrain starts from scratch; SFT from the newest checkpoint of the pretrain run
-    beside its own (runs/pretrain for runs/sft), else from scratch; GRPO and PPO from the SFT run
-    beside theirs. The start is recorded as `model` in the run's config.json: a resumed run keeps it
-    (RL's KL reference) even when the run it came from has moved on since."""
-    run_dir = cfg.run_dir()
+    --model names a checkpoint or a run directory (its newest checkpoint). Without it: pretrain starts
+    from scratch; SFT from the newest checkpoint of the pretrain run beside its own (runs/pretrain for
+    runs/sft), else from scratch; GRPO and PPO from the SFT run beside theirs. The start is recorded as
+    `model` in the run's config.json: a resumed run keeps it (RL's KL reference) even when the run it
+    came from has moved on since."""
+    run_dir, model = cfg.run_dir(), cfg.model
+    if model and (Path(model) / "latest").is_file():   # a run directory: its newest checkpoint
+        model = str(latest_checkpoint(model) or "")
+        if not model:
+            raise FileNotFoundError(f"--model {cfg.model} is a run directory without a complete checkpoint")
     resumed = latest_checkpoint(run_dir) if cfg.resume else None
     if resumed is not None:
         recorded = read_json(run_dir / "config.json").get("model", "")
-        if cfg.model and (not recorded or Path(cfg.model).resolve() != Path(recorded).resolve()):
-            raise ValueError(f"{run_dir} started from {recorded or 'scratch'}, not --model {cfg.model}: drop "
+        if model and (not recorded or Path(model).resolve() != Path(recorded).resolve()):
+            raise ValueError(f"{run_dir} started from {recorded or 'scratch'}, not --model {model}: drop "
                              "--model to resume it, or pass a new --out")
         return recorded, resumed
-    if cfg.model:
-        return cfg.model, None
+    if model:
+        return model, None
     found = latest_checkpoint(run_dir.parent / ("sft" if cfg.stage in ("grpo", "ppo") else "pretrain"))
     if found is None and cfg.stage in ("grpo", "ppo"):
         raise FileNotFoundError(f"no sft checkpoint under {run_dir.parent / 'sft'}; run `python train.py --stage "
