@@ -33,8 +33,6 @@ def oracle_samples(examples, tokenizer, use_code: bool = True, text_fraction: fl
     """One sample per built-in example: its prompt, then its oracle answer. With `use_code`, a seeded
     `text_fraction` of the questions get the text-only answer under the code prompt (as GPT-4o's in
     the paper's SFT set)."""
-    if not 0.0 <= text_fraction <= 1.0:
-        raise ValueError(f"text_fraction must lie in [0, 1], got {text_fraction}")
     rng = random.Random(f"text_fraction:{seed}")
     out = []
     for ex in examples:

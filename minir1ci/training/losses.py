@@ -158,10 +158,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
         return delta
     if kind == "k2":
         return 0.5 * delta**2
-    if kind == "k3":
-        delta = torch.clamp(delta, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        return torch.clamp(torch.exp(-delta) + delta - 1.0, -KL_CLAMP, KL_CLAMP)
-    raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+    delta = torch.clamp(delta, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)   # k3 (config.py refuses other names)
+    return torch.clamp(torch.exp(-delta) + delta - 1.0, -KL_CLAMP, KL_CLAMP)
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float,
