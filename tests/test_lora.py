@@ -200,3 +200,12 @@ def test_unsupported_peft_options_are_refused(tmp_path):
     file.write_text(json.dumps({**json.loads(file.read_text()), "use_rslora": True}))
     with pytest.raises(ValueError, match=r"only plain LoRA .* \{'use_rslora': True\}"):
         load_pretrained(tmp_path / "adapter")
+
+
+def test_adapter_file_that_does_not_match_its_config_is_refused(tmp_path):
+    model = apply_lora(saved_base(tmp_path), rank=2, alpha=1, targets=["q_proj"])
+    save_adapter(model, tmp_path / "adapter", tmp_path / "base")
+    file = tmp_path / "adapter" / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "target_modules": ["q_proj", "v_proj"]}))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors does not match .*v_proj\.lora_A"):
+        load_pretrained(tmp_path / "adapter")

@@ -8,6 +8,7 @@
 An adapted layer computes W x + b + (alpha / r) B A x: W, b frozen; A [r, in], B [out, r] trained in fp32 even
 on a bf16 base; B starts at zero, so a fresh adapter changes no output. HF names stay (`q_proj.weight`); the
 adapters add `q_proj.lora_A.weight`, PEFT's names without its `base_model.model.` prefix.
+Sample from `merge_lora(model)`: the CPU sampler's fused q/k/v copy (model.fused_weights) skips adapters.
 Simplified against PEFT: one adapter, one rank, decoder linears only; no dropout, rsLoRA, DoRA or trained biases.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ class LoRALinear(nn.Linear):
         return (y + update).to(y.dtype)  # summed in fp32 and rounded once, as PEFT does
 
 
-def apply_lora(model: Qwen2ForCausalLM, rank: int, alpha: float, targets: Sequence[str] = TARGETS):
+def apply_lora(model: Qwen2ForCausalLM, rank: int, alpha: float, targets: Sequence[str] = TARGETS) -> Qwen2ForCausalLM:
     """Give each decoder linear named in `targets` an adapter and freeze every other parameter; in place,
     returns `model`. A is drawn from the global RNG (the trainer seeds it), B is zero."""
     if rank < 1:
@@ -60,7 +61,8 @@ def apply_lora(model: Qwen2ForCausalLM, rank: int, alpha: float, targets: Sequen
         if isinstance(m, LoRALinear):
             raise ValueError(f"{name} already has a LoRA adapter")
         if rank > min(m.in_features, m.out_features):
-            raise ValueError(f"LoRA rank {rank} exceeds min(in, out) = {min(m.in_features, m.out_features)} of {name}")
+            raise ValueError(f"LoRA rank {rank} exceeds min(in, out) = {min(m.in_features, m.out_features)} "
+                             f"of {name}")
     model.requires_grad_(False)
     for m in layers.values():
         m.__class__ = LoRALinear  # the same object: HF names, storage and weight tying are untouched
@@ -140,10 +142,9 @@ def load_adapter(path: str | Path, dtype: torch.dtype | str | None = None,
     model, tokenizer = load_pretrained(base, dtype, device)
     apply_lora(model, config["r"], config["lora_alpha"], config["target_modules"])
     adapters = {name.removeprefix(PEFT_PREFIX): t for name, t in load_file(path / ADAPTER_FILE).items()}
-    expected = {name for name in model.state_dict() if ".lora_" in name}
-    if adapters.keys() != expected:
-        raise ValueError(f"{path / ADAPTER_FILE} does not match its {ADAPTER_CONFIG}: missing "
-                         f"{sorted(expected - adapters.keys())[:4]}, unexpected {sorted(adapters.keys() - expected)[:4]}")
+    differ = sorted(adapters.keys() ^ {name for name in model.state_dict() if ".lora_" in name})
+    if differ:  # e.g. a PEFT adapter on some layers only
+        raise ValueError(f"{path / ADAPTER_FILE} does not match {ADAPTER_CONFIG}: missing or extra {differ[:4]}")
     model.load_state_dict(adapters, strict=False)  # a wrong shape raises here, naming the tensor
     return model.eval(), _load_tokenizer(path) or tokenizer
 
