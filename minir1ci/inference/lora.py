@@ -13,6 +13,7 @@ Simplified against PEFT: one adapter, one rank, decoder linears only; no dropout
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -103,7 +104,7 @@ def merge_lora(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
     with torch.device("meta"):
         merged = Qwen2ForCausalLM(model.config)
     merged.load_state_dict(state, assign=True)
-    merged.model.rotary_emb = model.model.rotary_emb  # its table is a non-persistent buffer: not in `state`
+    merged.model.rotary_emb = copy.deepcopy(model.model.rotary_emb)  # a non-persistent buffer: not in `state`
     if model.config.tie_word_embeddings:  # assign=True gave the head a Parameter of its own: tie it again
         merged.lm_head.weight = merged.model.embed_tokens.weight
     return merged.requires_grad_(False).eval()
