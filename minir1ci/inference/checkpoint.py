@@ -58,11 +58,12 @@ def parse_size(size: int | str) -> int:
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> tuple[Qwen2ForCausalLM, Tokenizer | None]:
     """(model, tokenizer) from a HF checkpoint directory, or from a LoRA adapter directory (its base model with
-    the adapter applied, lora.py); tokenizer is None without tokenizer.json.
+    the adapter merged in, lora.py); tokenizer is None without tokenizer.json.
     dtype None keeps the checkpoint's (config `dtype`/`torch_dtype`, else the tensors'); device None is CPU."""
     from minir1ci.inference import lora  # here, not at the top: lora.py imports this module
     if lora.is_adapter_dir(path):
-        return lora.load_adapter(path, dtype, device)
+        model, tokenizer = lora.load_adapter(path, dtype, device)
+        return lora.merge_lora(model), tokenizer
     return load_model(path, dtype, device), _load_tokenizer(Path(path))
 
 
@@ -261,9 +262,8 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer: Tokenizer | None, path: 
 
 @contextmanager
 def write_atomically(path: Path, marker: str):
-    """A temporary sibling directory to write into, fsynced and renamed to `path` when the block ends
-    (an old directory there moved aside first, deleted last); removed if the block raises. A non-empty
-    `path` without the file `marker` (config.json, adapter_config.json) is refused."""
+    """A temporary sibling directory to write into, fsynced and renamed to `path` at the end (an old one moved
+    aside first, deleted last), removed if the block raises; a non-empty `path` without `marker` is refused."""
     _check_target(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # same filesystem
