@@ -20,7 +20,7 @@ PROG = "evaluate.py"
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="HF-format checkpoint directory")
+    ap.add_argument("--model", help="HF-format checkpoint or LoRA adapter directory")
     ap.add_argument("--tasks", default="builtin:all",
                     help="task spec, e.g. builtin:all or symbench:game24,bbh:navigate")
     ap.add_argument("--out", default=None, help="write the summary as JSON here")

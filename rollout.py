@@ -26,7 +26,7 @@ PROG = "rollout.py"
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="HF-format checkpoint directory")
+    ap.add_argument("--model", required=True, help="HF-format checkpoint or LoRA adapter directory")
     ap.add_argument("--tasks", required=True, help="task spec, e.g. builtin:all or symbench:game24,bbh:navigate")
     ap.add_argument("--out", required=True, help="output JSONL file")
     add_rollout_args(ap, n=5, temperature=1.0)

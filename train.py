@@ -9,6 +9,9 @@ the newest checkpoint under runs/sft. (With `--out DIR`, those are DIR's sibling
 field of minir1ci.config.TrainConfig can be overridden as `--field=value`; unknown keys are
 refused. Runs under `torchrun --nproc_per_node N train.py ...`.
 
+`python train.py --merge_lora RUN/step-N --out DIR` writes a LoRA run's adapter merged into its base as a
+plain HF checkpoint (transformers and vLLM load it; evaluate.py and rollout.py also take the adapter itself).
+
 Every input is checked before anything is written; a run directory that holds a run is refused
 without `--resume`, and one that another training is writing to is refused outright. Ctrl-C stops
 with the step reached and the checkpoint `--resume` continues from.
@@ -39,9 +42,11 @@ def run(argv: list[str]) -> int:
         return 0
     from minir1ci.training import runs
     from minir1ci.cli import one_line
-    from minir1ci.config import resolve
+    from minir1ci.config import parse_overrides, resolve
 
     try:
+        if any(a.startswith("--merge_lora") for a in argv):
+            return merge_lora(parse_overrides(argv))
         cfg = resolve(argv)
     except ValueError as e:
         print(f"train.py: error: {one_line(e)}", file=sys.stderr)
@@ -57,6 +62,26 @@ def run(argv: list[str]) -> int:
         return 1
     finally:
         runs.release_run_dir()
+    return 0
+
+
+def merge_lora(args: dict[str, str]) -> int:
+    """`--merge_lora ADAPTER_DIR --out DIR`: the adapter merged into its base, saved as a HF checkpoint."""
+    from minir1ci.cli import one_line
+    from minir1ci.inference import checkpoint, lora
+
+    if sorted(args) != ["merge_lora", "out"]:
+        raise ValueError("--merge_lora takes exactly --merge_lora ADAPTER_DIR --out DIR")
+    try:
+        if not lora.is_adapter_dir(args["merge_lora"]):
+            raise FileNotFoundError(f"--merge_lora {args['merge_lora']} is not a LoRA adapter directory "
+                                    f"(no {lora.ADAPTER_CONFIG})")
+        checkpoint.check_checkpoint(args["merge_lora"], need_tokenizer=False)
+        model, tokenizer = checkpoint.load_pretrained(args["merge_lora"])   # merged into its base
+        print(f"wrote {checkpoint.save_pretrained(model, tokenizer, args['out'])}")
+    except (OSError, ValueError) as e:
+        print(f"train.py: error: {one_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

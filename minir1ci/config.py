@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import get_type_hints
 
 from minir1ci.env.interpreter import RolloutParams
+from minir1ci.inference.lora import TARGETS
 from minir1ci.training.losses import AGG_MODES
 
 STAGES = ("pretrain", "sft", "grpo", "ppo")
@@ -35,11 +36,11 @@ RANGES = {
     **dict.fromkeys(("steps", "batch_size", "micro_batch_size", "max_seq_len", "num_train_examples", "lr",
                      "grad_clip", "log_every", "save_every", "loss_chunk_size", "prompts_per_step", "n_samples",
                      "max_new_tokens", "exec_timeout", "curriculum_samples", "ppo_epochs", "critic_lr",
-                     "value_clip"), POSITIVE),
+                     "value_clip", "lora_alpha"), POSITIVE),
     **dict.fromkeys(("warmup_steps", "weight_decay", "temperature", "max_code_calls", "dynamic_sampling_rounds",
                      "tis_cap", "mis_low", "mis_high", "gspo_clip_low", "gspo_clip_high", "mini_batch_size",
                      "keep_checkpoints", "clip_low", "clip_high", "kl_coef", "entropy_coef",
-                     "critic_warmup_steps", "threads"), NONNEG),
+                     "critic_warmup_steps", "threads", "lora_rank"), NONNEG),
     **dict.fromkeys(("text_fraction", "min_lr_ratio", "gamma", "lam"), UNIT),
     "top_p": (0, 1, (False, True)), "beta1": (0, 1, (True, False)), "beta2": (0, 1, (True, False)),
     "dual_clip": (1, INF, (False, False)), "sft_min_reward": (-INF, INF, (True, False)),
@@ -83,6 +84,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    lora_rank: int = 0         # LoRA adapters of this rank on the start checkpoint, its base frozen; 0 = full
+    lora_alpha: float = 32.0   # the update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "all"  # all, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
     # precision and memory
     device: str = "auto"       # auto: cuda if available, else cpu
     threads: int = 0           # CPU threads of torch's operators; 0 = its default (one per core)
@@ -155,6 +159,11 @@ class TrainConfig:
         if n % world:
             raise ValueError(f"{share}={n} is not divisible by the world size {world}: every rank needs an equal "
                              f"share (try {share}={n + world - n % world})")
+        unknown = sorted(set(self.lora_target_list()) - set(TARGETS))
+        if unknown:
+            raise ValueError(f"unknown --lora_targets {unknown}: use all or a comma list of {','.join(TARGETS)}")
+        if self.lora_rank and self.stage == "pretrain":
+            raise ValueError("--lora_rank adapts a trained checkpoint: use it with --stage sft, grpo or ppo")
         if self.policy_loss == "gspo" and self.stage != "grpo":
             raise ValueError("--policy_loss=gspo needs one advantage per trajectory: only --stage grpo has it")
         if not self.mask_tool_output and self.old_logprobs == "sampler":
@@ -163,6 +172,9 @@ class TrainConfig:
         if self.old_logprobs == "sampler" and (self.ppo_epochs > 1 or self.mini_batch_size):
             raise ValueError("--old_logprobs=sampler is exact only with one update per step: "
                              "--ppo_epochs=1 --mini_batch_size=0")
+
+    def lora_target_list(self) -> tuple[str, ...]:
+        return TARGETS if self.lora_targets == "all" else tuple(self.lora_targets.split(","))
 
     def run_dir(self) -> Path:
         return Path(self.out or f"runs/{self.stage}")

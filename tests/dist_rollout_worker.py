@@ -8,7 +8,9 @@ keeps replicas, the same `fully_shard` calls by hand, over gloo), then on every 
 - rollouts from `dist.unsharded_copy` of the sharded model (the trainer's path) must give the same
   trajectories as from an unsharded model whose parameters were cast to bf16 the same way;
 - the KL reference (`rl.frozen_reference`) holds those bf16 weights, frozen, and the PPO
-  critic (`critic.make_critic`) the policy's fp32 backbone exactly, with a zero score head.
+  critic (`critic.make_critic`) the policy's fp32 backbone exactly, with a zero score head;
+- the fp32 sampling copy of a sharded LoRA policy (gathered, then merged) has no adapters and gives the
+  adapted model's logits.
 Writes the findings of rank 0 to argv[1]; argv[2] == "cuda" runs on the local rank's GPU.
 """
 import copy
@@ -19,6 +21,7 @@ from dist_rl_worker import parallelize_on_cpu  # this file's folder is on sys.pa
 
 from minir1ci.training import distributed as dist
 from minir1ci.inference.checkpoint import init_from_config
+from minir1ci.inference.lora import apply_lora, lora_layers
 from minir1ci.env.interpreter import RolloutParams, run_rollouts
 from minir1ci.training.critic import make_critic
 from minir1ci.presets import tiny_dir
@@ -55,7 +58,18 @@ def main(out: str, device_name: str = "cpu") -> None:
     with Sandbox() as sandbox:
         got = run_rollouts(dist.unsharded_copy(sharded), tok, sandbox, prompts, 2, params)
         want = run_rollouts(ref, tok, sandbox, prompts, 2, params)
-    result = dict(world=dist.world_size(), sharded=dist.is_sharded(sharded), mismatched=mismatched,
+    adapted, _ = init_from_config(tiny_dir(), seed=0, device=device)
+    apply_lora(adapted, 4, 8)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_" in name:   # the same on every rank (A is drawn from each rank's own RNG); B not zero
+                p.copy_(torch.randn(p.shape, generator=gen).to(device) * 0.05)
+    ids = torch.randint(0, 900, (2, 17), generator=gen).to(device)
+    with torch.no_grad():
+        want_lora = adapted(ids)
+        merged = dist.unsharded_copy(shard(adapted, device), torch.float32)
+        lora_ok = not lora_layers(merged) and torch.allclose(merged(ids), want_lora, atol=1e-5, rtol=1e-5)
+    result = dict(world=dist.world_size(), lora_ok=lora_ok, sharded=dist.is_sharded(sharded), mismatched=mismatched,
                   ref_ok=ref_ok, ref_frozen=ref_frozen, critic_ok=critic_ok,
                   tied=default.lm_head.weight is default.model.embed_tokens.weight,
                   param_dtypes=sorted({str(p.dtype) for p in default.parameters()}),

@@ -95,13 +95,15 @@ def inputs(tmp_path_factory) -> dict:
     (root / "summary.json").write_text(json.dumps(summary))
     (root / "wrong_shape.json").write_text(json.dumps({"tasks": [0.5], "average": 0.5}))
     (root / "a_file").write_text("not a run directory\n")
+    from minir1ci.inference import lora
+    lora.save_adapter(lora.apply_lora(model, 2, 4), root / "orphan_adapter", root / "gone")   # its base missing
     finished = root / "finished_run"
     assert train_script.main([*PRETRAIN, "--steps=2", "--save_every=1", f"--out={finished}"]) == 0
     assert (finished / "latest").is_file() and (finished / "step-000001").is_dir()
     return {"good": good, "bad_types": bad_types, "no_tok": no_tok, "empty": root / "empty_data",
             "vocab": root / "vocab.jsonl", "content": root / "content.jsonl", "summary": root / "summary.json",
             "wrong_shape": root / "wrong_shape.json", "file": root / "a_file", "run": finished,
-            "missing": root / "missing"}
+            "missing": root / "missing", "orphan": root / "orphan_adapter"}
 
 
 NO_CUDA_7 = pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a cuda:7")
@@ -128,6 +130,16 @@ CASES = {
     "train unknown dtype": ("train.py", [*PRETRAIN, "--dtype=fp8", "--out={out}"], "dtype"),
     "train grpo unknown loss_agg": ("train.py", ["--stage=grpo", "--preset=tiny", "--model={good}",
                                                  "--loss_agg=token-sum", "--out={out}"], "loss_agg"),
+    "train lora rank larger than a layer": ("train.py", [*TINY_SFT, "--model={good}", "--lora_rank=100",
+                                                        "--out={out}"],
+                                            "rank 100 exceeds min(in, out) = 64 of model.layers.0.self_attn.k_proj"),
+    "train lora unknown target": ("train.py", [*TINY_SFT, "--model={good}", "--lora_rank=2",
+                                               "--lora_targets=q_proj,qkv_proj", "--out={out}"], "['qkv_proj']"),
+    "train lora adapter without its base": ("train.py", ["--stage=grpo", "--preset=tiny", "--model={orphan}",
+                                                         "--lora_rank=2", "--out={out}"], "base model of adapter"),
+    "train lora from scratch": ("train.py", [*TINY_SFT, "--lora_rank=2", "--out={out}"], "start checkpoint"),
+    "train lora pretrain": ("train.py", [*PRETRAIN, "--lora_rank=2", "--out={out}"], "--stage sft, grpo or ppo"),
+    "train merge_lora not an adapter": ("train.py", ["--merge_lora={good}", "--out={out}"], "not a LoRA adapter"),
     "train out is a file": ("train.py", [*PRETRAIN, "--out={file}"], "not a directory"),
     "train re-run without --resume": ("train.py", [*PRETRAIN, "--steps=3", "--out={run}"], "--resume"),
     "rollout config.json wrong types": ("rollout.py", ["--model", "{bad_types}", *SAMPLE, "--out", "{out}/r.jsonl"],
@@ -161,6 +173,7 @@ CASES = {
     "evaluate config.json wrong types": ("evaluate.py", ["--model", "{bad_types}", *SAMPLE], "hidden_size"),
     "evaluate out in a missing dir": ("evaluate.py", ["--model", "{good}", *SAMPLE, "--out", "{out}/no/e.json"],
                                       "does not exist"),
+    "evaluate adapter without its base": ("evaluate.py", ["--model", "{orphan}", *SAMPLE], "base model of adapter"),
     "evaluate symbench:all empty data": ("evaluate.py", ["--model", "{good}", "--tasks", "symbench:all", "--data",
                                                          "{empty}"], "symbench:all"),
 }

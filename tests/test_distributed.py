@@ -81,6 +81,7 @@ def check_rollouts(found: dict, world: int) -> None:
     assert found["tied"] and found["param_dtypes"] == ["torch.bfloat16"] and found["buffer_dtypes"] == ["torch.float32"]
     assert len(found["got"]) == 6 and all(len(ids) > 0 for ids in found["got"])
     assert found["got"] == found["want"] and found["got_logp"] == found["want_logp"]
+    assert found["lora_ok"]
 
 
 def test_rollouts_from_sharded_policy_on_cpu(tmp_path):
@@ -127,16 +128,21 @@ def tiny_sft(tmp_path_factory) -> Path:
     return runs.latest_checkpoint(out)
 
 
-@pytest.mark.parametrize("stage", ["grpo", "ppo"])
-def test_sharded_rl_runs_and_resumes_on_cpu(tmp_path, stage, tiny_sft):
-    # GRPO/PPO with an FSDP2-sharded policy (over gloo): two steps, then a resume for a third.
+@pytest.mark.parametrize("stage,lora", [("grpo", 0), ("ppo", 0), ("grpo", 4)], ids=["grpo", "ppo", "grpo-lora"])
+def test_sharded_rl_runs_and_resumes_on_cpu(tmp_path, stage, lora, tiny_sft):
+    # GRPO/PPO with an FSDP2-sharded policy (over gloo): two steps, then a resume for a third. With LoRA the
+    # ranks shard the frozen base and the fp32 adapters, sample from the gathered and merged copy, and save
+    # the adapters in PEFT's layout.
     from minir1ci.training import runs
     launcher = torchrun()
     args = [launcher, "--standalone", "--nproc_per_node", "2", str(RL_WORKER), f"--stage={stage}", "--preset=tiny",
-            f"--model={tiny_sft}", "--prompts_per_step=2", "--n_samples=2",
+            f"--model={tiny_sft}", "--prompts_per_step=2", "--n_samples=2", f"--lora_rank={lora}",
             "--max_new_tokens=24", "--kl_coef=0.01", "--save_every=1", "--num_train_examples=4", f"--out={tmp_path / stage}", "--device=cpu"]
     run(args + ["--steps=2"], tmp_path, cpu_only=True)
     run(args + ["--steps=3", "--resume"], tmp_path, cpu_only=True)
     steps = [json.loads(line)["step"] for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
-    assert runs.latest_checkpoint(tmp_path / stage).name == "step-000002"
+    latest = runs.latest_checkpoint(tmp_path / stage)
+    assert latest.name == "step-000002"
+    assert (latest / "adapter_model.safetensors").is_file() == bool(lora)
+    assert (latest / "model.safetensors").is_file() != bool(lora)

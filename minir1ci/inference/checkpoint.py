@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,15 +57,24 @@ def parse_size(size: int | str) -> int:
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> tuple[Qwen2ForCausalLM, Tokenizer | None]:
-    """(model, tokenizer) from a HF checkpoint directory; tokenizer is None without tokenizer.json.
+    """(model, tokenizer) from a HF checkpoint directory, or from a LoRA adapter directory (its base model with
+    the adapter merged in, lora.py); tokenizer is None without tokenizer.json.
     dtype None keeps the checkpoint's (config `dtype`/`torch_dtype`, else the tensors'); device None is CPU."""
+    from minir1ci.inference import lora  # here, not at the top: lora.py imports this module
+    if lora.is_adapter_dir(path):
+        model, tokenizer = lora.load_adapter(path, dtype, device)
+        return lora.merge_lora(model), tokenizer
     return load_model(path, dtype, device), _load_tokenizer(Path(path))
 
 
 def check_checkpoint(path: str | Path, need_tokenizer: bool = True) -> ModelConfig:
     """Everything loading would refuse, found without reading a weight (config.json, the weight headers
-    against the model, tokenizer.json when `need_tokenizer`); raises naming the file, returns the config."""
+    against the model, tokenizer.json when `need_tokenizer`); raises naming the file, returns the config.
+    A LoRA adapter directory is checked with its base model (the adapter's tensors when loaded)."""
+    from minir1ci.inference import lora  # here, not at the top: lora.py imports this module
     path = _checkpoint_dir(path)
+    if lora.is_adapter_dir(path):
+        return check_checkpoint(lora.adapter_config(path)[1], need_tokenizer)
     if need_tokenizer and not (path / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {path}: a checkpoint to train or sample from needs "
                                 "its tokenizer")
@@ -240,26 +250,34 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer: Tokenizer | None, path: 
         tensors.pop("lm_head.weight", None)  # HF layout: the head is the embedding
     dtype = resolve_dtype(dtype) or tensors["model.embed_tokens.weight"].dtype
     limit = parse_size(max_shard_size)
-    _check_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # same filesystem
-    try:
-        umask = os.umask(0)  # reading the umask means setting it: put it straight back
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint gets the usual mode
+    with write_atomically(path, CONFIG) as tmp:
         _write_weights(tensors, dtype, limit, tmp)
         dtype_name = str(dtype).removeprefix("torch.")
         _write_json(tmp / CONFIG, {**config.to_hf_dict(), "torch_dtype": dtype_name, "dtype": dtype_name})
         _write_json(tmp / GENERATION_CONFIG, _generation_config(config, tokenizer))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    return path
+
+
+@contextmanager
+def write_atomically(path: Path, marker: str):
+    """A temporary sibling directory to write into, fsynced and renamed to `path` at the end (an old one moved
+    aside first, deleted last), removed if the block raises; a non-empty `path` without `marker` is refused."""
+    _check_target(path, marker)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # same filesystem
+    try:
+        umask = os.umask(0)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint gets the usual mode
+        yield tmp
         for file in [*tmp.iterdir(), tmp]:  # on disk before the rename: a power loss cannot expose empty files
             _fsync(file)
         _move_into_place(tmp, path)
     except BaseException:  # KeyboardInterrupt too: never leave the temporary directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _write_weights(tensors: dict[str, Tensor], dtype: torch.dtype, limit: int, directory: Path) -> None:
@@ -310,12 +328,12 @@ def _write_json(file: Path, obj: dict) -> None:
     file.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _check_target(path: Path) -> None:
+def _check_target(path: Path, marker: str) -> None:
     """Refuse to replace anything that is not a checkpoint (a file, or a directory of other things)."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"cannot save a checkpoint to {path}: it exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG).is_file():
-        raise FileExistsError(f"refusing to replace {path}: a non-empty directory without {CONFIG}")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise FileExistsError(f"refusing to replace {path}: a non-empty directory without {marker}")
 
 
 def _fsync(path: Path) -> None:

@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from minir1ci.inference import lora
 from minir1ci.training import distributed as dist
 from minir1ci.inference.model import Qwen2Model
 from minir1ci.training.runs import load_trainer_state
@@ -33,11 +34,14 @@ class Critic(nn.Module):
 def make_critic(model, resume_dir) -> Critic:
     """The value model, whole on this rank (shard it after): the policy's backbone in fp32, or on resume
     the critic in rank 0's trainer state. Call it after `dist.parallelize(model)`, so no rank holds the
-    whole fp32 policy and critic at once."""
+    whole fp32 policy and critic at once. A LoRA policy gets a LoRA critic (frozen base, own adapters, score head
+    trained): a full one would need full fine-tuning's memory (gradients, AdamW state), what LoRA avoids."""
     if dist.is_sharded(model):
-        backbone = dist.unsharded_copy(model, dtype=torch.float32).model
-    else:
-        backbone = copy.deepcopy(model.model)
+        backbone = dist.unsharded_copy(model, dtype=torch.float32).model   # LoRA: merged, B = 0 at the start
+        if hasattr(model, "lora_spec"):
+            lora.apply_lora(backbone, *model.lora_spec)
+    else:   # the memo maps each frozen tensor to itself: shared (all of them trained without LoRA: copied)
+        backbone = copy.deepcopy(model.model, memo={id(p): p for p in model.parameters() if not p.requires_grad})
     critic = Critic(backbone).train()
     if resume_dir is not None:  # every rank reads rank 0's file: only it holds the whole critic
         critic.load_state_dict(load_trainer_state(resume_dir)["extra"]["critic"])

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as tdist
 
+from minir1ci.inference import lora
+
 
 def is_initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
@@ -120,8 +122,12 @@ def sync_grads(model: torch.nn.Module) -> None:
         g.copy_(part.view_as(g))
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The whole model's state dict on CPU (on rank 0; None elsewhere when sharded)."""
+def full_state_dict(model: torch.nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on CPU (on rank 0; None elsewhere when sharded); `trained_only`: the
+    parameters that require grad (LoRA's adapters), gathered one at a time, on every rank."""
+    if trained_only:
+        return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                for name, p in model.named_parameters() if p.requires_grad}
     if not is_sharded(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -135,7 +141,10 @@ def unsharded_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> 
     """A plain copy of a sharded model on every rank, for sampling (the sampler cannot run DTensor
     shards); `model` itself when not sharded and `dtype` is None or its own. Every rank must call it:
     parameters are all-gathered one at a time into `dtype` (default COMPUTE_DTYPE; buffers keep theirs),
-    on a model built on the meta device, so no second fp32 copy is ever made."""
+    on a model built on the meta device, so no second fp32 copy is ever made. LoRA: merged (`merge_lora`)."""
+    spec = getattr(model, "lora_spec", None)
+    if spec is not None and not is_sharded(model):
+        model, spec = lora.merge_lora(model), None
     if not is_sharded(model) and dtype in (None, next(model.parameters()).dtype):
         return model
     dtype = dtype or COMPUTE_DTYPE
@@ -143,6 +152,8 @@ def unsharded_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> 
 
     with torch.device("meta"):
         copy = Qwen2ForCausalLM(model.config)
+    if spec is not None:
+        lora.apply_lora(copy, *spec)
     device = next(model.parameters()).device
     copy = copy.to_empty(device=device)
     if model.config.tie_word_embeddings:  # to_empty makes one new tensor per module: tie them again
@@ -155,7 +166,7 @@ def unsharded_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> 
         raise RuntimeError(f"the unsharded copy does not match the sharded model: {sorted(dst.keys() ^ src.keys())}")
     for name, t in src.items():
         dst[name].copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
-    return copy.eval()
+    return (copy if spec is None else lora.merge_lora(copy)).eval()
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

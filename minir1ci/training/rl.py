@@ -23,6 +23,7 @@ from minir1ci.env.sandbox import Sandbox
 from minir1ci.env.tasks import load_tasks
 from minir1ci.inference import checkpoint
 from minir1ci.inference.devices import autocast_for, rollout_dtype
+from minir1ci.inference.lora import adapters_disabled
 from minir1ci.training import distributed as dist
 from minir1ci.training.critic import make_critic, token_rewards
 from minir1ci.training.experience import (RLBatch, collect, curriculum_pools, loss_filter, measure_success,
@@ -63,7 +64,8 @@ def frozen_reference(model, cfg, resumed, device):
     if resumed is None:
         ref = dist.unsharded_copy(model) if sharded else copy.deepcopy(model)
     else:
-        ref = checkpoint.load_model(cfg.model, dtype=dist.COMPUTE_DTYPE if sharded else torch.float32, device=device)
+        ref, _ = checkpoint.load_pretrained(cfg.model, dtype=dist.COMPUTE_DTYPE if sharded else torch.float32,
+                                            device=device)
     if sharded:
         ref = dist.parallelize(ref, device)
     return ref.eval().requires_grad_(False)
@@ -194,7 +196,8 @@ def train_rl(cfg) -> dict:
         print(f"{cfg.stage}: {model.num_params() / 1e6:.2f}M params from {source}; {len(examples)} training "
               f"questions; {cfg.prompts_per_step} prompts x {cfg.n_samples} samples per step")
     model = dist.parallelize(model, device)
-    ref = frozen_reference(model, cfg, resumed, device) if cfg.kl_coef > 0 else None
+    # The KL reference; with LoRA the policy itself, run with its adapters off (the base), not a second copy.
+    ref = (model if cfg.lora_rank else frozen_reference(model, cfg, resumed, device)) if cfg.kl_coef > 0 else None
     opts, critic = {"policy": make_optimizer(model.parameters(), cfg)}, None
     if cfg.stage == "ppo":
         critic = make_critic(model, resumed)
@@ -228,7 +231,8 @@ def train_rl(cfg) -> dict:
             if batch.old_logp is not None:
                 sums.update(correct_mismatch(batch, cfg))
             if ref is not None:
-                batch.ref_logp = no_grad_pass(lambda x: token_logp(ref, x, cfg)[0], batch, micro, device, amp)
+                with adapters_disabled(ref):
+                    batch.ref_logp = no_grad_pass(lambda x: token_logp(ref, x, cfg)[0], batch, micro, device, amp)
             # Advantages: GRPO's group-relative, one per trajectory; PPO's from GAE on the critic's values,
             # with the KL (k1 of pi_old against the reference) in the reward, whitened.
             if critic is None:
@@ -255,6 +259,6 @@ def train_rl(cfg) -> dict:
             if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
                 extra = {"pools": pools, **({"critic": dist.full_state_dict(critic)} if critic is not None else {})}
                 save_run_checkpoint(run_dir, step, model, tokenizer, opts, extra=extra,
-                                    keep=cfg.keep_checkpoints or cfg.steps + 1)
+                                    keep=cfg.keep_checkpoints or cfg.steps + 1, base=cfg.model)
     dist.shutdown()
     return last

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from minir1ci.inference import checkpoint
-from minir1ci.inference.devices import pick_device
-from minir1ci.inference.model import read_json
+from minir1ci.inference import checkpoint, lora
+from minir1ci.inference.devices import pick_device, train_autocast_dtype
+from minir1ci.inference.model import Qwen2ForCausalLM, read_json
 from minir1ci.training import distributed as dist
 
 LOCK_FILE = ".lock"
@@ -79,6 +79,12 @@ def check_inputs(cfg) -> tuple[str, Path | None]:
         checkpoint.check_checkpoint(resumed)
     if start and (resumed is None or (cfg.stage in ("grpo", "ppo") and cfg.kl_coef > 0)):   # weights or KL reference
         checkpoint.check_checkpoint(start)
+    if cfg.lora_rank:   # the start's shapes against the rank (LoRA keeps the start as its base)
+        if not start:
+            raise ValueError("--lora_rank adapts a start checkpoint: pass --model PATH (or train the stage before)")
+        with torch.device("meta"):
+            model = Qwen2ForCausalLM(checkpoint.check_checkpoint(start))
+        lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list())
     if cfg.stage == "sft" and cfg.sft_data:
         if not Path(cfg.sft_data).is_file():
             raise FileNotFoundError(f"SFT data file not found: {cfg.sft_data}")
@@ -102,7 +108,12 @@ def start_source(cfg) -> tuple[str, Path | None]:
             raise FileNotFoundError(f"--model {cfg.model} is a run directory without a complete checkpoint")
     resumed = latest_checkpoint(run_dir) if cfg.resume else None
     if resumed is not None:
-        recorded = read_json(run_dir / "config.json").get("model", "")
+        config = read_json(run_dir / "config.json")
+        recorded = config.get("model", "")
+        for key in ("lora_rank", "lora_alpha", "lora_targets"):   # what the saved adapters and optimizer hold
+            was = config.get(key, getattr(type(cfg), key))
+            if was != getattr(cfg, key):
+                raise ValueError(f"{run_dir} was trained with --{key}={was}: resume it with the same")
         if model and (not recorded or Path(model).resolve() != Path(recorded).resolve()):
             raise ValueError(f"{run_dir} started from {recorded or 'scratch'}, not --model {model}: drop "
                              "--model to resume it, or pass a new --out")
@@ -122,8 +133,13 @@ def load_start_model(cfg, device: torch.device, resumed: Path | None):
     from minir1ci import presets
 
     source = resumed or cfg.model
-    if source:
-        model, tokenizer = checkpoint.load_pretrained(source, dtype=torch.float32, device=device)
+    # LoRA: the frozen base in the compute dtype (bf16 on CUDA: frozen weights need no fp32 master copy)
+    dtype = (train_autocast_dtype(cfg.dtype, device) if cfg.lora_rank else None) or torch.float32
+    if source:   # a LoRA run resumes its adapters (on its start); an adapter dir to start from is merged
+        load = lora.load_adapter if cfg.lora_rank and resumed else checkpoint.load_pretrained
+        model, tokenizer = load(source, dtype, device)
+        if cfg.lora_rank and not resumed:
+            lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list())
         return model, tokenizer, str(source)
     if cfg.stage == "sft" and dist.is_main():
         print(f"sft: no checkpoint under {cfg.run_dir().parent / 'pretrain'}, so the tiny preset starts from "
@@ -213,13 +229,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_run_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizers: dict, extra: dict | None = None,
-                        keep: int = 2) -> Path:
-    """HF weights + trainer state for `step`, then point `latest` at it. Every rank calls this: rank 0
-    writes the (gathered) weights; each rank of a sharded run writes its own optimizer shard."""
+                        keep: int = 2, base: str = "") -> Path:
+    """HF weights (LoRA: the adapters, on `base`) + trainer state for `step`, then point `latest` at it. Every
+    rank calls this: rank 0 writes the (gathered) weights; each rank of a sharded run its own optimizer shard."""
     name = f"step-{step:06d}"
     target = run_dir / name
-    state_dict = dist.full_state_dict(model)
-    if dist.is_main():
+    adapted = hasattr(model, "lora_spec")
+    state_dict = dist.full_state_dict(model, trained_only=adapted)
+    if dist.is_main() and adapted:
+        lora.save_adapter(model, target, base, state_dict)
+    elif dist.is_main():
         checkpoint.save_pretrained(model, tokenizer, target, state_dict=state_dict)
     if dist.is_initialized():
         torch.distributed.barrier()

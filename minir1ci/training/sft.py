@@ -101,7 +101,7 @@ def train_sft(cfg) -> dict:
         last = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_s": float(totals[1]) / (time.time() - t0)}
         log.log(step, last)
         if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
-            save_run_checkpoint(run_dir, step, model, tokenizer, {"policy": opt})
+            save_run_checkpoint(run_dir, step, model, tokenizer, {"policy": opt}, base=cfg.model)
     release_run_dir(run_dir)
     dist.shutdown()
     return last
