@@ -77,10 +77,10 @@ def train(args: list[str], threads: int = 1) -> list[str]:
     return [str(ROOT / "train.py"), *args, f"--threads={threads}"]
 
 
-def eval_job(run: Path, use_code: bool, limit: int, greedy_only: bool = False) -> list[str]:
+def eval_job(run: Path, use_code: bool, limit: int, settings: str = "both") -> list[str]:
     """The command that evaluates the newest checkpoint of `run` (see `evaluate`), one thread."""
-    return [str(ROOT / "demo.py"), "--evaluate", str(run), f"--eval_limit={limit}",
-            *(["--no-code"] if not use_code else []), *(["--greedy_only"] if greedy_only else [])]
+    return [str(ROOT / "demo.py"), "--evaluate", str(run), f"--eval_limit={limit}", f"--settings={settings}",
+            *(["--no-code"] if not use_code else [])]
 
 
 def latest(run: Path) -> Path:
@@ -99,14 +99,15 @@ def second_calls(trajs) -> dict:
     return {"share": sum(kinds.values()) / max(len(trajs), 1), **kinds}
 
 
-def evaluate(ckpt: Path, use_code: bool, limit: int, greedy_only: bool = False) -> dict:
+def evaluate(ckpt: Path, use_code: bool, limit: int, settings: str = "both") -> dict:
     """{"sampled": summary at EVAL_TEMPERATURE, EVAL_SAMPLES per question, with "second_calls";
-    "greedy": summary} on the first `limit` test questions per family of seed EVAL_SEED, in fp32
-    (what evaluate.py --dtype float32 does). Kept in the checkpoint directory, so a rerun (or the
-    ablations) reads it instead of evaluating again."""
-    cache = ckpt / f"demo-eval-{limit}{'-greedy' if greedy_only else ''}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+    "greedy": summary} (`settings`: both, or one of them) on the first `limit` test questions per
+    family of seed EVAL_SEED, in fp32 (what evaluate.py --dtype float32 does). Kept in the checkpoint
+    directory, so a rerun (or the ablations) reads it instead of evaluating again."""
+    cache = ckpt / f"demo-eval-{limit}{'' if settings == 'both' else '-' + settings}.json"
+    for path in (cache, ckpt / f"demo-eval-{limit}.json"):   # both settings hold either one
+        if path.exists():
+            return json.loads(path.read_text())
     import torch
     from minir1ci.config import TINY_TASKS
     from minir1ci.env.evaluation import evaluate_examples
@@ -117,11 +118,11 @@ def evaluate(ckpt: Path, use_code: bool, limit: int, greedy_only: bool = False) 
 
     model, tok = load_pretrained(ckpt, dtype=torch.float32)
     examples = load_tasks(TINY_TASKS, split="test", limit=limit, seed=EVAL_SEED)
-    settings = (("greedy", 0.0, 1),) if greedy_only else (("sampled", EVAL_TEMPERATURE, EVAL_SAMPLES),
-                                                          ("greedy", 0.0, 1))
     out = {}
     with Sandbox(timeout=5.0) as sb:
-        for key, temperature, n in settings:
+        for key, temperature, n in (("sampled", EVAL_TEMPERATURE, EVAL_SAMPLES), ("greedy", 0.0, 1)):
+            if settings not in ("both", key):
+                continue
             params = RolloutParams(temperature=temperature, max_new_tokens=160, max_code_calls=2, use_code=use_code,
                                    seed=EVAL_SEED)
             out[key], trajs = evaluate_examples(model.eval(), tok, sb, examples, n, params)
@@ -137,8 +138,8 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 def curves(start: Path, runs: dict) -> dict:
     """{name: [(RL step, greedy summary on CURVE_LIMIT questions per family)]}, step 0 = `start`."""
-    first = evaluate(start, True, CURVE_LIMIT, greedy_only=True)["greedy"]
-    return {name: [(0, first)] + [(s, evaluate(p, True, CURVE_LIMIT, greedy_only=True)["greedy"])
+    first = evaluate(start, True, CURVE_LIMIT, "greedy")["greedy"]
+    return {name: [(0, first)] + [(s, evaluate(p, True, CURVE_LIMIT, "greedy")["greedy"])
                                   for s, p in checkpoints(run)] for name, run in runs.items()}
 
 
@@ -298,9 +299,9 @@ def ablations(out: Path, limit: int, readme: bool) -> int:
         after = {a.removeprefix(f"--model={out}/") for a in args if a.startswith("--model=")} & {j[0] for j in jobs}
         if args:
             jobs.append((run.name, train(args), after))
-        jobs.append((f"eval-{run.name}", eval_job(run, True, limit), {run.name} if args else set()))
+        jobs.append((f"eval-{run.name}", eval_job(run, True, limit, "sampled"), {run.name} if args else set()))
     times = run_jobs(jobs, out / "logs")
-    acc = {(key, seed): evaluate(latest(run), True, limit)["sampled"]["average"] for key, seed, run, _ in runs}
+    acc = {(key, seed): evaluate(latest(run), True, limit, "sampled")["sampled"]["average"] for key, seed, run, _ in runs}
     sft_seeds = {f"{name} seed {s}": evaluate(latest(out / (name + ("-s1" if s else ""))), True, limit)["sampled"]
                  for name in ("sft-teacher", "sft-oracle") for s in SEEDS}
     total = time.time() - t_start
@@ -348,7 +349,7 @@ def main() -> int:
     ap.add_argument("--evaluate", metavar="RUN", help="(a demo job) evaluate RUN's newest checkpoint into its cache")
     ap.add_argument("--curve", action="store_true", help="with --evaluate: every kept checkpoint, greedy")
     ap.add_argument("--no-code", dest="use_code", action="store_false", help="with --evaluate: text only")
-    ap.add_argument("--greedy_only", action="store_true", help="with --evaluate: the greedy setting alone")
+    ap.add_argument("--settings", choices=["both", "sampled", "greedy"], default="both", help="with --evaluate")
     args = ap.parse_args()
     out = Path(args.out)
     if args.evaluate:
@@ -356,7 +357,7 @@ def main() -> int:
         torch.set_num_threads(1)
         run = Path(args.evaluate)
         for ckpt in ([p for _, p in checkpoints(run)] if args.curve else [latest(run)]):
-            evaluate(ckpt, args.use_code, args.eval_limit, args.greedy_only)
+            evaluate(ckpt, args.use_code, args.eval_limit, args.settings)
         return 0
     if args.ablations:
         return ablations(out, args.eval_limit, args.readme)
@@ -382,9 +383,9 @@ def main() -> int:
         ("eval-sft-oracle", eval_job(out / "sft-oracle", True, n), {"sft-oracle"}),
         ("eval-grpo", eval_job(out / "grpo", True, n), {"grpo"}),
         ("eval-ppo", eval_job(out / "ppo", True, n), {"ppo"}),
-        ("curve-start", eval_job(out / "sft-teacher", True, CURVE_LIMIT, greedy_only=True), {"sft-teacher"}),
-        ("curve-grpo", [*eval_job(out / "grpo", True, CURVE_LIMIT, greedy_only=True), "--curve"], {"grpo"}),
-        ("curve-ppo", [*eval_job(out / "ppo", True, CURVE_LIMIT, greedy_only=True), "--curve"], {"ppo"}),
+        ("curve-start", eval_job(out / "sft-teacher", True, CURVE_LIMIT, "greedy"), {"sft-teacher"}),
+        ("curve-grpo", [*eval_job(out / "grpo", True, CURVE_LIMIT, "greedy"), "--curve"], {"grpo"}),
+        ("curve-ppo", [*eval_job(out / "ppo", True, CURVE_LIMIT, "greedy"), "--curve"], {"ppo"}),
     ]
     times = run_jobs(jobs, out / "logs")
     start = latest(out / "sft-teacher")
