@@ -237,26 +237,26 @@ def host_note() -> str:
 # are seed 0 of their rows.
 ABLATIONS = [
     ("grpo", "GRPO (demo: masked, curriculum, teacher SFT start, fp32 rollouts)", [], ""),
+    ("lora", "GRPO with LoRA (rank 8, lr 4e-4: 10x full fine-tuning's)", ["--lora_rank=8", "--lr=4e-4"],
+     "LoRA Without Regret: LoRA matches full fine-tuning in RL at about 10x the learning rate"),
     ("unmasked", "interpreter output unmasked (`--mask_tool_output=false`)", ["--mask_tool_output=false"],
      "masking the interpreter output helps (R1-CI v1: training on it lowers accuracy and stability)"),
     ("no-curriculum", "curriculum off (`--curriculum=false`)", ["--curriculum=false"],
      "the curriculum matters: GRPO 66.5 without, 72.4 with (v2, 14B; SFT 63.1)"),
-    ("curriculum-20", "curriculum from 20 samples per question, all four stages filled", ["--curriculum_samples=20"],
-     "the paper measures p from 20 samples"),
+    ("ppo", "PPO instead of GRPO", ["--stage=ppo"], "GRPO beats PPO (v1)"),
+    ("mix-0.0", "teacher with 0% text (the oracle SFT), then GRPO", ["start:sft-oracle"],
+     "the paper's SFT data mixes text and code (GPT-4o)"),
     ("cold", "cold start: RL from the pretrain checkpoint", ["start:pretrain"],
      "warm start (SFT, then RL) beats RL from the base model (v1)"),
-    ("ppo", "PPO instead of GRPO", ["--stage=ppo"], "GRPO beats PPO (v1)"),
+    ("dynamic", "dynamic sampling (`--dynamic_sampling`, DAPO)", ["--dynamic_sampling"],
+     "not in the paper (DAPO: more signal per step)"),
+    ("mix-0.7", "teacher with 70% text, then GRPO", ["start:sft-teacher-0.7"], "as above"),
     ("bf16-tis", "bf16 rollouts, TIS on (cap 2)", ["--rollout_dtype=bfloat16"],
      "not in the paper (sampler/trainer mismatch correction: veRL and others)"),
     ("bf16-notis", "bf16 rollouts, TIS off (`--tis_cap=0`)", ["--rollout_dtype=bfloat16", "--tis_cap=0"],
      "not in the paper (as above)"),
-    ("dynamic", "dynamic sampling (`--dynamic_sampling`, DAPO)", ["--dynamic_sampling"],
-     "not in the paper (DAPO: more signal per step)"),
-    ("mix-0.0", "teacher with 0% text (the oracle SFT), then GRPO", ["start:sft-oracle"],
-     "the paper's SFT data mixes text and code (GPT-4o)"),
-    ("mix-0.7", "teacher with 70% text, then GRPO", ["start:sft-teacher-0.7"], "as above"),
-    ("lora", "GRPO with LoRA (rank 8, lr 4e-4: 10x full fine-tuning's)", ["--lora_rank=8", "--lr=4e-4"],
-     "LoRA Without Regret: LoRA matches full fine-tuning in RL at about 10x the learning rate"),
+    ("curriculum-20", "curriculum from 20 samples per question, all four stages filled", ["--curriculum_samples=20"],
+     "the paper measures p from 20 samples"),
 ]
 SEEDS = (0, 1)
 
@@ -287,20 +287,22 @@ def ablations(out: Path, limit: int, readme: bool) -> int:
     t_start = time.time()
     sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}"]
     # SFT: the third teacher of the mix sweep, and a second seed of the teacher and the oracle (the date family)
-    jobs = [("sft-teacher-0.7", train([*sft, "--seed=0", "--text_fraction=0.7", f"--out={out / 'sft-teacher-0.7'}"]),
-             set())]
+    sft_jobs = [("sft-teacher-0.7", train([*sft, "--seed=0", "--text_fraction=0.7", f"--out={out / 'sft-teacher-0.7'}"]),
+                 set())]
     for name, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
-        jobs.append((f"{name}-s1", train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / name}-s1"]),
-                     set()))
-        jobs.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit), {f"{name}-s1"}))
-    runs = ablation_runs(out)
+        sft_jobs.append((f"{name}-s1", train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / name}-s1"]),
+                         set()))
+        sft_jobs.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit), {f"{name}-s1"}))
+    jobs, runs = [], ablation_runs(out)
     for key, seed, run, args in runs:
         # --model names the SFT run: train.py starts from its newest checkpoint when the job starts
-        after = {a.removeprefix(f"--model={out}/") for a in args if a.startswith("--model=")} & {j[0] for j in jobs}
+        after = {a.removeprefix(f"--model={out}/") for a in args if a.startswith("--model=")} & {j[0] for j in sft_jobs}
         if args:
             jobs.append((run.name, train(args), after))
         jobs.append((f"eval-{run.name}", eval_job(run, True, limit, "sampled"), {run.name} if args else set()))
-    times = run_jobs(jobs, out / "logs")
+    # The SFT runs last in the list: a job starts when a lane frees up and it is the first ready one, so the
+    # rows that need no new SFT go first and the mix-0.7 rows wait for theirs.
+    times = run_jobs(jobs + sft_jobs, out / "logs")
     acc = {(key, seed): evaluate(latest(run), True, limit, "sampled")["sampled"]["average"] for key, seed, run, _ in runs}
     sft_seeds = {f"{name} seed {s}": evaluate(latest(out / (name + ("-s1" if s else ""))), True, limit)["sampled"]
                  for name in ("sft-teacher", "sft-oracle") for s in SEEDS}
