@@ -7,22 +7,16 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from minir1ci.training import distributed as dist
 from minir1ci.training.runs import latest_checkpoint
 
 
-@dataclass
-class RunState:
-    """Where this process's run stands, for train.py's report when it is interrupted."""
-    run_dir: Path | None = None
-    last_step: int = -1        # the last completed step (-1: none)
-    interrupted: bool = False  # SIGINT seen (see catch_interrupts)
-
-
-RUN = RunState()
+# Where this process's run stands, for train.py's report when it is interrupted: its directory, the last
+# completed step (-1: none), whether SIGINT was seen (see catch_interrupts).
+RUN = SimpleNamespace(run_dir=None, last_step=-1, interrupted=False)
 
 
 def catch_interrupts() -> None:
@@ -46,10 +40,9 @@ def interrupted_message() -> str:
 
 def check_finite(value: float, step: int, run_dir: Path) -> None:
     if not math.isfinite(value):
-        last = latest_checkpoint(run_dir)
         raise FloatingPointError(
             f"non-finite loss ({value}) at step {step}; stopping. The last good checkpoint is "
-            f"{last if last else '(none saved yet)'}; lower the learning rate or resume from it.")
+            f"{latest_checkpoint(run_dir) or '(none saved yet)'}; lower the learning rate or resume from it.")
 
 
 class MetricsLog:
