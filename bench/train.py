@@ -14,9 +14,11 @@ process held before training (the torch runtime, weights, data), what the step i
 Shapes: `--shape tiny`, the tiny preset (0.9M parameters, 1,024-token vocabulary) on its SFT batches
 (32 oracle trajectories of the built-in tasks per step, 40% answered in text as the demo's teacher;
 up to 320 tokens); `--shape 151k` (default), hidden 256 and 4 layers with the real 151,936-token
-vocabulary, batches of 4 x 512 random tokens (the first quarter untrained).
+vocabulary, batches of 4 x 512 random tokens (the first quarter untrained); `--shape 0.5b`, Qwen2.5-0.5B's
+shape (494M parameters, random weights), 1 x 512 random tokens per step: where weights, gradients and AdamW
+state, not activations, hold the memory, as in the paper's models (what LoRA saves).
 
-    python bench/train.py [--shape tiny|151k] [--steps 6] [--dtypes float32,bfloat16]
+    python bench/train.py [--shape tiny|151k|0.5b] [--steps 6] [--dtypes float32,bfloat16]
 
 Prints a table and a final JSON line with every side and dtype; last, our best dtype against HF's
 best in tokens/s (`tok_s_ratio`) and peak memory (`peak_mem_ratio`, and `train_mem_ratio`), and LoRA
@@ -47,6 +49,10 @@ def build(args, side: str):
     if args.shape == "tiny":
         kw = {k: v for k, v in ModelConfig.from_json(tiny_dir()).to_hf_dict().items()
               if k not in ("architectures", "model_type")}
+    elif args.shape == "0.5b":   # Qwen2.5-0.5B's config.json
+        kw = dict(vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
+                  use_sliding_window=False)
     else:
         kw = dict(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
                   num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
@@ -146,10 +152,10 @@ def run_side(args, side: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=["tiny", "151k"], default="151k")
+    ap.add_argument("--shape", choices=["tiny", "151k", "0.5b"], default="151k")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=None, help="samples per step (tiny: 32, 151k: 4)")
+    ap.add_argument("--batch", type=int, default=None, help="samples per step (tiny: 32, 151k: 4, 0.5b: 1)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--chunk", type=int, default=512)
@@ -158,7 +164,7 @@ def main() -> None:
     ap.add_argument("--side", choices=["hf", "ours", "lora"])
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
-    args.batch = args.batch or (32 if args.shape == "tiny" else 4)
+    args.batch = args.batch or {"tiny": 32, "151k": 4, "0.5b": 1}[args.shape]
     if args.side:
         print(json.dumps(run_side(args, args.side)))
         return
@@ -171,8 +177,8 @@ def main() -> None:
                 f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "dtype", "dtypes")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             res[side, dtype] = json.loads(out.stdout.strip().splitlines()[-1])
-    shape = ("the tiny preset, its SFT batches" if args.shape == "tiny" else
-             f"vocab {VOCAB}, hidden {args.hidden}, {args.layers} layers, {args.seq} tokens")
+    shape = {"tiny": "the tiny preset, its SFT batches", "0.5b": f"Qwen2.5-0.5B's shape, {args.seq} tokens"}.get(
+        args.shape, f"vocab {VOCAB}, hidden {args.hidden}, {args.layers} layers, {args.seq} tokens")
     print(f"SFT step, CPU {caps}, {shape}, {args.batch} samples per step, {args.threads} threads; "
           f"bf16 = autocast over fp32 weights")
     print(f"{'':16s} {'tokens/s':>10s} {'peak MB':>10s} {'train MB':>10s} {'loss first->last':>20s}")
