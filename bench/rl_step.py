@@ -151,8 +151,15 @@ def floor_seconds(args, rows: list[dict]) -> float:
     from minir1ci.inference.model import ModelConfig
     from minir1ci.presets import tiny_dir
 
+    from minir1ci.config import TINY_TASKS
+    from minir1ci.env.interpreter import prompt_ids
+    from minir1ci.env.tasks import load_tasks
+    from minir1ci.inference.tokenizer import Tokenizer
+
     c = ModelConfig.from_json(tiny_dir())
-    tokens = int(sum(r["response_len"] + 60 for r in rows) / len(rows) * args.prompts * args.group)   # + prompt
+    prompts = prompt_ids(Tokenizer.from_pretrained(tiny_dir()), load_tasks(TINY_TASKS, split="train", seed=0), True)
+    prompt_len = sum(map(len, prompts)) / len(prompts)   # the mean prompt (system prompt and question) in tokens
+    tokens = int((mean([r["response_len"] for r in rows]) + prompt_len) * args.prompts * args.group)
     shapes = [(c.hidden_size, c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim),
               (c.num_attention_heads * c.head_dim, c.hidden_size), (c.hidden_size, 2 * c.intermediate_size),
               (c.intermediate_size, c.hidden_size)] * c.num_hidden_layers + [(c.hidden_size, c.vocab_size)]
