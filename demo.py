@@ -261,11 +261,11 @@ ABLATIONS = [
 SEEDS = (0, 1)
 
 
-def ablation_runs(out: Path) -> list[tuple[str, int, Path, list[str]]]:
-    """(key, seed, run dir, train.py arguments) of every ablation run; the demo's GRPO and PPO are seed 0
-    (no arguments: nothing to train)."""
+def ablation_runs(out: Path, rows: list) -> list[tuple[str, int, Path, list[str]]]:
+    """(key, seed, run dir, train.py arguments) of every run of `rows` (ABLATIONS entries); the demo's GRPO
+    and PPO are seed 0 (no arguments: nothing to train)."""
     runs = []
-    for key, _, change, _ in ABLATIONS:
+    for key, _, change, _ in rows:
         for seed in SEEDS:
             if key in ("grpo", "ppo") and seed == 0:
                 runs.append((key, seed, out / key, []))
@@ -279,8 +279,11 @@ def ablation_runs(out: Path) -> list[tuple[str, int, Path, list[str]]]:
     return runs
 
 
-def ablations(out: Path, limit: int, readme: bool) -> int:
-    """Train every ablation run (and the SFT runs they start from), evaluate them, write the table."""
+def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
+    """Train every ablation run (and the SFT runs they start from), evaluate them, write the table; `keys`
+    (comma list) limits it to those rows and GRPO's, the rest named as not run."""
+    rows = [a for a in ABLATIONS if not keys or a[0] in keys.split(",") + ["grpo"]]
+    skipped = [a[0] for a in ABLATIONS if a not in rows]
     for run in ("pretrain", "sft-teacher", "sft-oracle", "grpo", "ppo"):
         if not (out / run / "latest").exists():
             sys.exit(f"demo.py: {out / run} has no checkpoint; run `make demo` first")
@@ -288,21 +291,19 @@ def ablations(out: Path, limit: int, readme: bool) -> int:
     sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}"]
     # SFT: the third teacher of the mix sweep, and a second seed of the teacher and the oracle (the date family)
     sft_jobs = [("sft-teacher-0.7", train([*sft, "--seed=0", "--text_fraction=0.7", f"--out={out / 'sft-teacher-0.7'}"]),
-                 set())]
+                 set())] if any(a[0] == "mix-0.7" for a in rows) else []
     for name, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
         sft_jobs.append((f"{name}-s1", train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / name}-s1"]),
                          set()))
         sft_jobs.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit), {f"{name}-s1"}))
-    jobs, runs = [], ablation_runs(out)
+    jobs, runs = [], ablation_runs(out, rows)
     for key, seed, run, args in runs:
         # --model names the SFT run: train.py starts from its newest checkpoint when the job starts
         after = {a.removeprefix(f"--model={out}/") for a in args if a.startswith("--model=")} & {j[0] for j in sft_jobs}
         if args:
             jobs.append((run.name, train(args), after))
         jobs.append((f"eval-{run.name}", eval_job(run, True, limit, "sampled"), {run.name} if args else set()))
-    # The SFT runs last in the list: a job starts when a lane frees up and it is the first ready one, so the
-    # rows that need no new SFT go first and the mix-0.7 rows wait for theirs.
-    times = run_jobs(jobs + sft_jobs, out / "logs")
+    times = run_jobs(sft_jobs + jobs, out / "logs")   # the SFT first: the mix-0.7 rows wait for theirs
     acc = {(key, seed): evaluate(latest(run), True, limit, "sampled")["sampled"]["average"] for key, seed, run, _ in runs}
     sft_seeds = {f"{name} seed {s}": evaluate(latest(out / (name + ("-s1" if s else ""))), True, limit)["sampled"]
                  for name in ("sft-teacher", "sft-oracle") for s in SEEDS}
@@ -315,7 +316,7 @@ def ablations(out: Path, limit: int, readme: bool) -> int:
     ref_mean, ref_half = spread("grpo")
     lines = ["| run | seed 0 | seed 1 | mean ± half-range | Δ vs GRPO | beyond the spread | code use | paper |",
              "|---|---|---|---|---|---|---|---|"]
-    for key, label, _, paper in ABLATIONS:
+    for key, label, _, paper in rows:
         mean, half = spread(key)
         seeds = " | ".join(f"{100 * acc[key, s]['accuracy']:.1f}" for s in SEEDS)
         delta = "" if key == "grpo" else f"{mean - ref_mean:+.1f}"
@@ -324,7 +325,7 @@ def ablations(out: Path, limit: int, readme: bool) -> int:
         lines.append(f"| {label} | {seeds} | {mean:.1f} ± {half:.1f} | {delta} | {beyond} | {code:.0f} | {paper} |")
     date = ", ".join(f"{name} {100 * s['tasks']['builtin:date']['accuracy']:.1f} (average "
                      f"{100 * s['average']['accuracy']:.1f})" for name, s in sft_seeds.items())
-    tbl = "\n".join(lines)
+    tbl = "\n".join(lines) + (f"\n\nNot run in this table: {', '.join(skipped)} (`--rows`)." if skipped else "")
     (out / "ablations.json").write_text(json.dumps({"runs": {f"{k} seed {s}": {"run": str(r), "args": a, **acc[k, s]}
                                                              for k, s, r, a in runs},
                                                     "sft_seeds": sft_seeds, "times": times}, indent=2))
@@ -347,6 +348,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--eval_limit", type=int, default=100, help="held-out questions per family")
     ap.add_argument("--ablations", action="store_true", help="the ablation table (after the demo)")
+    ap.add_argument("--rows", default="", help="with --ablations: only these rows (comma list of keys)")
     ap.add_argument("--no-readme", dest="readme", action="store_false")
     ap.add_argument("--evaluate", metavar="RUN", help="(a demo job) evaluate RUN's newest checkpoint into its cache")
     ap.add_argument("--curve", action="store_true", help="with --evaluate: every kept checkpoint, greedy")
@@ -362,7 +364,7 @@ def main() -> int:
             evaluate(ckpt, args.use_code, args.eval_limit, args.settings)
         return 0
     if args.ablations:
-        return ablations(out, args.eval_limit, args.readme)
+        return ablations(out, args.eval_limit, args.readme, args.rows)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     # --resume: a demo stopped part-way (Ctrl-C) picks up where it stopped, and a finished stage is

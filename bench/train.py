@@ -27,6 +27,8 @@ LoRA's optimizer holds its adapters alone; the frozen base stays fp32, as train.
 """
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import random
 import subprocess
@@ -63,6 +65,8 @@ def build(args, side: str):
     ours = Qwen2ForCausalLM(ModelConfig.from_json({**kw, "model_type": "qwen2"}))
     ours.load_state_dict(hf.state_dict())
     del hf
+    gc.collect()   # HF's copy freed and handed back to the OS, so the peak below is ours alone (glibc keeps
+    ctypes.CDLL("libc.so.6").malloc_trim(0)   # freed heap in the process otherwise: 2.6 GB at the 0.5B shape)
     return ours
 
 
@@ -102,8 +106,6 @@ def rss_mb(field: str) -> float:
 
 
 def run_side(args, side: str) -> dict:
-    import gc
-
     import torch
 
     from minir1ci.config import tiny
@@ -112,6 +114,11 @@ def run_side(args, side: str) -> dict:
 
     torch.set_num_threads(args.threads)
     model = build(args, side).train()
+    if args.grad_checkpointing:   # each decoder layer recomputed in the backward, on every side
+        if side == "hf":
+            model.gradient_checkpointing_enable()
+        else:
+            model.gradient_checkpointing = True
     if side == "lora":
         from minir1ci.inference.lora import apply_lora
         apply_lora(model, rank=8, alpha=32.0)
@@ -161,6 +168,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", default="float32,bfloat16", help="fp32, and bf16 autocast over fp32 weights")
+    ap.add_argument("--grad_checkpointing", action="store_true", help="recompute each layer in the backward")
     ap.add_argument("--side", choices=["hf", "ours", "lora"])
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
@@ -174,7 +182,8 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         for side in ("hf", "ours", "lora"):
             cmd = [sys.executable, __file__, "--side", side, "--dtype", dtype] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "dtype", "dtypes")]
+                f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
+                if k not in ("side", "dtype", "dtypes") and v is not False]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             res[side, dtype] = json.loads(out.stdout.strip().splitlines()[-1])
     shape = {"tiny": "the tiny preset, its SFT batches", "0.5b": f"Qwen2.5-0.5B's shape, {args.seq} tokens"}.get(
