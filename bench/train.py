@@ -27,7 +27,6 @@ LoRA's optimizer holds its adapters alone; the frozen base stays fp32, as train.
 """
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import random
@@ -65,8 +64,6 @@ def build(args, side: str):
     ours = Qwen2ForCausalLM(ModelConfig.from_json({**kw, "model_type": "qwen2"}))
     ours.load_state_dict(hf.state_dict())
     del hf
-    gc.collect()   # HF's copy freed and handed back to the OS, so the peak below is ours alone (glibc keeps
-    ctypes.CDLL("libc.so.6").malloc_trim(0)   # freed heap in the process otherwise: 2.6 GB at the 0.5B shape)
     return ours
 
 

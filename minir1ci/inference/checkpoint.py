@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from minir1ci.inference.devices import named_dtype
-from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM, RotaryEmbedding, read_json
+from minir1ci.inference.model import ModelConfig, Qwen2ForCausalLM, RotaryEmbedding
+from minir1ci.inference.model_config import read_json
 from minir1ci.inference.tokenizer import Tokenizer
 
 CONFIG = "config.json"

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from minir1ci.inference.checkpoint import CONFIG, _write_json, load_pretrained, write_atomically
-from minir1ci.inference.model import Qwen2ForCausalLM, read_json
+from minir1ci.inference.model import Qwen2ForCausalLM
+from minir1ci.inference.model_config import read_json
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG, ADAPTER_FILE = "adapter_config.json", "adapter_model.safetensors"

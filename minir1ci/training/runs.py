@@ -24,7 +24,8 @@ import torch
 
 from minir1ci.inference import checkpoint, lora
 from minir1ci.inference.devices import pick_device, train_autocast_dtype
-from minir1ci.inference.model import Qwen2ForCausalLM, read_json
+from minir1ci.inference.model import Qwen2ForCausalLM
+from minir1ci.inference.model_config import read_json
 from minir1ci.training import distributed as dist
 
 LOCK_FILE = ".lock"
