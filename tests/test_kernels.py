@@ -141,6 +141,50 @@ def test_decode_twin_in_bf16_matches_naive_sdpa_and_keeps_the_dtype():
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+def rows_from_pages(k_cache, v_cache, table, lens, rows, capacity, gen):
+    """Dense rows [capacity, Hkv, L, D] holding sequence i's first lens[i] - 1 keys in row rows[i] (its
+    last one is the step's new token), and random finite values everywhere else (an earlier owner's)."""
+    page_size, hkv, d = k_cache.shape[1:]
+    length = max(math.ceil(int(n) / page_size) * page_size for n in lens) + 16
+    out = []
+    for cache in (k_cache, v_cache):
+        dense = rand((capacity, hkv, length, d), cache.dtype, gen)
+        for i, n in enumerate(lens.tolist()):
+            keys = cache[table[i].long()].flatten(0, 1)[:n - 1]                # [n - 1, Hkv, D]
+            dense[rows[i], :, :n - 1] = keys.transpose(0, 1)
+        out.append(dense)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [[2, 0, 1], [4, 0, 2], [1, 0, 3, 2]], ids=["permuted", "gaps", "all"])
+def test_decode_over_dense_rows_equals_the_paged_twin(dtype, rows):
+    """The CPU decode over dense rows (engine/kv_rows.py) writes the new key at context_len - 1 and gives
+    the paged twin's bits in fp32 (same products over whole pages), whatever the rows' order, with rows
+    outside the batch (gaps) holding anything, NaN included."""
+    if DEVICE != "cpu":
+        pytest.skip("a CPU path")
+    gen = torch.Generator().manual_seed(5)
+    lens_k = [33, 5, 20, 16][:len(rows)]
+    (q, k_cache, v_cache, table, lens, scale), _ = make_decode(lens_k, 4, 2, 32, dtype, 8)
+    k_new, v_new = rand((len(rows), 2, 32), dtype, gen), rand((len(rows), 2, 32), dtype, gen)
+    rows_t = torch.tensor(rows)
+    k_rows, v_rows = rows_from_pages(k_cache, v_cache, table, lens, rows_t, max(rows) + 2, gen)
+    for r in set(range(max(rows) + 1)) - set(rows):
+        k_rows[r], v_rows[r] = float("nan"), float("nan")
+    out = A.decode_attention_rows(q, k_new, v_new, k_rows, v_rows, rows_t, lens, scale, page_size=8)
+    slots = torch.stack([table[i, (n - 1) // 8].long() * 8 + (n - 1) % 8 for i, n in enumerate(lens.tolist())])
+    A.store_kvcache_torch(k_new, v_new, k_cache, v_cache, slots)
+    expected = A.decode_attention_torch(q, k_cache, v_cache, table, lens, scale)
+    assert out.dtype == dtype and not out.isnan().any()
+    if dtype == torch.float32:
+        assert torch.equal(out, expected)
+    else:
+        torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    for i, n in enumerate(lens.tolist()):                                  # the new token is in its row
+        assert torch.equal(k_rows[rows[i], :, n - 1], k_new[i]) and torch.equal(v_rows[rows[i], :, n - 1], v_new[i])
+
+
 @pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
 def test_decode_triton_matches_twin(case, triton_backend):
     lens_k, hq, hkv, d, dtype, page_size, num_splits = case

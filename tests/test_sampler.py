@@ -435,3 +435,59 @@ def test_bf16_sampling_on_the_tiny_preset_tracks_fp32_as_closely_as_hf_and_its_o
     self_diff = torch.cat(self_diff)
     assert self_diff.mean() <= 0.02 and self_diff.max() <= 0.1, \
         f"sampler vs teacher-forced bf16 log-probs: mean {self_diff.mean():.4f}, max {self_diff.max():.4f}"
+
+
+def run_interpreter_like(sampler, prompts, seed):
+    """Sample all prompts with pauses (stop_fn every 9 to 17 tokens), forced tokens appended after each
+    pause, and different budgets, so sequences leave and rejoin the decode batch at different steps."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = {}
+    for i, p in enumerate(prompts * 3):
+        every = 9 + i % 9
+        sp = SamplingParams(temperature=1.0, max_new_tokens=60 + 17 * (i % 4), seed=100 + i, ignore_eos=True,
+                            stop_fn=lambda seg, every=every: len(seg) >= every)
+        ids[sampler.add_request(p, sp)] = i
+    done = {}
+    while sampler.has_unfinished():
+        for e in sampler.step():
+            if e.finish_reason == "stop":
+                sampler.append_tokens(e.seq_id, torch.randint(0, CFG["vocab_size"], (5,), generator=gen).tolist())
+            else:
+                done[ids[e.seq_id]] = sampler.release(e.seq_id)
+    return [done[i] for i in sorted(done)]
+
+
+@pytest.mark.parametrize("blocks", [128, 28], ids=["roomy", "preempting"])
+def test_dense_decode_rows_give_the_paged_path_bits(models, prompts, blocks):
+    """A CPU decode reads each sequence's K/V from a dense row (kv_rows.py), kept in step with the pages
+    across pauses, appended tokens, finished sequences leaving holes, evictions and preemption: token
+    ids and log-probs equal the paged path's (the rows switched off) to the bit."""
+    _, ours = models
+    runs = {}
+    for name in ("rows", "pages"):
+        sampler = make_sampler(ours, kv_cache_bytes=block_bytes(blocks))
+        if name == "pages":
+            sampler.runner.kv_rows = None
+        runs[name] = run_interpreter_like(sampler, prompts, seed=7)
+        if name == "rows" and blocks == 28:
+            # the tight budget preempted (and, before waiting sequences could be evicted, stalled)
+            assert sampler.scheduler.num_preemptions > 0
+    for a, b in zip(runs["rows"], runs["pages"]):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs and a.mask == b.mask
+    assert sum(m == 0 for c in runs["rows"] for m in c.mask) > 0             # pauses did happen
+
+
+def test_dense_rows_fall_back_to_the_pages_past_their_budget(models, prompts):
+    """Rows that outgrow their byte budget mid-run hand the decode back to the pages, with the same bits."""
+    _, ours = models
+    sampler = make_sampler(ours)
+    kv_rows = sampler.runner.kv_rows
+    kv_rows.budget = 15 * 2 * 2 * 2 * 16 * 4 * 96                         # 15 rows of 96 positions
+    results, sync = [], kv_rows.sync
+    kv_rows.sync = lambda *a: results.append(sync(*a)) or results[-1]
+    rows = run_interpreter_like(sampler, prompts, seed=8)
+    assert any(r is None for r in results) and any(r is not None for r in results)
+    paged = make_sampler(ours)
+    paged.runner.kv_rows = None
+    for a, b in zip(rows, run_interpreter_like(paged, prompts, seed=8)):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

@@ -32,6 +32,7 @@ class AttnMeta:
     cu_seqlens_k: Tensor | None = None  # [B+1] int32, prefill only
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    rows: Tensor | None = None      # [B] int64, decode on a CPU: each sequence's dense K/V row (engine/kv_rows.py)
 
 
 class RMSNorm(nn.Module):
@@ -112,9 +113,12 @@ class Qwen2Attention(nn.Module):
             qk, v = F.linear(x, w, b).split([(H + Hkv) * D, Hkv * D], -1)
             qk = apply_rotary(qk.view(N, H + Hkv, D), cos[:, None], sin[:, None])  # (N, H + Hkv, hd)
             q, k, v = qk[:, :H], qk[:, H:], v.view(N, Hkv, D)
-        k_cache, v_cache = kv_cache
+        k_cache, v_cache = kv_cache[:2]   # then, with meta.rows, this layer's K and V rows
         attn_kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_prefill:
+        if meta.rows is not None:
+            y = attn_kernels.decode_attention_rows(q, k, v, *kv_cache[2:], meta.rows, meta.context_lens, self.scale,
+                                                   page_size=k_cache.shape[1])
+        elif meta.is_prefill:
             y = attn_kernels.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
                                                meta.max_seqlen_q, meta.max_seqlen_k, self.scale,
                                                block_table=meta.block_table)

@@ -128,7 +128,7 @@ class BlockManager:
             if self.ref[block] == 0:
                 self.free[block] = None
         seq.block_table = []
-        seq.num_cached = 0
+        seq.num_cached = seq.dense_len = 0
         if seq.row >= 0:
             self._free_rows.append(seq.row)
             seq.row = -1

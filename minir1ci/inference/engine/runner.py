@@ -14,12 +14,13 @@ from torch import Tensor, nn
 
 from minir1ci.inference.model import AttnMeta
 from minir1ci.inference.engine.block_manager import BlockManager
+from minir1ci.inference.engine.kv_rows import KVRows
 from minir1ci.inference.engine.sequence import Sequence
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, block_manager: BlockManager, use_cuda_graphs: bool = True,
-                 max_graph_batch: int = 256):
+                 max_graph_batch: int = 256, rows_bytes: int = 0):
         self.model, self.bm = model, block_manager
         cfg = model.config
         param = next(model.parameters())
@@ -31,6 +32,10 @@ class ModelRunner:
         self.kv_caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
                            torch.empty(shape, dtype=self.dtype, device=self.device))
                           for _ in range(cfg.num_hidden_layers)]
+        # A CPU decode reads dense per-sequence rows (kv_rows.py) while they fit `rows_bytes`.
+        self.kv_rows = None if self.device.type != "cpu" or not rows_bytes else KVRows(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
+            block_manager.max_pages * self.block_size, rows_bytes)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_graph_batch)
@@ -89,8 +94,10 @@ class ModelRunner:
             return self._replay(seqs, bucket)
         width = -(-max(len(s) for s in seqs) // self.block_size)
         ids, pos, slots, table, lens = self._to_device(*self._decode_inputs(seqs, width))
-        meta = AttnMeta(is_prefill=False, slot_mapping=slots, block_table=table, context_lens=lens)
-        hidden = self.model.model(ids, position_ids=pos, kv_caches=self.kv_caches, attn_meta=meta)    # [B, H]
+        rows = None if self.kv_rows is None else self.kv_rows.sync(seqs, self.kv_caches, self.bm.tables)
+        caches = self.kv_caches if rows is None else [(*c, *r) for c, r in zip(self.kv_caches, self.kv_rows.tensors)]
+        meta = AttnMeta(is_prefill=False, slot_mapping=slots, block_table=table, context_lens=lens, rows=rows)
+        hidden = self.model.model(ids, position_ids=pos, kv_caches=caches, attn_meta=meta)    # [B, H]
         return self.model.lm_head(hidden).float()
 
     def _capture_graphs(self, max_batch: int) -> None:

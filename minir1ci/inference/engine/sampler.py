@@ -46,7 +46,8 @@ class Sampler:
         num_blocks = min(kv_cache_bytes // block_bytes, max_num_seqs * max_pages)  # no more than can be used
         self.block_manager = BlockManager(num_blocks, block_size, max_pages, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.block_manager, use_cuda_graphs, max_graph_batch=max_num_seqs)
+        self.runner = ModelRunner(model, self.block_manager, use_cuda_graphs, max_graph_batch=max_num_seqs,
+                                  rows_bytes=kv_cache_bytes)
         if eos_token_ids is None:  # the tokenizer's chat eos and the config's eos id(s)
             eos = cfg.eos_token_id
             eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]

@@ -2,8 +2,9 @@
 
 A step is a prefill (waiting sequences admitted in order while they fit the limits and the free
 pages) or else a decode of every running sequence. When pages run out, stopped sequences' caches are
-evicted first (least recently stopped), then, for a decode, the most recently admitted sequence is
-preempted: back to the front of the queue, to be recomputed from its tokens (results stay exact).
+evicted first (least recently stopped), then those of waiting sequences resumed after a pause (last
+queued first), then, for a decode, the most recently admitted sequence is preempted: back to the front
+of the queue. An evicted or preempted sequence is recomputed from its tokens (results stay exact).
 
 Simplified against vLLM: no chunked prefill, no mixed batches, no priorities, no swapping to host.
 """
@@ -57,7 +58,7 @@ class Scheduler:
             if batch and num_tokens + new_tokens > self.max_num_batched_tokens:  # one over the budget runs alone
                 break
             if not self.bm.allocate(seq):
-                if self._evict_stopped():
+                if self._evict(keep=seq):
                     continue
                 if not batch and not self.running:
                     raise RuntimeError(f"the KV cache ({self.bm.num_blocks} blocks of {self.bm.block_size}) "
@@ -75,16 +76,17 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted by an earlier iteration
             while not self.bm.extend(seq, len(seq)):
-                if not self._evict_stopped():
+                if not self._evict():
                     self._preempt(self.running[-1])
                     if seq.status is not Status.RUNNING:
                         break
         return list(self.running), False
 
-    def _evict_stopped(self) -> bool:
-        """Free the pages of the least recently stopped sequence that holds any."""
-        for seq in self.stopped.values():
-            if seq.block_table:
+    def _evict(self, keep: Sequence | None = None) -> bool:
+        """Free the pages of the least recently stopped sequence that holds any, else of the last queued
+        waiting one that does (resumed after a pause), never `keep`'s."""
+        for seq in [*self.stopped.values(), *reversed(self.waiting)]:
+            if seq.block_table and seq is not keep:
                 self.bm.release(seq)
                 return True
         return False

@@ -83,6 +83,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # KV pages, in order
     row: int = -1                  # this sequence's row in BlockManager.tables (-1: holds no pages)
     num_cached: int = 0            # leading tokens whose K/V is already in the cache
+    dense_len: int = 0             # leading tokens whose K/V is also in its CPU decode row (kv_rows.py)
     segment_start: int = 0         # index in `tokens` where the current sampled segment begins
     logprobs: list[float] = field(default_factory=list)
     sampling_logprobs: list[float] = field(default_factory=list)

@@ -21,7 +21,8 @@ try:
 except ImportError:  # no Triton wheel for this platform (e.g. macOS): only the twins run
     triton = tl = None
 
-from .twins import decode_attention_torch, prefill_attention_torch, store_kvcache_torch  # noqa: F401 (public)
+from .twins import (decode_attention_rows, decode_attention_torch, prefill_attention_torch,  # noqa: F401 (public)
+                    store_kvcache_torch)
 
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 _LOG2E = 1.4426950408889634

@@ -1,5 +1,6 @@
 """PyTorch twins of the Triton attention kernels (attention.py, same layouts): the references the
-kernels are tested against, and the CPU sampler's path (so batched, not loops over sequences).
+kernels are tested against, and the CPU sampler's path (so batched, not loops over sequences); and
+the CPU decode over dense per-sequence rows, which has no kernel.
 """
 from __future__ import annotations
 
@@ -98,3 +99,34 @@ def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                                              scale=scale)                      # [B, Hkv, G, D]
     out = torch.where(context_lens.to(q.device)[:, None, None, None] > 0, out, 0.0)  # a context of 0 gives zeros
     return out.reshape(B, Hq, D)
+
+
+def decode_attention_rows(q: Tensor, k: Tensor, v: Tensor, k_rows: Tensor, v_rows: Tensor, rows: Tensor,
+                          context_lens: Tensor, scale: float, page_size: int = 16) -> Tensor:
+    """The CPU decode (no Triton twin): each sequence's keys as one dense row of k_rows/v_rows
+    [R, Hkv, L, D] (engine/kv_rows.py keeps the batch in rows [0, B)), its new k/v [B, Hkv, D] written
+    at position context_len - 1. The products read rows [0, max row] in place; a row outside the batch
+    gets a zero query and every key, and its output is dropped. Keys are counted in whole pages, as
+    decode_attention_torch does, so both give the same bits."""
+    B, Hq, D = q.shape
+    Hkv = k_rows.shape[1]
+    G = Hq // Hkv
+    pos = context_lens.long() - 1
+    k_rows[rows, :, pos] = k.to(k_rows.dtype)
+    v_rows[rows, :, pos] = v.to(v_rows.dtype)
+    n, K = int(rows.max()) + 1, -(-int(context_lens.max()) // page_size) * page_size
+    qn = q.new_zeros(n, Hkv, G, D)
+    qn[rows] = q.view(B, Hkv, G, D)
+    lens = torch.full((n,), K, dtype=torch.long)
+    lens[rows] = context_lens.long()
+    kv = [t[:n, :, :K] for t in (k_rows, v_rows)]                               # [n, Hkv, K, D] views
+    visible = torch.arange(K)[None, :] < lens[:, None]                          # [n, K]
+    if q.dtype == torch.float32 == k_rows.dtype:   # as decode_attention_torch: two products and a softmax
+        kf, vf = (t.reshape(n * Hkv, K, D) for t in kv)                         # views
+        s = torch.bmm(qn.reshape(n * Hkv, G, D), kf.transpose(1, 2)).view(n, Hkv, G, K)
+        s = s.mul_(scale).masked_fill_(~visible[:, None, None, :], float("-inf"))
+        out = torch.bmm(s.softmax(-1).view(n * Hkv, G, K), vf).view(n, Hkv, G, D)
+    else:
+        out = F.scaled_dot_product_attention(qn, *(t.to(q.dtype) for t in kv), attn_mask=visible[:, None, None, :],
+                                             scale=scale)                      # [n, Hkv, G, D]
+    return out[rows].reshape(B, Hq, D)
