@@ -6,6 +6,8 @@ step, honouring stop_fn, stop tokens and the token budget as the real sampler do
 expected ids are built independently: each turn's tokens, then the tokenization of the rendered
 *real* sandbox output, so the checks fail if the driver re-tokenizes, drops or mis-masks anything.
 """
+import time
+
 import pytest
 
 from minir1ci.env import prompts
@@ -36,6 +38,7 @@ class ScriptedSampler:
 
     def __init__(self, tokenizer, turns_per_request):
         self.tok, self.scripts, self.seqs, self.next_id = tokenizer, list(turns_per_request), {}, 0
+        self.steps, self.appended_at = 0, []   # (step count, seq id) of each append_tokens
 
     def add_request(self, prompt_ids, params: SamplingParams) -> int:
         turns = [self.tok.encode(t) for t in self.scripts[self.next_id]]
@@ -48,6 +51,7 @@ class ScriptedSampler:
         return any(s.finish is None and not s.paused for s in self.seqs.values())
 
     def step(self):
+        self.steps += 1
         events = []
         for s in list(self.seqs.values()):
             if s.finish is not None or s.paused:
@@ -74,6 +78,7 @@ class ScriptedSampler:
                           s.finish, s.stop_reason)
 
     def append_tokens(self, sid, ids):
+        self.appended_at.append((self.steps, sid))
         s = self.seqs[sid]
         s.tokens += ids
         s.mask += [0] * len(ids)
@@ -206,6 +211,32 @@ def test_groups_are_consecutive_and_independent(tok, sandbox):
     assert [t.num_code_calls for t in trajs] == [1, 0, 1, 0]
     assert [prompts.extract_answer(t.text) for t in trajs] == ["1", "2", "3", "4"]
     assert [t.prompt_ids for t in trajs] == [[1], [1], [2], [2]]
+
+
+class SlowSandbox:
+    """The sandbox's results, `delay` seconds late."""
+
+    def __init__(self, sandbox, delay):
+        self.sandbox, self.delay = sandbox, delay
+
+    def run_many(self, codes, session_ids=None):
+        time.sleep(self.delay)
+        return self.sandbox.run_many(codes, session_ids=session_ids)
+
+
+def test_outputs_are_appended_one_step_later_however_long_the_code_runs(tok, sandbox):
+    """The blocks of a step run while the sampler takes its next step; their outputs are appended after
+    that step whether the sandbox answered at once or long after: the same schedule and trajectories."""
+    scripts = [[block("print(1)"), block("print(11)"), " <<<1>>>"], ["<<<2>>>"], [block("print(3)"), " <<<3>>>"],
+               ["The answer is", " <<<4>>>"]]
+    runs = []
+    for delay in (0.0, 0.3):
+        sampler = ScriptedSampler(tok, scripts)
+        trajs = run_rollouts(None, tok, SlowSandbox(sandbox, delay), [[1], [2]], 2, RolloutParams(), sampler=sampler)
+        runs.append((sampler.appended_at, [(t.response_ids, t.loss_mask) for t in trajs]))
+    assert runs[0] == runs[1]
+    first_pause = len(tok.encode(block("print(1)")))                   # the step that closes the first block
+    assert runs[0][0][0] == (first_pause + 1, 0)
 
 
 def test_stateful_code_shares_a_trajectorys_blocks_and_nothing_else(tok, sandbox):

@@ -3,7 +3,9 @@
 All prompts x n samples decode in one batched sampler. A sequence pauses when its turn closes a
 ```python block; the paused blocks run concurrently in the sandbox, and each rendered output is
 appended as forced tokens that the sampler prefills before decoding resumes, so the response is the
-sampler's own ids interleaved with the outputs' (nothing is re-tokenized). A trajectory ends on
+sampler's own ids interleaved with the outputs' (nothing is re-tokenized). The blocks of one step run
+while the sampler takes the next step, and their outputs are appended after it, however long either
+takes: the schedule, and so every result, does not depend on timing. A trajectory ends on
 eos, an <<<answer>>>, a block past the code-call cap (paper v2: 8) or the token budget.
 `use_code=False` runs the same prompts without execution (the text-versus-code comparison).
 
@@ -12,6 +14,7 @@ overflow the token budget ends the trajectory instead.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count, groupby
 
@@ -140,9 +143,10 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
         if progress:
             progress(done, len(trajs))
 
-    while sampler.has_unfinished():
-        paused = []                                        # (seq_id, code) awaiting execution
-        for c in sampler.step():
+    def pauses(events) -> list[tuple[int, str]]:
+        """(seq_id, code) of the sequences of a step's events that paused on a block; the others finish."""
+        paused = []
+        for c in events:
             reason = "eos" if c.finish_reason == "stop" else c.finish_reason   # an end-of-turn / eos token
             if c.stop_reason == "code":                                         # our stop_fn: a block closed
                 if trajs[seq_of[c.seq_id]].num_code_calls < params.max_code_calls:
@@ -152,20 +156,32 @@ def run_rollouts(model, tokenizer, sandbox, prompt_ids: list[list[int]], n: int,
             elif c.stop_reason == "answer":                                     # our stop_fn: <<<answer>>>
                 reason = "answer"
             finish(c.seq_id, c, reason)
-        if paused:
-            sessions = [session + str(seq_of[sid]) for sid, _ in paused] if session else None
-            results = sandbox.run_many([code for _, code in paused], session_ids=sessions)
-            for (sid, code), res in zip(paused, results):
-                tr = trajs[seq_of[sid]]
-                tr.num_code_calls += 1
-                tr.code_blocks.append({"code": code, "stdout": res.stdout, "stderr": res.stderr,
-                                       "status": res.status, "truncated": res.truncated})
-                ids = render_for_model(tokenizer, res, params.max_output_tokens)
-                c = sampler.result(sid)
-                if len(c.token_ids) + len(ids) >= params.max_new_tokens:
-                    finish(sid, c, "length")
-                else:
-                    sampler.append_tokens(sid, ids)
+        return paused
+
+    def resume(paused, results) -> None:
+        for (sid, code), res in zip(paused, results):
+            tr = trajs[seq_of[sid]]
+            tr.num_code_calls += 1
+            tr.code_blocks.append({"code": code, "stdout": res.stdout, "stderr": res.stderr,
+                                   "status": res.status, "truncated": res.truncated})
+            ids = render_for_model(tokenizer, res, params.max_output_tokens)
+            c = sampler.result(sid)
+            if len(c.token_ids) + len(ids) >= params.max_new_tokens:
+                finish(sid, c, "length")
+            else:
+                sampler.append_tokens(sid, ids)
+
+    running = None   # (paused, their results' Future): executing while the sampler takes one more step
+    with ThreadPoolExecutor(1) as pool:
+        while sampler.has_unfinished() or running:
+            events = sampler.step()
+            if running:
+                resume(running[0], running[1].result())
+                running = None
+            paused = pauses(events)
+            if paused:
+                sessions = [session + str(seq_of[sid]) for sid, _ in paused] if session else None
+                running = paused, pool.submit(sandbox.run_many, [code for _, code in paused], session_ids=sessions)
     return trajs
 
 
