@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 import evaluate as evaluate_script
 import rollout as rollout_script
