@@ -14,8 +14,8 @@ they must be finite (a zero probability times NaN is NaN): they hold zeros or an
 (non-finite only if the weights are, when every rollout is lost anyway).
 
 Simplified: CPU only (CUDA decodes from the pages with the Triton kernel); rows grow by doubling and
-never shrink; when they would pass their byte budget, `sync` returns None and the runner decodes from
-the pages as before.
+never shrink; their byte budget is the sampler's `kv_cache_bytes` (so a CPU sampler holds up to twice
+that), and past it `sync` returns None and the runner decodes from the pages as before.
 """
 from __future__ import annotations
 
