@@ -107,7 +107,8 @@ def decode_attention_rows(q: Tensor, k: Tensor, v: Tensor, k_rows: Tensor, v_row
     [R, Hkv, L, D] (engine/kv_rows.py keeps the batch in rows [0, B)), its new k/v [B, Hkv, D] written
     at position context_len - 1. The products read rows [0, max row] in place; a row outside the batch
     gets a zero query and every key, and its output is dropped. Keys are counted in whole pages, as
-    decode_attention_torch does, so both give the same bits."""
+    decode_attention_torch does: the same products, which gave the same fp32 bits in every test and
+    rollout compared (a BLAS may still sum a row another way at another stride)."""
     B, Hq, D = q.shape
     Hkv = k_rows.shape[1]
     G = Hq // Hkv
