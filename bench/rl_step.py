@@ -208,6 +208,7 @@ def main() -> None:
                            check=True, capture_output=True)
         try:
             ours1, trl, multi, theirs = [], [], [], []
+            per_round = []   # (our multi-turn step, theirs) of each round: the machine drifts between rounds
             for r in range(args.rounds):
                 if "trl" not in skip:
                     ours1 += [x["step_s"] for x in run_ours(args, work, f"single-{r}")]
@@ -216,6 +217,9 @@ def main() -> None:
                     multi += run_revision(args, work, ROOT, f"multi-{r}")
                 if tree is not None:
                     theirs += [x["step_s"] for x in run_revision(args, work, tree, f"against-{r}")]
+                    if multi:
+                        per_round.append((mean([x["step_s"] for x in multi[-(args.steps - 1):]]),
+                                          mean(theirs[-(args.steps - 1):])))
         finally:
             if tree is not None:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
@@ -240,6 +244,7 @@ def main() -> None:
     if trl:
         res["traj_s_ratio_vs_trl"] = res["ours_single_traj_s"] / res["trl_traj_s"]
     if theirs and multi:
+        res["step_time_ratio_per_round"] = [round(a / b, 3) for a, b in per_round]
         res["step_time_ratio_vs_against"] = res["multi_step_s"] / res["against_step_s"]
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
 
