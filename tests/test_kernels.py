@@ -98,6 +98,9 @@ PREFILL_CASES = {
     "gqa2_paged_prefix": ([4, 17], [13, 40], 4, 2, 64, torch.float32, True, 8),
     "gqa7_paged_prefix_d128": ([6], [37], 7, 1, 128, torch.float32, True, 32),
     "gqa2_paged_fp16": ([7, 18], [7, 30], 4, 2, 64, torch.float16, True, 4),
+    # query lengths far apart (a group's first sample and its tails): the twin splits them into groups
+    "gqa2_paged_mixed_lengths": ([40, 2, 3, 1, 35, 2], [40, 50, 3, 20, 35, 9], 4, 2, 64, torch.float32, True, 8),
+    "gqa2_packed_mixed_lengths": ([1, 30, 2, 28], [1, 30, 2, 28], 4, 2, 32, torch.float32, False, 0),
 }
 # (lens_k, Hq, Hkv, D, dtype, page_size, num_splits)
 DECODE_CASES = {
