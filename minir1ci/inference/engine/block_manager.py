@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from torch import Tensor
 
 from minir1ci.inference.engine.sequence import Sequence
 
@@ -38,6 +39,11 @@ class BlockManager:
         self._next_content = 0
         self.tables = torch.zeros(0, max_pages, dtype=torch.int32)  # block tables, for one-op gathers
         self._free_rows: list[int] = []
+
+    def slots(self, rows: Tensor, pos: Tensor) -> Tensor:
+        """Cache slot (page * block_size + offset) [N] int64 of position pos[i] of the sequence in table
+        row rows[i]."""
+        return self.tables[rows, pos // self.block_size].long() * self.block_size + pos % self.block_size
 
     @property
     def num_free(self) -> int:

@@ -2,9 +2,9 @@
 
 Decode attention over the paged cache gathers every sequence's pages into a fresh tensor at every
 layer and step, a copy of the whole context; on a CPU that copy (memory-bound) took ~40% of a
-tiny-preset rollout. Here sequence `seq` also keeps its K/V in row `seq.row` of per-layer tensors
-[rows, Hkv, L, D], so the batched products read [rows * Hkv, K, D] views without copying
-(kernels/twins.py `decode_attention_rows`).
+tiny-preset rollout. Here each sequence of the decode batch also keeps its K/V in one row of per-layer
+tensors [rows, Hkv, L, D], the batch in rows [0, B), so the batched products read [rows * Hkv, K, D]
+views without copying (kernels/twins.py `decode_attention_rows`).
 
 The pages stay the source of truth (prefill, prefix sharing, resumption). A decode step writes both;
 what a prefill wrote only to the pages (a prompt, appended interpreter output) is copied into the row
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from minir1ci.inference.engine.block_manager import BlockManager
 from minir1ci.inference.engine.sequence import Sequence
 
 
@@ -74,14 +75,14 @@ class KVRows:
         new[n:, :, :self.clean] = 0.0
         return new
 
-    def sync(self, seqs: list[Sequence], kv_caches: list[tuple[Tensor, Tensor]], tables: Tensor) -> Tensor | None:
+    def sync(self, seqs: list[Sequence], kv_caches: list[tuple[Tensor, Tensor]], bm: BlockManager) -> Tensor | None:
         """The dense row [B] of each sequence of a decode batch, holding its K/V before the last token
         (which this step's forward writes, so `dense_len` counts it); None when they do not fit the budget.
 
         Rows [0, B) hold the batch, so attention reads them in place. A sequence that left the batch
         (finished, paused for the interpreter, preempted) gives its row up: the last rows' sequences move
         into the holes, and one that comes back is copied from its pages again."""
-        page_size = kv_caches[0][0].shape[1]   # attention reads keys in whole pages (decode_attention_rows)
+        page_size = bm.block_size   # attention reads keys in whole pages (decode_attention_rows)
         if not self._fit(len(seqs), -(-max(len(s) for s in seqs) // page_size) * page_size):
             self.order = []
             return None
@@ -107,7 +108,7 @@ class KVRows:
             page_row = torch.repeat_interleave(torch.tensor([s.row for s in behind]), counts)
             first = torch.repeat_interleave(torch.tensor([s.dense_len for s in behind]), counts)
             pos = first + torch.arange(len(row)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-            slots = tables[page_row, pos // page_size].long() * page_size + pos % page_size
+            slots = bm.slots(page_row, pos)
         src, dst = torch.tensor(movers, dtype=torch.long), torch.tensor(holes, dtype=torch.long)
         for pages, dense in zip(kv_caches, self.tensors):
             for cache, t in zip(pages, dense):

@@ -62,7 +62,7 @@ class ModelRunner:
         seq_of = torch.repeat_interleave(torch.arange(len(seqs)), q_lens)  # [N]
         pos = torch.arange(len(ids)) - cu_q[:-1].long()[seq_of] + start[seq_of]
         rows = torch.tensor([s.row for s in seqs])
-        slots = self.bm.tables[rows[seq_of], pos // PS].long() * PS + pos % PS
+        slots = self.bm.slots(rows[seq_of], pos)
         cached = torch.tensor([s.num_cached for s in seqs])[seq_of]
         slots = torch.where(pos < cached, -1, slots)
         table = self.bm.tables[rows, :-(-int(lens.max()) // PS)]            # [B, P]
@@ -77,12 +77,11 @@ class ModelRunner:
 
     def _decode_inputs(self, seqs: list[Sequence], width: int) -> tuple[Tensor, ...]:
         """CPU tensors for a decode: ids, positions, slots [B]; block table [B, width]; lens [B]."""
-        PS = self.block_size
         ids = torch.tensor([s.tokens[-1] for s in seqs])
         lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
         pos = lens.long() - 1
-        table = self.bm.tables[torch.tensor([s.row for s in seqs]), :width]            # [B, width]
-        slots = table.gather(1, (pos // PS)[:, None])[:, 0].long() * PS + pos % PS
+        rows = torch.tensor([s.row for s in seqs])
+        table, slots = self.bm.tables[rows, :width], self.bm.slots(rows, pos)          # [B, width], [B]
         return ids, pos, slots, table, lens
 
     @torch.inference_mode()
@@ -94,7 +93,7 @@ class ModelRunner:
             return self._replay(seqs, bucket)
         width = -(-max(len(s) for s in seqs) // self.block_size)
         ids, pos, slots, table, lens = self._to_device(*self._decode_inputs(seqs, width))
-        rows = None if self.kv_rows is None else self.kv_rows.sync(seqs, self.kv_caches, self.bm.tables)
+        rows = None if self.kv_rows is None else self.kv_rows.sync(seqs, self.kv_caches, self.bm)
         caches = self.kv_caches if rows is None else [(*c, *r) for c, r in zip(self.kv_caches, self.kv_rows.tensors)]
         meta = AttnMeta(is_prefill=False, slot_mapping=slots, block_table=table, context_lens=lens, rows=rows)
         hidden = self.model.model(ids, position_ids=pos, kv_caches=caches, attn_meta=meta)    # [B, H]

@@ -142,7 +142,7 @@ def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 
 
 def decode_attention_rows(q: Tensor, k: Tensor, v: Tensor, k_rows: Tensor, v_rows: Tensor, rows: Tensor,
-                          context_lens: Tensor, scale: float, page_size: int = 16) -> Tensor:
+                          context_lens: Tensor, scale: float, page_size: int) -> Tensor:
     """The CPU decode (no Triton twin): each sequence's keys as one dense row of k_rows/v_rows
     [R, Hkv, L, D] (engine/kv_rows.py keeps the batch in rows [0, B)), its new k/v [B, Hkv, D] written
     at position context_len - 1. The products read rows [0, max row] in place; a row outside the batch
