@@ -273,6 +273,8 @@ def ablation_runs(out: Path, rows: list) -> list[tuple[str, int, Path, list[str]
             start = next((c.removeprefix("start:") for c in change if c.startswith("start:")), "sft-teacher")
             stage = next((c for c in change if c.startswith("--stage=")), "--stage=grpo")
             extra = [c for c in change if not c.startswith(("start:", "--stage="))]
+            if "--curriculum=false" not in extra:   # rows from one start and seed share one measurement
+                extra.append(f"--curriculum_cache={out / 'curriculum'}")
             run = out / f"abl-{key}-s{seed}"
             runs.append((key, seed, run, [stage, "--preset=tiny", f"--seed={seed}", "--resume", f"--steps={RL_STEPS}",
                                           f"--model={out / start}", f"--out={run}", *extra]))
@@ -371,7 +373,9 @@ def main() -> int:
     # kept as it is (its run directory holds the final checkpoint); delete --out to start afresh.
     common = ["--preset=tiny", "--seed=0", "--resume"]
     sft = ["--stage=sft", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}", *common]   # a run: its newest
-    rl = [f"--model={out / 'sft-teacher'}", f"--steps={RL_STEPS}", *common]
+    # GRPO and PPO start from one checkpoint with one seed: the curriculum's measurement is made once (by
+    # the run that starts first) and read by the other from the cache
+    rl = [f"--model={out / 'sft-teacher'}", f"--steps={RL_STEPS}", f"--curriculum_cache={out / 'curriculum'}", *common]
     n = args.eval_limit
     jobs = [  # (name, command, what it waits for), started in this order as lanes free up
         ("pretrain", train(["--stage=pretrain", f"--out={out / 'pretrain'}", f"--steps={PRETRAIN_STEPS}", *common],

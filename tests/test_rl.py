@@ -228,3 +228,52 @@ def test_rl_runs_two_steps_with_every_new_option_and_resumes_a_third(stage, tiny
         assert all(r["grad_norm"] == 0.0 for r in rows)                        # nothing left in the loss
     else:
         assert rows[0]["grad_norm"] == 0.0 and all(r["grad_norm"] > 0 for r in rows[1:])
+
+
+# ----------------------------------------------------------------------------- curriculum cache
+
+def test_curriculum_cache_measures_once_per_start_questions_and_settings(monkeypatch, tmp_path):
+    from minir1ci.env.tasks import load_tasks
+    from minir1ci.inference.checkpoint import init_from_config
+    from minir1ci.presets import tiny_dir
+    model, tok = init_from_config(tiny_dir(), seed=0)
+    examples = load_tasks("builtin:mul,builtin:letters", split="train", limit=3, seed=0)
+    calls = []
+
+    def sample(model, tokenizer, sandbox, prompts, n, params, dtype=None):   # question i: i of n samples right
+        calls.append((len(prompts), n, params.seed))
+        return [traj(examples[i].gold_response() if j < i else "no answer") for i in range(len(prompts))
+                for j in range(n)]
+
+    monkeypatch.setattr(experience, "run_rollouts", sample)
+    cfg = resolve(["--stage=grpo", "--curriculum", "--curriculum_samples=4", f"--curriculum_cache={tmp_path}"])
+    measure = lambda m=model, exs=examples, c=cfg: experience.cached_success(m, tok, None, exs, c)
+    want = [min(i, 4) / 4 for i in range(6)]
+    assert measure() == want and len(calls) == 1
+    assert len(list(tmp_path.glob("curriculum-*.json"))) == 1
+    copy, _ = init_from_config(tiny_dir(), seed=0)                  # the same weights in another model: read back
+    assert measure(copy) == want and len(calls) == 1
+    # PPO from the same start, with the same rollout settings, reads it too
+    assert measure(c=dataclasses.replace(cfg, stage="ppo")) == want and len(calls) == 1
+    with torch.no_grad():
+        copy.model.norm.weight[0] += 1e-3                          # other weights: measured again
+    assert measure(copy) == want and len(calls) == 2
+    for change in ({"seed": 1}, {"curriculum_samples": 2}, {"temperature": 0.5}, {"max_new_tokens": 64}):
+        measure(c=dataclasses.replace(cfg, **change))
+    assert len(calls) == 6 and calls[2][2] == 18 and calls[3][1] == 2
+    measure(exs=examples[:5])                                      # other questions
+    assert len(calls) == 7 and len(list(tmp_path.glob("curriculum-*.json"))) == 7
+    for path in tmp_path.glob("curriculum-*.json"):                # a damaged file is measured again and rewritten
+        path.write_text("{not json")
+    assert measure() == want and len(calls) == 8
+    assert measure() == want and len(calls) == 8
+    off = dataclasses.replace(cfg, curriculum_cache="")
+    assert measure(c=off) == want and measure(c=off) == want and len(calls) == 10
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_curriculum_cache_is_refused_where_nothing_measures():
+    with pytest.raises(ValueError, match="--curriculum_cache applies only"):
+        resolve(["--stage=sft", "--curriculum_cache=x"])
+    with pytest.raises(ValueError, match="--curriculum_cache applies only"):
+        resolve(["--stage=grpo", "--preset=tiny", "--curriculum=false", "--curriculum_cache=x"])

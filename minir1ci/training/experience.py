@@ -7,9 +7,14 @@ holds the rollout's loss_mask[k] (1 for sampled tokens, 0 for interpreter output
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import random
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -124,8 +129,59 @@ def measure_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:
     """Success rate of each question over `curriculum_samples` samples (for the curriculum)."""
     prompts = prompt_ids(tokenizer, examples, cfg.use_code)
     k = cfg.curriculum_samples
-    trajs = run_rollouts(sampling, tokenizer, sandbox, prompts, k, rollout_params(cfg, seed=cfg.seed + 17))
+    trajs = run_rollouts(sampling, tokenizer, sandbox, prompts, k, success_params(cfg))
     return [sum(examples[i].score(t.model_text) for t in trajs[i * k:(i + 1) * k]) / k for i in range(len(examples))]
+
+
+def success_params(cfg):
+    """The rollout settings of the curriculum's measurement (its own seed, apart from the steps')."""
+    return rollout_params(cfg, seed=cfg.seed + 17)
+
+
+def cached_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:
+    """`measure_success`, kept in the directory `cfg.curriculum_cache` ("" = not kept) under a key of all
+    it depends on, so runs from one start (GRPO and PPO, the rows of an ablation) measure once: the
+    sampling copy's weights (their bytes: a rewritten checkpoint is measured again), the model config,
+    the questions and their prompt ids, the rollout settings and seed, `curriculum_samples`, the device
+    and the torch version. Rank 0 reads and writes (atomically); every rank gets its list."""
+    if not cfg.curriculum_cache:
+        return measure_success(sampling, tokenizer, sandbox, examples, cfg)
+    path = Path(cfg.curriculum_cache) / f"curriculum-{success_key(sampling, tokenizer, examples, cfg)}.json"
+    found = None
+    if dist.is_main() and path.is_file():
+        try:
+            found = json.loads(path.read_text())["success"]
+        except (OSError, ValueError, KeyError, TypeError):
+            found = None   # unreadable: measured again and rewritten
+        if not isinstance(found, list) or len(found) != len(examples):
+            found = None
+    found = dist.broadcast_object(found)
+    if found is not None:
+        return [float(p) for p in found]
+    success = measure_success(sampling, tokenizer, sandbox, examples, cfg)
+    if dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"success": success, "questions": [ex.id for ex in examples]}))
+        os.replace(tmp, path)
+    return success
+
+
+def success_key(sampling, tokenizer, examples, cfg) -> str:
+    """The hex digest `cached_success` files a measurement under (see there)."""
+    h = hashlib.sha256()
+    for name, t in sorted(sampling.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    device = next(sampling.parameters()).device.type
+    questions = [(ex.id, ex.task, ex.prompt, ex.answer, ex.metadata, getattr(ex.check, "__module__", None), getattr(ex.check, "__qualname__", None))
+                 for ex in examples]
+    h.update(json.dumps({"config": repr(sampling.config), "questions": questions,
+                         "prompt_ids": prompt_ids(tokenizer, examples, cfg.use_code), "k": cfg.curriculum_samples,
+                         "params": dataclasses.asdict(success_params(cfg)), "device": device,
+                         "torch": torch.__version__}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
 
 
 def has_void_turn(turns: list[str]) -> bool:

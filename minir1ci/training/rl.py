@@ -26,7 +26,7 @@ from minir1ci.inference.devices import autocast_for, rollout_dtype
 from minir1ci.inference.lora import adapters_disabled
 from minir1ci.training import distributed as dist
 from minir1ci.training.critic import make_critic, token_rewards
-from minir1ci.training.experience import (RLBatch, collect, curriculum_pools, loss_filter, measure_success,
+from minir1ci.training.experience import (RLBatch, cached_success, collect, curriculum_pools, loss_filter,
                                           no_grad_pass, rollout_stats)
 from minir1ci.training.losses import (aggregate, gae, grpo_advantages, kl_penalty, masked_mean, masked_sum,
                                       masked_whiten, mismatch_sums, policy_objective, sequence_in_bounds,
@@ -213,7 +213,7 @@ def train_rl(cfg) -> dict:
         pools = extra.get("pools")
         if resumed is None and cfg.curriculum:
             sampling = dist.unsharded_copy(model, sample_dtype)
-            pools = curriculum_pools(measure_success(sampling, tokenizer, sandbox, examples, cfg))
+            pools = curriculum_pools(cached_success(sampling, tokenizer, sandbox, examples, cfg))
         for step in range(start, cfg.steps):
             t0 = time.time()
             # Rollouts, from the policy or its copy in the sampling dtype (gathered whole when sharded).
