@@ -152,8 +152,8 @@ def cached_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:
         try:
             found = json.loads(path.read_text())["success"]
         except (OSError, ValueError, KeyError, TypeError):
-            found = None   # unreadable: measured again and rewritten
-        if not isinstance(found, list) or len(found) != len(examples):
+            pass   # unreadable: measured again and rewritten
+        if not (isinstance(found, list) and len(found) == len(examples)):
             found = None
     found = dist.broadcast_object(found)
     if found is not None:
@@ -171,12 +171,11 @@ def success_key(sampling, tokenizer, examples, cfg) -> str:
     """The hex digest `cached_success` files a measurement under (see there)."""
     h = hashlib.sha256()
     for name, t in sorted(sampling.state_dict().items()):
-        t = t.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
     device = next(sampling.parameters()).device.type
-    questions = [(ex.id, ex.task, ex.prompt, ex.answer, ex.metadata, getattr(ex.check, "__module__", None), getattr(ex.check, "__qualname__", None))
-                 for ex in examples]
+    check = lambda ex: f"{getattr(ex.check, '__module__', '')}.{getattr(ex.check, '__qualname__', '')}"
+    questions = [(ex.id, ex.task, ex.prompt, ex.answer, ex.metadata, check(ex)) for ex in examples]
     h.update(json.dumps({"config": repr(sampling.config), "questions": questions,
                          "prompt_ids": prompt_ids(tokenizer, examples, cfg.use_code), "k": cfg.curriculum_samples,
                          "params": dataclasses.asdict(success_params(cfg)), "device": device,
