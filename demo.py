@@ -273,12 +273,31 @@ def ablation_runs(out: Path, rows: list) -> list[tuple[str, int, Path, list[str]
             start = next((c.removeprefix("start:") for c in change if c.startswith("start:")), "sft-teacher")
             stage = next((c for c in change if c.startswith("--stage=")), "--stage=grpo")
             extra = [c for c in change if not c.startswith(("start:", "--stage="))]
-            if "--curriculum=false" not in extra:   # rows from one start and seed share one measurement
+            if "--curriculum=false" not in extra:   # rows from one start share one measurement, every seed
                 extra.append(f"--curriculum_cache={out / 'curriculum'}")
             run = out / f"abl-{key}-s{seed}"
             runs.append((key, seed, run, [stage, "--preset=tiny", f"--seed={seed}", "--resume", f"--steps={RL_STEPS}",
                                           f"--model={out / start}", f"--out={run}", *extra]))
     return runs
+
+
+def job_order(runs: list, out: Path) -> list:
+    """`runs` in the order their jobs start: seed 0 before seed 1, each in one row order: first the rows
+    that make a curriculum measurement (the first from their start, rollout dtype and sample count; the
+    demo's GRPO made the teacher SFT's), which are also the long ones, then those that read it, so a
+    run rarely waits on the cache's lock while another measures."""
+    def measured(args):
+        if "--curriculum=false" in args:
+            return None
+        return tuple(a for a in args if a.startswith(("--model=", "--rollout_dtype=", "--curriculum_samples=")))
+
+    seen, first, rest = {None, (), measured([f"--model={out / 'sft-teacher'}"])}, [], []
+    for key, seed, _, args in runs:
+        if seed == SEEDS[0]:
+            (rest if measured(args) in seen else first).append(key)
+            seen.add(measured(args))
+    rank = {key: i for i, key in enumerate(first + rest)}
+    return sorted(runs, key=lambda r: (SEEDS.index(r[1]), rank[r[0]]))
 
 
 def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
@@ -299,7 +318,7 @@ def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
                          set()))
         sft_jobs.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit), {f"{name}-s1"}))
     jobs, runs = [], ablation_runs(out, rows)
-    for key, seed, run, args in runs:
+    for key, seed, run, args in job_order(runs, out):
         # --model names the SFT run: train.py starts from its newest checkpoint when the job starts
         after = {a.removeprefix(f"--model={out}/") for a in args if a.startswith("--model=")} & {j[0] for j in sft_jobs}
         if args:

@@ -2,6 +2,8 @@
 to end with every new option on (two steps, then a resume for a third) on the tiny preset, CPU."""
 import dataclasses
 import json
+import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -194,10 +196,12 @@ def tiny_start(tmp_path_factory):
 
 
 # The tiny preset from scratch never answers: the filters drop every trajectory (GRPO checks that an
-# empty loss is safe); PPO keeps them all and trains with the sampler's log-probs as pi_old.
+# empty loss is safe; its entropy term keeps the steps from being skipped as signal-free); PPO keeps
+# them all and trains with the sampler's log-probs as pi_old.
 ALL_ON = {
     "grpo": ["--policy_loss=gspo", "--loss_agg=seq-mean-token-mean", "--dynamic_sampling", "--dynamic_sampling_rounds=1",
-             "--tis_cap=2", "--mis_low=0.5", "--mis_high=2", "--filter_void_turns", "--mask_truncated"],
+             "--tis_cap=2", "--mis_low=0.5", "--mis_high=2", "--filter_void_turns", "--mask_truncated",
+             "--entropy_coef=0.01"],
     "ppo": ["--policy_loss=cispo", "--old_logprobs=sampler", "--critic_warmup_steps=1", "--entropy_coef=0.01"],
 }
 
@@ -255,10 +259,12 @@ def test_curriculum_cache_measures_once_per_start_questions_and_settings(monkeyp
     assert measure(copy) == want and len(calls) == 1
     # PPO from the same start, with the same rollout settings, reads it too
     assert measure(c=dataclasses.replace(cfg, stage="ppo")) == want and len(calls) == 1
+    # another run seed from the same start too: the measurement's seed is curriculum_seed, not the run's
+    assert measure(c=dataclasses.replace(cfg, seed=1)) == want and len(calls) == 1 and calls[0][2] == 17
     with torch.no_grad():
         copy.model.norm.weight[0] += 1e-3                          # other weights: measured again
     assert measure(copy) == want and len(calls) == 2
-    for change in ({"seed": 1}, {"curriculum_samples": 2}, {"temperature": 0.5}, {"max_new_tokens": 64}):
+    for change in ({"curriculum_seed": 18}, {"curriculum_samples": 2}, {"temperature": 0.5}, {"max_new_tokens": 64}):
         measure(c=dataclasses.replace(cfg, **change))
     assert len(calls) == 6 and calls[2][2] == 18 and calls[3][1] == 2
     measure(exs=examples[:5])                                      # other questions
@@ -272,8 +278,100 @@ def test_curriculum_cache_measures_once_per_start_questions_and_settings(monkeyp
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_curriculum_cache_lets_a_run_wait_for_one_measuring_the_same_key(monkeypatch, tmp_path):
+    """Two runs from one start (two seeds of an ablation row) started together: one measures, the other
+    waits on the key's lock and reads the result; neither measures twice."""
+    import multiprocessing
+    from minir1ci.env.tasks import load_tasks
+    from minir1ci.inference.checkpoint import init_from_config
+    from minir1ci.presets import tiny_dir
+    model, tok = init_from_config(tiny_dir(), seed=0)
+    examples = load_tasks("builtin:mul", split="train", limit=3, seed=0)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def slow(model, tokenizer, sandbox, prompts, n, params, dtype=None):
+        (marks / str(os.getpid())).touch()
+        time.sleep(1.0)
+        return [traj(examples[i].gold_response() if j <= i else "no answer") for i in range(len(prompts))
+                for j in range(n)]
+
+    monkeypatch.setattr(experience, "run_rollouts", slow)
+    cache = tmp_path / "cache"
+
+    def run(seed, out):
+        cfg = resolve(["--stage=grpo", "--curriculum", "--curriculum_samples=2", f"--curriculum_cache={cache}",
+                       f"--seed={seed}"])
+        out.put(experience.cached_success(model, tok, None, examples, cfg))
+
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=run, args=(seed, out)) for seed in (0, 1)]
+    for p in procs:
+        p.start()
+        time.sleep(0.2)
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results == [[0.5, 1.0, 1.0]] * 2
+    assert len(list(marks.iterdir())) == 1 and len(list(cache.glob("curriculum-*.json"))) == 1
+
+
 def test_curriculum_cache_is_refused_where_nothing_measures():
     with pytest.raises(ValueError, match="--curriculum_cache applies only"):
         resolve(["--stage=sft", "--curriculum_cache=x"])
     with pytest.raises(ValueError, match="--curriculum_cache applies only"):
         resolve(["--stage=grpo", "--preset=tiny", "--curriculum=false", "--curriculum_cache=x"])
+    for flag in ("--curriculum_seed=3", "--curriculum_samples=20"):
+        with pytest.raises(ValueError, match=f"{flag.split('=')[0]} applies only"):
+            resolve(["--stage=grpo", "--preset=tiny", "--curriculum=false", flag])
+    assert resolve(["--stage=grpo", "--preset=tiny", "--curriculum_seed=3"]).curriculum_seed == 3
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_grpo_steps_without_signal_skip_passes_and_update_with_the_same_result(weight_decay, tiny_start, tmp_path,
+                                                                             monkeypatch):
+    """The untrained model never answers, so every group's rewards are equal: the first steps are
+    skipped (no passes, no backward; the optimizer steps on zeros), and the run's weights and optimizer
+    state after a third step that has a signal are bit-identical to those of the run that computes
+    every step in full. With weight decay the policy leaves its reference after one step, so only the
+    first is skipped."""
+    from safetensors.torch import load_file
+    collect = rl.collect
+
+    def with_signal_at_step_2(sampling, tokenizer, sandbox, examples, cfg, step, pools):
+        trajs, batch, sums = collect(sampling, tokenizer, sandbox, examples, cfg, step, pools)
+        if step == 2:
+            batch.scores[0] += 1.0
+        return trajs, batch, sums
+
+    monkeypatch.setattr(rl, "collect", with_signal_at_step_2)
+    args = [f"--model={tiny_start}", "--stage=grpo", "--preset=tiny", "--prompts_per_step=2", "--n_samples=2",
+            "--batch_size=4", "--micro_batch_size=2", "--max_new_tokens=12", "--exec_timeout=2", "--steps=3",
+            "--tasks=builtin:mul", "--num_train_examples=4", "--device=cpu", "--curriculum=false", "--kl_coef=0.01",
+            "--lr=1e-2", f"--weight_decay={weight_decay}"]
+    rl.train_rl(resolve(args + [f"--out={tmp_path / 'skip'}"]))
+    monkeypatch.setattr(rl, "no_signal", lambda *a: False)
+    rl.train_rl(resolve(args + [f"--out={tmp_path / 'full'}"]))
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("skip", "full")}
+    assert [r["no_signal"] for r in rows["skip"]] == ([1.0, 1.0, 0.0] if weight_decay == 0 else [1.0, 0.0, 0.0])
+    assert [r["no_signal"] for r in rows["full"]] == [0.0, 0.0, 0.0]
+    # computed in full, a skipped step's gradient is exactly zero (with decay, step 1's KL term is not)
+    assert all(r["grad_norm"] == 0.0 for r, s in zip(rows["full"], rows["skip"]) if s["no_signal"])
+    assert rows["full"][2]["grad_norm"] > 0
+    for k in ("reward", "pg_loss", "grad_norm", "kl"):
+        assert [r[k] for r in rows["skip"]] == [r[k] for r in rows["full"]], k
+    weights = {run: load_file(tmp_path / run / "step-000002" / "model.safetensors") for run in ("skip", "full")}
+    start = load_file(tiny_start / "model.safetensors")
+    assert any(not torch.equal(weights["full"][k], start[k]) for k in start)   # the third step trained
+    for k in weights["full"]:
+        assert torch.equal(weights["skip"][k], weights["full"][k]), k
+    states = {run: torch.load(tmp_path / run / "step-000002" / "trainer_state.pt", weights_only=False)
+              for run in ("skip", "full")}
+    opt = {run: states[run]["optimizers"]["policy"]["state"] for run in states}
+    assert opt["skip"].keys() == opt["full"].keys()
+    for i in opt["full"]:
+        for k, v in opt["full"][i].items():
+            assert torch.equal(opt["skip"][i][k], v), (i, k)

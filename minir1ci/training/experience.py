@@ -8,6 +8,7 @@ holds the rollout's loss_mask[k] (1 for sampled tokens, 0 for interpreter output
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -134,37 +135,46 @@ def measure_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:
 
 
 def success_params(cfg):
-    """The rollout settings of the curriculum's measurement (its own seed, apart from the steps')."""
-    return rollout_params(cfg, seed=cfg.seed + 17)
+    """The rollout settings of the curriculum's measurement. Its seed is `curriculum_seed`, not the run's:
+    p belongs to the start checkpoint, which the paper measures once before RL, so runs from one start
+    with other seeds train on one curriculum (and, with `curriculum_cache`, measure it once)."""
+    return rollout_params(cfg, seed=cfg.curriculum_seed)
 
 
 def cached_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:
     """`measure_success`, kept in the directory `cfg.curriculum_cache` ("" = not kept) under a key of all
-    it depends on, so runs from one start (GRPO and PPO, the rows of an ablation) measure once: the
+    it depends on, so runs from one start (GRPO and PPO, every seed of an ablation row) measure once: the
     sampling copy's weights (their bytes: a rewritten checkpoint is measured again), the model config,
     the questions and their prompt ids, the rollout settings and seed, `curriculum_samples`, the device
-    and the torch version. Rank 0 reads and writes (atomically); every rank gets its list."""
+    and the torch version. Rank 0 reads and writes (atomically) under a lock of that key, so a run that
+    starts while another measures the same key waits for its result; every rank gets the list."""
     if not cfg.curriculum_cache:
         return measure_success(sampling, tokenizer, sandbox, examples, cfg)
     path = Path(cfg.curriculum_cache) / f"curriculum-{success_key(sampling, tokenizer, examples, cfg)}.json"
-    found = None
-    if dist.is_main() and path.is_file():
+    found, lock = None, None
+    if dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released by close, or by the kernel if this process dies
         try:
-            found = json.loads(path.read_text())["success"]
+            found = json.loads(path.read_text())["success"] if path.is_file() else None
         except (OSError, ValueError, KeyError, TypeError):
             pass   # unreadable: measured again and rewritten
         if not (isinstance(found, list) and len(found) == len(examples)):
             found = None
-    found = dist.broadcast_object(found)
-    if found is not None:
-        return [float(p) for p in found]
-    success = measure_success(sampling, tokenizer, sandbox, examples, cfg)
-    if dist.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"success": success, "questions": [ex.id for ex in examples]}))
-        os.replace(tmp, path)
-    return success
+    try:
+        found = dist.broadcast_object(found)
+        if found is not None:
+            return [float(p) for p in found]
+        success = measure_success(sampling, tokenizer, sandbox, examples, cfg)
+        if dist.is_main():
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"success": success, "questions": [ex.id for ex in examples]}))
+            os.replace(tmp, path)
+        return success
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def success_key(sampling, tokenizer, examples, cfg) -> str:

@@ -5,7 +5,9 @@ interpreter in the loop (experience.py: curriculum, dynamic sampling, scoring, f
 pi_old (or reuse the sampler's log-probs), correct the sampler/trainer mismatch (TIS weights,
 sequence masking), compute advantages -- the one place the two differ: GRPO's are group-relative,
 PPO's come from GAE on a critic's values (critic.py) with the KL in the reward -- then run
-`ppo_epochs` passes of the policy loss (clipped PPO, GSPO or CISPO) over mini-batches.
+`ppo_epochs` passes of the policy loss (clipped PPO, GSPO or CISPO) over mini-batches. A GRPO step
+with no signal (every advantage 0 while the policy still is its reference) has a zero gradient: it
+skips the passes and the backward and steps the optimizer on zeros (`no_signal`).
 
 Run: `python train.py --stage grpo|ppo` (from the newest runs/sft checkpoint, or `--model PATH`).
 Simplified against veRL: one process samples and trains (no rollout workers, no vLLM), each rank on
@@ -165,10 +167,35 @@ def update(model, critic, opts: dict, batch: RLBatch, cfg, device, amp, step: in
     return {**{k: v / (updates if k in per_update else cfg.ppo_epochs) for k, v in sums.items()}, **measured}
 
 
+def no_signal(scores: torch.Tensor, cfg, at_reference: bool) -> bool:
+    """A GRPO step (no critic) whose every advantage is 0 on every rank (each group's rewards equal),
+    taken while the policy still is its reference, without an entropy term: its gradient is zero (the
+    policy term has no advantage, the KL term's gradient vanishes where policy and reference agree), so
+    `zero_update` stands for its passes and update. Early steps from a base model that solves nothing
+    (the cold start) are such."""
+    if not at_reference or cfg.entropy_coef != 0:
+        return False
+    adv = grpo_advantages(scores, cfg.n_samples, norm_std=cfg.norm_adv_std)
+    return not bool(dist.all_reduce_sum((adv != 0).sum()))
+
+
+def zero_update(model, opts: dict, num_rows: int, cfg, step: int) -> dict[str, float]:
+    """`update` for a step of zero gradient: one optimizer step per mini-batch on zero gradients, so the
+    optimizer's state counts them (Adam's bias correction) and weight decay applies as it would."""
+    for _ in minibatches(num_rows, cfg, step_seed(cfg.seed, step, 99)):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        opts["policy"].step()
+        opts["policy"].zero_grad(set_to_none=True)
+    return dict.fromkeys(("pg_loss", "kl", "clipfrac", "entropy", "grad_norm", "value_loss", "vf_clipfrac",
+                          "mis_dropped"), 0.0)
+
+
 # Summed over ranks, then: these are each rank's means (divided by the world size); the mismatch and TIS
 # sums are divided by their token counts; counts and the losses (shares of one global loss) stay sums.
 RANK_MEANS = ("reward", "accuracy", "code_calls", "code_use", "response_len", "truncated", "ds_extra_rounds", "kl",
-              "clipfrac", "entropy", "grad_norm", "vf_clipfrac", "value_mean")
+              "clipfrac", "entropy", "grad_norm", "vf_clipfrac", "value_mean", "no_signal")
 COUNTS = ("mis_dropped", "void_dropped", "truncated_dropped", "ds_dropped_groups", "ds_extra_rounds")
 
 
@@ -181,6 +208,34 @@ def step_metrics(sums: dict[str, float]) -> dict:
         out[k] = t.get(k, 0.0) / max(t.get("mismatch_tokens", 0.0), 1)
     out["tis_weight_mean"] = t["tis_sum"] / max(t["tis_tokens"], 1) if "tis_sum" in t else 1.0
     return {k: int(v) if k in COUNTS else v for k, v in out.items()}
+
+
+def passes(model, ref, critic, batch: RLBatch, sums: dict, cfg, device, amp) -> torch.Tensor | None:
+    """What the update needs, into `batch`: pi_old (the sampler's, a pass of its own, or none when the
+    update's forward is pi_old) and the sampler/trainer mismatch corrected (its measurements into `sums`),
+    the reference's log-probs, the advantages: GRPO's group-relative, one per trajectory; PPO's from GAE
+    on the critic's values with the KL (k1 of pi_old against the reference, returned) in the reward,
+    whitened."""
+    micro = cfg.micro_batch_size
+    if cfg.old_logprobs == "sampler":
+        batch.old_logp = batch.sampler_logp
+    elif not pi_old_in_update(cfg, len(batch)):
+        batch.old_logp = no_grad_pass(lambda x: token_logp(model, x, cfg)[0], batch, micro, device, amp)
+    if batch.old_logp is not None:
+        sums.update(correct_mismatch(batch, cfg))
+    if ref is not None:
+        with adapters_disabled(ref):
+            batch.ref_logp = no_grad_pass(lambda x: token_logp(ref, x, cfg)[0], batch, micro, device, amp)
+    if critic is None:
+        adv = grpo_advantages(batch.scores, cfg.n_samples, norm_std=cfg.norm_adv_std)   # [B]
+        batch.adv = adv[:, None] * batch.mask
+        return None
+    batch.old_values = no_grad_pass(lambda x: critic(x.ids), batch, micro, device, amp) * batch.mask
+    reward_kl = kl_penalty(batch.old_logp, batch.ref_logp, "k1") if ref is not None else None
+    adv, batch.returns = gae(token_rewards(batch, reward_kl, cfg.kl_coef), batch.old_values, batch.mask,
+                             cfg.gamma, cfg.lam)
+    batch.adv = masked_whiten(adv, batch.mask) * batch.mask
+    return reward_kl
 
 
 def train_rl(cfg) -> dict:
@@ -206,11 +261,11 @@ def train_rl(cfg) -> dict:
         opts["critic"] = make_optimizer(critic.parameters(), cfg, lr=cfg.critic_lr)
     amp = autocast_for(device, cfg.dtype)
     sample_dtype = rollout_dtype(cfg.rollout_dtype, device)
-    micro = cfg.micro_batch_size
     last = {}
     with Sandbox(timeout=cfg.exec_timeout) as sandbox:
         start, extra = resume(resumed, model, opts)
         pools = extra.get("pools")
+        at_reference = extra.get("at_reference", resumed is None)   # the policy still is its start weights
         if resumed is None and cfg.curriculum:
             sampling = dist.unsharded_copy(model, sample_dtype)
             pools = curriculum_pools(cached_success(sampling, tokenizer, sandbox, examples, cfg))
@@ -221,43 +276,30 @@ def train_rl(cfg) -> dict:
             trajs, batch, sums = collect(sampling, tokenizer, sandbox, examples, cfg, step, pools)
             del sampling
             t_rollout = time.time()
-            # pi_old (the sampler's, a pass of its own, or the update's forward) and the reference's log-probs;
-            # the sampler/trainer mismatch corrected; the filters' trajectories out of every loss term.
-            if cfg.old_logprobs == "sampler":
-                batch.old_logp = batch.sampler_logp
-            elif not pi_old_in_update(cfg, len(batch)):
-                batch.old_logp = no_grad_pass(lambda x: token_logp(model, x, cfg)[0], batch, micro, device, amp)
+            lr = set_lr(opts["policy"], step, cfg)
             batch.keep, dropped = loss_filter(trajs, cfg)
-            if batch.old_logp is not None:
-                sums.update(correct_mismatch(batch, cfg))
-            if ref is not None:
-                with adapters_disabled(ref):
-                    batch.ref_logp = no_grad_pass(lambda x: token_logp(ref, x, cfg)[0], batch, micro, device, amp)
-            # Advantages: GRPO's group-relative, one per trajectory; PPO's from GAE on the critic's values,
-            # with the KL (k1 of pi_old against the reference) in the reward, whitened.
-            if critic is None:
-                adv = grpo_advantages(batch.scores, cfg.n_samples, norm_std=cfg.norm_adv_std)   # [B]
-                batch.adv = adv[:, None] * batch.mask
-            else:
-                batch.old_values = no_grad_pass(lambda x: critic(x.ids), batch, micro, device, amp) * batch.mask
-                reward_kl = kl_penalty(batch.old_logp, batch.ref_logp, "k1") if ref is not None else None
-                adv, batch.returns = gae(token_rewards(batch, reward_kl, cfg.kl_coef), batch.old_values, batch.mask,
-                                         cfg.gamma, cfg.lam)
-                batch.adv = masked_whiten(adv, batch.mask) * batch.mask
-            lr, t_passes = set_lr(opts["policy"], step, cfg), time.time()
             sums.update(**dropped, **rollout_stats(trajs, batch))
-            for k, v in update(model, critic, opts, batch, cfg, device, amp, step).items():
-                sums[k] = sums.get(k, 0.0) + v   # mismatch sums come from here instead when pi_old is the update's
-            if critic is not None:   # PPO logs the reward's KL as `kl` (GRPO its loss term's)
-                sums.update(value_mean=float(masked_mean(batch.old_values, batch.mask)),
-                            kl=float(masked_mean(reward_kl, batch.mask)) if reward_kl is not None else 0.0)
+            sums["no_signal"] = float(critic is None and no_signal(batch.scores, cfg, at_reference))
+            if sums["no_signal"]:   # a zero gradient: no passes, no forward or backward
+                sums.update(zero_update(model, opts, len(batch), cfg, step))
+                at_reference = cfg.weight_decay == 0   # zero gradients move nothing but weight decay
+                t_passes = time.time()
+            else:
+                reward_kl = passes(model, ref, critic, batch, sums, cfg, device, amp)
+                t_passes = time.time()
+                for k, v in update(model, critic, opts, batch, cfg, device, amp, step).items():
+                    sums[k] = sums.get(k, 0.0) + v   # mismatch sums come from here when pi_old is the update's
+                at_reference = False
+                if critic is not None:   # PPO logs the reward's KL as `kl` (GRPO its loss term's)
+                    sums.update(value_mean=float(masked_mean(batch.old_values, batch.mask)),
+                                kl=float(masked_mean(reward_kl, batch.mask)) if reward_kl is not None else 0.0)
             t_end = time.time()   # the step's time and its phases: rollouts, no-grad passes, update
             last = {**step_metrics(sums), "lr": lr, "step_s": t_end - t0, "rollout_s": t_rollout - t0,
                     "passes_s": t_passes - t_rollout, "update_s": t_end - t_passes}
             check_finite(last["pg_loss"] + last["value_loss"], step, run_dir)
             log.log(step, last)
             if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
-                extra = {"pools": pools, **({"critic": dist.full_state_dict(critic)} if critic is not None else {})}
+                extra = {"pools": pools, "at_reference": at_reference, **({"critic": dist.full_state_dict(critic)} if critic is not None else {})}
                 save_run_checkpoint(run_dir, step, model, tokenizer, opts, extra=extra,
                                     keep=cfg.keep_checkpoints or cfg.steps + 1, base=cfg.model)
     dist.shutdown()
