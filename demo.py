@@ -27,11 +27,14 @@ Rerun, it resumes each stage from its run directory (a finished stage is kept; s
 are exact, so the result is the one an uninterrupted run gives); delete --out for a fresh start.
 """
 import argparse
+import importlib
 import json
+import os
 import re
-import subprocess
+import runpy
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -49,24 +52,57 @@ CURVE_LIMIT = 30       # held-out questions per family for the RL curves (greedy
 LANES = 2   # jobs at a time, one thread each: on 2 cores two one-thread runs do 1.65x the work of one on two
 
 
+def fork_job(cmd: list[str], log: Path) -> int:
+    """`python *cmd` with its output in `log`, run in a fork of this process, which has imported torch and
+    the package once (2-3 s of every job's start): the script runs as __main__ with its argv, as python
+    runs it. Returns the child's pid. This process starts no threads, so the fork holds none."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.argv = list(cmd)
+        sys.path[0] = str(Path(cmd[0]).resolve().parent)
+        runpy.run_path(cmd[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:   # as python exits: None is 0, an int the status, anything else a message and 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def run_jobs(jobs: list[tuple[str, list[str], set[str]]], logs: Path) -> dict[str, float]:
     """Run (name, command after `python`, names it waits for) jobs, LANES at a time, the first ready in
-    list order next; each job's output goes to logs/<name>.log. A job's thread count is fixed in its
-    command, so its result does not depend on what runs beside it. Returns each job's seconds."""
+    list order next, each in a fork of this process (`fork_job`); each job's output goes to
+    logs/<name>.log. A job's thread count is fixed in its command, so its result does not depend on what
+    runs beside it. Returns each job's seconds."""
+    for module in ("torch", "minir1ci.env.evaluation", "minir1ci.training.rl", "minir1ci.training.sft"):
+        importlib.import_module(module)   # once here, for every job
     logs.mkdir(parents=True, exist_ok=True)
     pending, running, times = list(jobs), {}, {}
     while pending or running:
         for name, cmd, after in [j for j in pending if j[2] <= times.keys()][:LANES - len(running)]:
             pending.remove((name, cmd, after))
             print(f"[{time.strftime('%H:%M:%S')}] start {name}: python {' '.join(cmd)}", flush=True)
-            log = open(logs / f"{name}.log", "w")
-            running[name] = (subprocess.Popen([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT), time.time())
+            running[name] = (fork_job(cmd, logs / f"{name}.log"), time.time())
         time.sleep(0.5)
-        for name, (proc, t0) in list(running.items()):
-            if proc.poll() is None:
+        for name, (pid, t0) in list(running.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done:
                 continue
-            if proc.returncode:
-                sys.exit(f"demo.py: {name} failed (exit {proc.returncode}); see {logs / (name + '.log')}")
+            if os.waitstatus_to_exitcode(status):
+                sys.exit(f"demo.py: {name} failed (exit {os.waitstatus_to_exitcode(status)}); "
+                         f"see {logs / (name + '.log')}")
             times[name] = time.time() - t0
             del running[name]
             print(f"[{time.strftime('%H:%M:%S')}] done {name} in {times[name]:.0f}s", flush=True)
@@ -316,7 +352,7 @@ def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
     for name, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
         sft_jobs.append((f"{name}-s1", train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / name}-s1"]),
                          set()))
-        sft_jobs.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit), {f"{name}-s1"}))
+        sft_jobs.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit, "sampled"), {f"{name}-s1"}))
     jobs, runs = [], ablation_runs(out, rows)
     for key, seed, run, args in job_order(runs, out):
         # --model names the SFT run: train.py starts from its newest checkpoint when the job starts
@@ -326,7 +362,8 @@ def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
         jobs.append((f"eval-{run.name}", eval_job(run, True, limit, "sampled"), {run.name} if args else set()))
     times = run_jobs(sft_jobs + jobs, out / "logs")   # the SFT first: the mix-0.7 rows wait for theirs
     acc = {(key, seed): evaluate(latest(run), True, limit, "sampled")["sampled"]["average"] for key, seed, run, _ in runs}
-    sft_seeds = {f"{name} seed {s}": evaluate(latest(out / (name + ("-s1" if s else ""))), True, limit)["sampled"]
+    sft_seeds = {f"{name} seed {s}": evaluate(latest(out / (name + ("-s1" if s else ""))), True, limit,
+                                              "sampled")["sampled"]
                  for name in ("sft-teacher", "sft-oracle") for s in SEEDS}
     total = time.time() - t_start
 
