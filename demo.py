@@ -15,8 +15,9 @@
 Prints the table and each stage's time, writes `<out>/results.json`, PNG plots to docs/, and
 rewrites the README's results section. `--ablations` then trains the RL runs that change one thing
 against the demo's GRPO, each with two seeds (the demo's GRPO and PPO are seed 0), and writes
-`<out>/ablations.json` and the README table. Every stage is an ordinary `train.py` run, so each can
-be rerun or inspected on its own. Seeds are fixed. Evaluation samples at temperature 0.6, the paper's
+`<out>/ablations.json` and the README table. Every stage is an ordinary `train.py` run (started in a
+fork of this process, which imports torch once for all of them), so each can be rerun or inspected on
+its own. Seeds are fixed. Evaluation samples at temperature 0.6, the paper's
 evaluation setting, 3 seeded samples per question; the greedy average is reported beside it.
 `evaluate.py --seed 1 --limit 100 --n 3 --temperature 0.6 --max_new_tokens 160 --max_code_calls 2
 --dtype float32` gives the same numbers.
@@ -56,6 +57,8 @@ def fork_job(cmd: list[str], log: Path) -> int:
     """`python *cmd` with its output in `log`, run in a fork of this process, which has imported torch and
     the package once (2-3 s of every job's start): the script runs as __main__ with its argv, as python
     runs it. Returns the child's pid. This process starts no threads, so the fork holds none."""
+    sys.stdout.flush()   # else the child would write this process's buffered output into its log
+    sys.stderr.flush()
     pid = os.fork()
     if pid:
         return pid
@@ -64,6 +67,8 @@ def fork_job(cmd: list[str], log: Path) -> int:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)   # line-buffered: the log shows each line
+        sys.stderr = open(2, "w", buffering=1, closefd=False)   # as it is printed, in print order
         sys.argv = list(cmd)
         sys.path[0] = str(Path(cmd[0]).resolve().parent)
         runpy.run_path(cmd[0], run_name="__main__")
@@ -309,7 +314,7 @@ def ablation_runs(out: Path, rows: list) -> list[tuple[str, int, Path, list[str]
             start = next((c.removeprefix("start:") for c in change if c.startswith("start:")), "sft-teacher")
             stage = next((c for c in change if c.startswith("--stage=")), "--stage=grpo")
             extra = [c for c in change if not c.startswith(("start:", "--stage="))]
-            if "--curriculum=false" not in extra:   # rows from one start share one measurement, every seed
+            if "--curriculum=false" not in extra:   # rows from one start and seed share one measurement
                 extra.append(f"--curriculum_cache={out / 'curriculum'}")
             run = out / f"abl-{key}-s{seed}"
             runs.append((key, seed, run, [stage, "--preset=tiny", f"--seed={seed}", "--resume", f"--steps={RL_STEPS}",
@@ -318,22 +323,24 @@ def ablation_runs(out: Path, rows: list) -> list[tuple[str, int, Path, list[str]
 
 
 def job_order(runs: list, out: Path) -> list:
-    """`runs` in the order their jobs start: seed 0 before seed 1, each in one row order: first the rows
-    that make a curriculum measurement (the first from their start, rollout dtype and sample count; the
-    demo's GRPO made the teacher SFT's), which are also the long ones, then those that read it, so a
-    run rarely waits on the cache's lock while another measures."""
+    """`runs` in the order their jobs start: seed 0's, then seed 1's; in each, first the runs that make a
+    curriculum measurement (the first from their start, seed, rollout dtype and sample count; the demo's
+    GRPO made the teacher SFT's for seed 0), which are also the long ones, then those that read it, so
+    a run rarely waits on the cache's lock while another measures."""
     def measured(args):
         if "--curriculum=false" in args:
             return None
-        return tuple(a for a in args if a.startswith(("--model=", "--rollout_dtype=", "--curriculum_samples=")))
+        return frozenset(a for a in args if a.startswith(("--model=", "--seed=", "--rollout_dtype=",
+                                                          "--curriculum_samples=")))
 
-    seen, first, rest = {None, (), measured([f"--model={out / 'sft-teacher'}"])}, [], []
-    for key, seed, _, args in runs:
-        if seed == SEEDS[0]:
-            (rest if measured(args) in seen else first).append(key)
-            seen.add(measured(args))
-    rank = {key: i for i, key in enumerate(first + rest)}
-    return sorted(runs, key=lambda r: (SEEDS.index(r[1]), rank[r[0]]))
+    seen, order = {None, frozenset(), measured([f"--model={out / 'sft-teacher'}", f"--seed={SEEDS[0]}"])}, []
+    for seed in SEEDS:
+        first, rest = [], []
+        for r in (r for r in runs if r[1] == seed):
+            (rest if measured(r[3]) in seen else first).append(r)
+            seen.add(measured(r[3]))
+        order += first + rest
+    return order
 
 
 def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:

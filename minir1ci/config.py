@@ -110,7 +110,6 @@ class TrainConfig:
     curriculum: bool = False
     curriculum_samples: int = 20
     curriculum_cache: str = ""  # a directory keeping measured success rates: runs from one start measure once
-    curriculum_seed: int = 17   # the measurement's seed, whatever --seed: p is the start's, measured once (paper)
     rollout_dtype: str = "float32"  # float32 | bfloat16 | auto (as --dtype auto evaluates)
     dynamic_sampling: bool = False  # GRPO: groups of equal rewards are replaced by newly sampled ones (DAPO)
     dynamic_sampling_rounds: int = 3  # at most this many extra rounds of prompts per step
@@ -307,7 +306,7 @@ def resolve(argv: list[str]) -> TrainConfig:
         for name in names:
             if name in overrides and cfg.stage != only:
                 raise ValueError(f"--{name} applies only to --stage {only}")
-    for name in ("curriculum_cache", "curriculum_seed", "curriculum_samples"):
+    for name in ("curriculum_cache", "curriculum_samples"):
         if name in overrides and (cfg.stage not in ("grpo", "ppo") or not cfg.curriculum):
             raise ValueError(f"--{name} applies only to --stage grpo or ppo with --curriculum")
     if "sft_min_reward" in overrides and (cfg.stage != "sft" or not cfg.sft_data):

@@ -131,7 +131,7 @@ def test_every_numeric_option_has_a_range_and_the_presets_lie_inside():
     import dataclasses
     from minir1ci.config import RANGES, paper, tiny
     numeric = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float")}
-    assert numeric - set(RANGES) == {"seed", "curriculum_seed"}   # any integer seeds
+    assert numeric - set(RANGES) == {"seed"}
     for stage in ("pretrain", "sft", "grpo", "ppo"):
         tiny(stage)
         if stage != "pretrain":

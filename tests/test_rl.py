@@ -259,12 +259,10 @@ def test_curriculum_cache_measures_once_per_start_questions_and_settings(monkeyp
     assert measure(copy) == want and len(calls) == 1
     # PPO from the same start, with the same rollout settings, reads it too
     assert measure(c=dataclasses.replace(cfg, stage="ppo")) == want and len(calls) == 1
-    # another run seed from the same start too: the measurement's seed is curriculum_seed, not the run's
-    assert measure(c=dataclasses.replace(cfg, seed=1)) == want and len(calls) == 1 and calls[0][2] == 17
     with torch.no_grad():
         copy.model.norm.weight[0] += 1e-3                          # other weights: measured again
     assert measure(copy) == want and len(calls) == 2
-    for change in ({"curriculum_seed": 18}, {"curriculum_samples": 2}, {"temperature": 0.5}, {"max_new_tokens": 64}):
+    for change in ({"seed": 1}, {"curriculum_samples": 2}, {"temperature": 0.5}, {"max_new_tokens": 64}):
         measure(c=dataclasses.replace(cfg, **change))
     assert len(calls) == 6 and calls[2][2] == 18 and calls[3][1] == 2
     measure(exs=examples[:5])                                      # other questions
@@ -279,8 +277,8 @@ def test_curriculum_cache_measures_once_per_start_questions_and_settings(monkeyp
 
 
 def test_curriculum_cache_lets_a_run_wait_for_one_measuring_the_same_key(monkeypatch, tmp_path):
-    """Two runs from one start (two seeds of an ablation row) started together: one measures, the other
-    waits on the key's lock and reads the result; neither measures twice."""
+    """Two runs from one start and seed (GRPO and PPO, rows of an ablation) started together: one
+    measures, the other waits on the key's lock and reads the result; neither measures twice."""
     import multiprocessing
     from minir1ci.env.tasks import load_tasks
     from minir1ci.inference.checkpoint import init_from_config
@@ -299,14 +297,13 @@ def test_curriculum_cache_lets_a_run_wait_for_one_measuring_the_same_key(monkeyp
     monkeypatch.setattr(experience, "run_rollouts", slow)
     cache = tmp_path / "cache"
 
-    def run(seed, out):
-        cfg = resolve(["--stage=grpo", "--curriculum", "--curriculum_samples=2", f"--curriculum_cache={cache}",
-                       f"--seed={seed}"])
+    def run(stage, out):
+        cfg = resolve([f"--stage={stage}", "--curriculum", "--curriculum_samples=2", f"--curriculum_cache={cache}"])
         out.put(experience.cached_success(model, tok, None, examples, cfg))
 
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
-    procs = [ctx.Process(target=run, args=(seed, out)) for seed in (0, 1)]
+    procs = [ctx.Process(target=run, args=(stage, out)) for stage in ("grpo", "ppo")]
     for p in procs:
         p.start()
         time.sleep(0.2)
@@ -323,10 +320,8 @@ def test_curriculum_cache_is_refused_where_nothing_measures():
         resolve(["--stage=sft", "--curriculum_cache=x"])
     with pytest.raises(ValueError, match="--curriculum_cache applies only"):
         resolve(["--stage=grpo", "--preset=tiny", "--curriculum=false", "--curriculum_cache=x"])
-    for flag in ("--curriculum_seed=3", "--curriculum_samples=20"):
-        with pytest.raises(ValueError, match=f"{flag.split('=')[0]} applies only"):
-            resolve(["--stage=grpo", "--preset=tiny", "--curriculum=false", flag])
-    assert resolve(["--stage=grpo", "--preset=tiny", "--curriculum_seed=3"]).curriculum_seed == 3
+    with pytest.raises(ValueError, match="--curriculum_samples applies only"):
+        resolve(["--stage=grpo", "--preset=tiny", "--curriculum=false", "--curriculum_samples=20"])
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

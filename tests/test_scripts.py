@@ -125,3 +125,27 @@ def test_rollout_writes_each_trajectory_as_it_finishes(tiny_ckpt, tmp_path, monk
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     assert [l["response_ids"] for l in lines] == [tr.response_ids for tr in finished]
     assert all(KEYS <= l.keys() for l in lines)
+
+
+@pytest.mark.parametrize("body", ["import sys; print('args', sys.argv[1:]); print('err', file=sys.stderr)",
+                                  "import sys; print('partial'); sys.exit(3)",
+                                  "import sys; sys.exit('script.py: error: a message')",
+                                  "raise ValueError('boom')",
+                                  "import sys; print(__name__, sys.path[0] == __file__.rsplit('/', 1)[0])"])
+def test_demo_jobs_run_in_a_fork_as_python_runs_them(body, tmp_path):
+    """demo.py starts each stage in a fork of its own process (torch imported once): the exit status and
+    the output are those of `python script args` (a traceback's frames aside)."""
+    import subprocess
+    import sys
+    import demo
+    script = tmp_path / "script.py"
+    script.write_text(body + "\n")
+    want = subprocess.run([sys.executable, str(script), "--a=1", "b"], capture_output=True, text=True)
+    pid = demo.fork_job([str(script), "--a=1", "b"], tmp_path / "job.log")
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    got = (tmp_path / "job.log").read_text()
+    assert status == want.returncode
+    if "raise" in body:
+        assert got.strip().splitlines()[-1] == want.stderr.strip().splitlines()[-1] == "ValueError: boom"
+    else:
+        assert sorted(got.splitlines()) == sorted((want.stdout + want.stderr).splitlines())

@@ -135,15 +135,13 @@ def measure_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:
 
 
 def success_params(cfg):
-    """The rollout settings of the curriculum's measurement. Its seed is `curriculum_seed`, not the run's:
-    p belongs to the start checkpoint, which the paper measures once before RL, so runs from one start
-    with other seeds train on one curriculum (and, with `curriculum_cache`, measure it once)."""
-    return rollout_params(cfg, seed=cfg.curriculum_seed)
+    """The rollout settings of the curriculum's measurement (its own seed, apart from the steps')."""
+    return rollout_params(cfg, seed=cfg.seed + 17)
 
 
 def cached_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:
     """`measure_success`, kept in the directory `cfg.curriculum_cache` ("" = not kept) under a key of all
-    it depends on, so runs from one start (GRPO and PPO, every seed of an ablation row) measure once: the
+    it depends on, so runs from one start and seed (GRPO and PPO, the rows of an ablation) measure once: the
     sampling copy's weights (their bytes: a rewritten checkpoint is measured again), the model config,
     the questions and their prompt ids, the rollout settings and seed, `curriculum_samples`, the device
     and the torch version. Rank 0 reads and writes (atomically) under a lock of that key, so a run that
