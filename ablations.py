@@ -97,8 +97,8 @@ def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
     t_start = time.time()
     sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}"]
     # SFT: the third teacher of the mix sweep, and a second seed of the teacher and the oracle (the date family)
-    sft_jobs = [("sft-teacher-0.7", train([*sft, "--seed=0", "--text_fraction=0.7", f"--out={out / 'sft-teacher-0.7'}"]),
-                 set())] if any(a[0] == "mix-0.7" for a in rows) else []
+    mix = train([*sft, "--seed=0", "--text_fraction=0.7", f"--out={out / 'sft-teacher-0.7'}"])
+    sft_jobs = [("sft-teacher-0.7", mix, set())] if any(a[0] == "mix-0.7" for a in rows) else []
     for name, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
         sft_jobs.append((f"{name}-s1", train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / name}-s1"]),
                          set()))
@@ -111,7 +111,8 @@ def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
             jobs.append((run.name, train(args), after))
         jobs.append((f"eval-{run.name}", eval_job(run, True, limit, "sampled"), {run.name} if args else set()))
     times = run_jobs(sft_jobs + jobs, out / "logs")   # the SFT first: the mix-0.7 rows wait for theirs
-    acc = {(key, seed): evaluate(latest(run), True, limit, "sampled")["sampled"]["average"] for key, seed, run, _ in runs}
+    acc = {(key, seed): evaluate(latest(run), True, limit, "sampled")["sampled"]["average"]
+           for key, seed, run, _ in runs}
     sft_seeds = {f"{name} seed {s}": evaluate(latest(out / (name + ("-s1" if s else ""))), True, limit,
                                               "sampled")["sampled"]
                  for name in ("sft-teacher", "sft-oracle") for s in SEEDS}

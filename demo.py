@@ -15,9 +15,9 @@
 Prints the table and each stage's time, writes `<out>/results.json`, PNG plots to docs/, and
 rewrites the README's results section. `--ablations` then trains the RL runs that change one thing
 against the demo's GRPO, each with two seeds (the demo's GRPO and PPO are seed 0), and writes
-`<out>/ablations.json` and the README table (ablations.py). Every stage is an ordinary `train.py` run (started in a
-fork of this process, which imports torch once for all of them), so each can be rerun or inspected on
-its own. Seeds are fixed. Evaluation samples at temperature 0.6, the paper's
+`<out>/ablations.json` and the README table (ablations.py). Every stage is an ordinary `train.py`
+run (started in a fork of this process, which imports torch once for all of them), so each can be
+rerun or inspected on its own. Seeds are fixed. Evaluation samples at temperature 0.6, the paper's
 evaluation setting, 3 seeded samples per question; the greedy average is reported beside it.
 `evaluate.py --seed 1 --limit 100 --n 3 --temperature 0.6 --max_new_tokens 160 --max_code_calls 2
 --dtype float32` gives the same numbers.
@@ -105,9 +105,8 @@ def run_jobs(jobs: list[tuple[str, list[str], set[str]]], logs: Path) -> dict[st
             done, status = os.waitpid(pid, os.WNOHANG)
             if not done:
                 continue
-            if os.waitstatus_to_exitcode(status):
-                sys.exit(f"demo.py: {name} failed (exit {os.waitstatus_to_exitcode(status)}); "
-                         f"see {logs / (name + '.log')}")
+            if code := os.waitstatus_to_exitcode(status):
+                sys.exit(f"demo.py: {name} failed (exit {code}); see {logs / (name + '.log')}")
             times[name] = time.time() - t0
             del running[name]
             print(f"[{time.strftime('%H:%M:%S')}] done {name} in {times[name]:.0f}s", flush=True)

@@ -96,6 +96,9 @@ def correct_mismatch(x: RLBatch, cfg) -> dict[str, float]:
     return {**{k: float(v) for k, v in sums.items()}, "mis_dropped": float((~keep).sum())}
 
 
+UPDATE_SUMS = ("pg_loss", "kl", "clipfrac", "entropy", "grad_norm", "value_loss", "vf_clipfrac")   # what update logs
+
+
 def update(model, critic, opts: dict, batch: RLBatch, cfg, device, amp, step: int) -> dict[str, float]:
     """`ppo_epochs` passes over mini-batches, one optimizer step (per model) per mini-batch; returns this
     rank's measurements. PPO (a critic given) first takes the clipped value loss, and during
@@ -103,7 +106,7 @@ def update(model, critic, opts: dict, batch: RLBatch, cfg, device, amp, step: in
     pi_old itself, corrected for the mismatch there; with `old_logprobs=sampler` the mismatch is measured
     there."""
     train_policy = step >= cfg.critic_warmup_steps
-    sums = dict.fromkeys(("pg_loss", "kl", "clipfrac", "entropy", "grad_norm", "value_loss", "vf_clipfrac"), 0.0)
+    sums = dict.fromkeys(UPDATE_SUMS, 0.0)
     measured, updates = defaultdict(float), 0
     for rows in minibatches(len(batch), cfg, step_seed(cfg.seed, step, 99)):
         mb = batch.rows(rows)
@@ -167,15 +170,14 @@ def update(model, critic, opts: dict, batch: RLBatch, cfg, device, amp, step: in
     return {**{k: v / (updates if k in per_update else cfg.ppo_epochs) for k, v in sums.items()}, **measured}
 
 
-def no_signal(scores: torch.Tensor, cfg, at_reference: bool) -> bool:
-    """A GRPO step (no critic) whose every advantage is 0 on every rank (each group's rewards equal),
+def no_signal(adv: torch.Tensor, cfg, at_reference: bool) -> bool:
+    """A GRPO step (no critic) whose every advantage `adv` [B] is 0 on every rank (each group's rewards equal),
     taken while the policy still is its reference, without an entropy term: its gradient is zero (the
     policy term has no advantage, the KL term's gradient vanishes where policy and reference agree), so
     `zero_update` stands for its passes and update. Early steps from a base model that solves nothing
     (the cold start) are such."""
     if not at_reference or cfg.entropy_coef != 0:
         return False
-    adv = grpo_advantages(scores, cfg.n_samples, norm_std=cfg.norm_adv_std)
     return not bool(dist.all_reduce_sum((adv != 0).sum()))
 
 
@@ -188,8 +190,7 @@ def zero_update(model, opts: dict, num_rows: int, cfg, step: int) -> dict[str, f
                 p.grad = torch.zeros_like(p)
         opts["policy"].step()
         opts["policy"].zero_grad(set_to_none=True)
-    return dict.fromkeys(("pg_loss", "kl", "clipfrac", "entropy", "grad_norm", "value_loss", "vf_clipfrac",
-                          "mis_dropped"), 0.0)
+    return dict.fromkeys((*UPDATE_SUMS, "mis_dropped"), 0.0)
 
 
 # Summed over ranks, then: these are each rank's means (divided by the world size); the mismatch and TIS
@@ -210,12 +211,12 @@ def step_metrics(sums: dict[str, float]) -> dict:
     return {k: int(v) if k in COUNTS else v for k, v in out.items()}
 
 
-def passes(model, ref, critic, batch: RLBatch, sums: dict, cfg, device, amp) -> torch.Tensor | None:
+def passes(model, ref, critic, batch: RLBatch, sums: dict, cfg, device, amp, adv) -> torch.Tensor | None:
     """What the update needs, into `batch`: pi_old (the sampler's, a pass of its own, or none when the
     update's forward is pi_old) and the sampler/trainer mismatch corrected (its measurements into `sums`),
-    the reference's log-probs, the advantages: GRPO's group-relative, one per trajectory; PPO's from GAE
-    on the critic's values with the KL (k1 of pi_old against the reference, returned) in the reward,
-    whitened."""
+    the reference's log-probs, the advantages: GRPO's `adv` [B] (group-relative) on every response token;
+    PPO's from GAE on the critic's values with the KL (k1 of pi_old against the reference, returned) in
+    the reward, whitened."""
     micro = cfg.micro_batch_size
     if cfg.old_logprobs == "sampler":
         batch.old_logp = batch.sampler_logp
@@ -227,7 +228,6 @@ def passes(model, ref, critic, batch: RLBatch, sums: dict, cfg, device, amp) -> 
         with adapters_disabled(ref):
             batch.ref_logp = no_grad_pass(lambda x: token_logp(ref, x, cfg)[0], batch, micro, device, amp)
     if critic is None:
-        adv = grpo_advantages(batch.scores, cfg.n_samples, norm_std=cfg.norm_adv_std)   # [B]
         batch.adv = adv[:, None] * batch.mask
         return None
     batch.old_values = no_grad_pass(lambda x: critic(x.ids), batch, micro, device, amp) * batch.mask
@@ -279,13 +279,15 @@ def train_rl(cfg) -> dict:
             lr = set_lr(opts["policy"], step, cfg)
             batch.keep, dropped = loss_filter(trajs, cfg)
             sums.update(**dropped, **rollout_stats(trajs, batch))
-            sums["no_signal"] = float(critic is None and no_signal(batch.scores, cfg, at_reference))
+            # GRPO's advantages, one per trajectory: all 0 from a policy still at its reference is no signal
+            adv = grpo_advantages(batch.scores, cfg.n_samples, norm_std=cfg.norm_adv_std) if critic is None else None
+            sums["no_signal"] = float(adv is not None and no_signal(adv, cfg, at_reference))
             if sums["no_signal"]:   # a zero gradient: no passes, no forward or backward
                 sums.update(zero_update(model, opts, len(batch), cfg, step))
                 at_reference = cfg.weight_decay == 0   # zero gradients move nothing but weight decay
                 t_passes = time.time()
             else:
-                reward_kl = passes(model, ref, critic, batch, sums, cfg, device, amp)
+                reward_kl = passes(model, ref, critic, batch, sums, cfg, device, amp, adv)
                 t_passes = time.time()
                 for k, v in update(model, critic, opts, batch, cfg, device, amp, step).items():
                     sums[k] = sums.get(k, 0.0) + v   # mismatch sums come from here when pi_old is the update's
@@ -299,7 +301,8 @@ def train_rl(cfg) -> dict:
             check_finite(last["pg_loss"] + last["value_loss"], step, run_dir)
             log.log(step, last)
             if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
-                extra = {"pools": pools, "at_reference": at_reference, **({"critic": dist.full_state_dict(critic)} if critic is not None else {})}
+                extra = {"pools": pools, "at_reference": at_reference,
+                         **({"critic": dist.full_state_dict(critic)} if critic is not None else {})}
                 save_run_checkpoint(run_dir, step, model, tokenizer, opts, extra=extra,
                                     keep=cfg.keep_checkpoints or cfg.steps + 1, base=cfg.model)
     dist.shutdown()
