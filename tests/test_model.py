@@ -136,3 +136,54 @@ def test_config_reads_hf_saved_config(tmp_path):
 def test_missing_config_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         ModelConfig.from_json(tmp_path)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_linear_in_fp32_is_a_bf16_gemm_rounded_once(monkeypatch, bias):
+    """`linear` on bf16 CPU tensors where BF16_IN_FP32 (a CPU without bf16 units): the fp64 product of
+    the same bf16 values rounded once to bf16, within one bf16 step (fp32 sums), as torch's own bf16
+    kernel is; off, it is torch's kernel itself. fp32 inputs take F.linear either way, bit for bit."""
+    import torch.nn.functional as F
+
+    import minir1ci.inference.model as model_module
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(37, 96, generator=g).bfloat16(), torch.randn(160, 96, generator=g).bfloat16()
+    b = torch.randn(160, generator=g).bfloat16() if bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())          # [37, 160]
+    step = exact.abs().clamp(min=1e-30).log2().floor().exp2() / 128                      # one bf16 step
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(model_module, "BF16_IN_FP32", on)
+        outs[on] = model_module.linear(x, w, b)
+        assert outs[on].dtype == torch.bfloat16
+        assert ((outs[on].double() - exact).abs() <= step * 1.01).all()
+        x32, w32 = x.float(), w.float()
+        assert torch.equal(model_module.linear(x32, w32), F.linear(x32, w32))
+    assert torch.equal(outs[False], F.linear(x, w, b))
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float()).bfloat16()
+    assert torch.equal(outs[True], ref)
+
+
+def test_bf16_model_logits_with_products_in_fp32_match_torchs_bf16_kernels(monkeypatch):
+    """The whole model in bf16, products in fp32 (BF16_IN_FP32) against torch's bf16 kernels: the same
+    logits but for summation order, and both as close to the fp32 model's as bf16 gets."""
+    import minir1ci.inference.model as model_module
+
+    _, ours = make_pair(tied=True, seed=3)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 21))
+    real, dtypes = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: dtypes.append(x.dtype) or real(x, *a))
+    with torch.no_grad():
+        ref = ours(ids)
+        bf = ours.bfloat16()
+        logits = {}
+        for on in (True, False):
+            monkeypatch.setattr(model_module, "BF16_IN_FP32", on)
+            dtypes.clear()
+            logits[on] = bf(ids).float()
+            # every product of the model (7 per layer, the LM head) in the dtype the switch names
+            assert dtypes == [torch.float32 if on else torch.bfloat16] * (7 * BASE["num_hidden_layers"] + 1)
+    torch.testing.assert_close(logits[True], logits[False], atol=0.05, rtol=0.02)
+    for out in logits.values():
+        torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)

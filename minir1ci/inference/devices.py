@@ -1,8 +1,10 @@
-"""Device and dtype, resolved once at the edge (command line, trainer set-up); model code reads none.
+"""Device and dtype, resolved once at the edge (command line, trainer set-up); model code reads none
+(but for `cpu_has_bf16_units`, which picks how model.linear multiplies bf16 on a CPU).
 
 `auto` means CUDA when present. For sampling (`inference_dtype`, `rollout_dtype`) it is bf16 on CUDA,
 and on a CPU only where it has bf16 matrix units (AMX-BF16 or AVX512-BF16): without them torch's
-bf16 products are emulated, 2.4x slower than fp32 for a 2048x896 -> 4864 linear. For training
+bf16 products are emulated, 2.4x slower than fp32 for a 2048x896 -> 4864 linear (model.linear then
+multiplies bf16 values in fp32 instead, at fp32's speed; fp32 stays the more exact choice). For training
 (`train_autocast_dtype`) it is bf16 autocast on CUDA and fp32 on a CPU (slower even with AMX at the
 tiny preset; see bench/train.py). Weights, optimizer state, log-probs and losses stay fp32.
 """

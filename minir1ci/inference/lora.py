@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from minir1ci.inference.checkpoint import CONFIG, _write_json, load_pretrained, write_atomically
-from minir1ci.inference.model import Qwen2ForCausalLM
+from minir1ci.inference.model import Linear, Qwen2ForCausalLM
 from minir1ci.inference.model_config import read_json
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -30,8 +30,8 @@ ADAPTER_CONFIG, ADAPTER_FILE = "adapter_config.json", "adapter_model.safetensors
 PEFT_PREFIX = "base_model.model."  # PEFT's two wrappers (PeftModelForCausalLM, LoraModel) before HF's names
 
 
-class LoRALinear(nn.Linear):
-    """nn.Linear plus lora_A (in -> r) and lora_B (r -> out); `apply_lora` swaps a layer's class for this one."""
+class LoRALinear(Linear):
+    """model.Linear plus lora_A (in -> r) and lora_B (r -> out); `apply_lora` swaps a layer's class for this one."""
     enabled = True  # False inside `adapters_disabled`
 
     def forward(self, x: Tensor) -> Tensor:

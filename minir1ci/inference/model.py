@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from minir1ci.inference.devices import cpu_has_bf16_units
 from minir1ci.inference.kernels import attention as attn_kernels
 from minir1ci.inference.logprobs import token_logprobs
 from minir1ci.inference.model_config import ModelConfig
@@ -33,6 +34,28 @@ class AttnMeta:
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     rows: Tensor | None = None      # [B] int64, decode on a CPU: each sequence's dense K/V row (engine/kv_rows.py)
+
+
+# bf16 products on a CPU without bf16 units (AVX2 only): torch's own bf16 GEMM there ran 7-14x slower than
+# fp32 at the tiny preset's shapes and 4x at a 32 x 896 -> 4864 linear (bench/bf16_cpu.py). Read once.
+BF16_IN_FP32 = not cpu_has_bf16_units()
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear. In bf16 on a CPU without bf16 units (BF16_IN_FP32) the product runs in fp32 and is rounded
+    to bf16 once: a bf16 GEMM's math (the products of bf16 values are exact in fp32, the sums are fp32),
+    at fp32's speed. Only the summation order differs from torch's bf16 kernel (about 1 output in 5,000
+    lands one bf16 step away)."""
+    if BF16_IN_FP32 and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (HF names) through `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -72,10 +95,10 @@ class Qwen2Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 kv_cache: tuple[Tensor, Tensor] | None, meta: AttnMeta | None,
@@ -110,7 +133,7 @@ class Qwen2Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         else:  # one product for q, k, v and one rotation for q and k: fewer ops per step
             w, b = fused_weights(self, (self.q_proj, self.k_proj, self.v_proj))
-            qk, v = F.linear(x, w, b).split([(H + Hkv) * D, Hkv * D], -1)
+            qk, v = linear(x, w, b).split([(H + Hkv) * D, Hkv * D], -1)
             qk = apply_rotary(qk.view(N, H + Hkv, D), cos[:, None], sin[:, None])  # (N, H + Hkv, hd)
             q, k, v = qk[:, :H], qk[:, H:], v.view(N, Hkv, D)
         k_cache, v_cache = kv_cache[:2]   # then, with meta.rows, this layer's K and V rows
@@ -130,9 +153,9 @@ class Qwen2Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         # gate and up are not fused for sampling as q, k, v are: on a 2-core CPU at batch 32 that saved
@@ -259,7 +282,7 @@ class Qwen2ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Qwen2Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
