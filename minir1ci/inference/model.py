@@ -36,8 +36,8 @@ class AttnMeta:
     rows: Tensor | None = None      # [B] int64, decode on a CPU: each sequence's dense K/V row (engine/kv_rows.py)
 
 
-# bf16 products on a CPU without bf16 units (AVX2 only): torch's own bf16 GEMM there ran 7-14x slower than
-# fp32 at the tiny preset's shapes and 4x at a 32 x 896 -> 4864 linear (bench/bf16_cpu.py). Read once.
+# bf16 products on a CPU without bf16 units (AVX2 only): torch's own bf16 GEMM there ran 8-15x slower than
+# fp32 at the tiny preset's shapes and 3.6x at a 32 x 896 -> 4864 linear (bench/bf16_cpu.py). Read once.
 BF16_IN_FP32 = not cpu_has_bf16_units()
 
 
