@@ -28,6 +28,7 @@ Rerun, it resumes each stage from its run directory (a finished stage is kept; s
 are exact, so the result is the one an uninterrupted run gives); delete --out for a fresh start.
 """
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -143,9 +144,15 @@ def evaluate(ckpt: Path, use_code: bool, limit: int, settings: str = "both") -> 
     """{"sampled": summary at EVAL_TEMPERATURE, EVAL_SAMPLES per question, with "second_calls";
     "greedy": summary} (`settings`: both, or one of them) on the first `limit` test questions per
     family of seed EVAL_SEED, in fp32 (what evaluate.py --dtype float32 does). Kept in the checkpoint
-    directory, so a rerun (or the ablations) reads it instead of evaluating again."""
-    cache = ckpt / f"demo-eval-{limit}{'' if settings == 'both' else '-' + settings}.json"
-    for path in (cache, ckpt / f"demo-eval-{limit}.json"):   # both settings hold either one
+    directory, so a rerun (or the ablations) reads it instead of evaluating again, and under the digest
+    of its files in the run directory's `evals/`, so a checkpoint of the same bytes (the cold-start
+    rows: RL that never updates leaves the pretrain weights) is evaluated once."""
+    names = [f"demo-eval-{limit}{'' if settings == 'both' else '-' + settings}.json", f"demo-eval-{limit}.json"]
+    files = b"".join((ckpt / f).read_bytes() for f in ("config.json", "model.safetensors", "tokenizer.json")
+                     if (ckpt / f).exists())
+    key = f"{hashlib.sha256(files).hexdigest()[:24]}-{'code' if use_code else 'text'}"
+    own, shared = [ckpt / n for n in names], [ckpt.parent.parent / "evals" / f"{key}-{n}" for n in names]
+    for path in own + shared:   # both settings hold either one
         if path.exists():
             return json.loads(path.read_text())
     import torch
@@ -167,7 +174,11 @@ def evaluate(ckpt: Path, use_code: bool, limit: int, settings: str = "both") -> 
                                    seed=EVAL_SEED)
             out[key], trajs = evaluate_examples(model.eval(), tok, sb, examples, n, params)
             out[key]["second_calls"] = second_calls(trajs)
-    cache.write_text(json.dumps(out))
+    for path in (own[0], shared[0]):   # whole or absent: an evaluation starting beside this one may read it
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, path)
     return out
 
 

@@ -149,3 +149,33 @@ def test_demo_jobs_run_in_a_fork_as_python_runs_them(body, tmp_path):
         assert got.strip().splitlines()[-1] == want.stderr.strip().splitlines()[-1] == "ValueError: boom"
     else:
         assert sorted(got.splitlines()) == sorted((want.stdout + want.stderr).splitlines())
+
+
+def test_demo_evaluates_a_checkpoint_of_the_same_bytes_once(tiny_ckpt, tmp_path, monkeypatch):
+    """demo.evaluate keeps each result under the digest of the checkpoint's files too: another run's
+    checkpoint of the same bytes (a cold-start RL run that never updated) reads it; other weights, or
+    the same weights without code, are evaluated."""
+    import shutil
+
+    import demo
+    from minir1ci.env import evaluation
+
+    calls = []
+
+    def fake_evaluate(model, tok, sandbox, examples, n, params):
+        calls.append((n, params.use_code))
+        return {"average": {"accuracy": len(calls) / 10}}, []
+
+    monkeypatch.setattr(evaluation, "evaluate_examples", fake_evaluate)
+    a, b, c = (tmp_path / "out" / run / "step-000029" for run in ("pretrain", "abl-cold-s0", "abl-cold-s1"))
+    shutil.copytree(tiny_ckpt, a)
+    shutil.copytree(tiny_ckpt, b)
+    model, tok = checkpoint.init_from_config(tiny_dir(), seed=1)
+    checkpoint.save_pretrained(model, tok, c)
+    first = demo.evaluate(a, True, 2, "sampled")
+    assert calls == [(3, True)] and first["sampled"]["average"]["accuracy"] == 0.1
+    assert demo.evaluate(b, True, 2, "sampled") == first and len(calls) == 1        # same bytes: read
+    assert demo.evaluate(c, True, 2, "sampled")["sampled"]["average"]["accuracy"] == 0.2   # other weights
+    assert demo.evaluate(b, False, 2, "sampled")["sampled"]["average"]["accuracy"] == 0.3  # no code
+    assert demo.evaluate(a, True, 2, "sampled") == first and len(calls) == 3
+    assert not list((tmp_path / "out" / "evals").glob("*.tmp*"))
