@@ -148,11 +148,15 @@ def evaluate(ckpt: Path, use_code: bool, limit: int, settings: str = "both") -> 
     of its files in the run directory's `evals/`, so a checkpoint of the same bytes (the cold-start
     rows: RL that never updates leaves the pretrain weights) is evaluated once."""
     names = [f"demo-eval-{limit}{'' if settings == 'both' else '-' + settings}.json", f"demo-eval-{limit}.json"]
+    own = [ckpt / n for n in names]   # either name: both settings hold either one
+    for path in own:
+        if path.exists():
+            return json.loads(path.read_text())
     files = b"".join((ckpt / f).read_bytes() for f in ("config.json", "model.safetensors", "tokenizer.json")
-                     if (ckpt / f).exists())
+                     if (ckpt / f).exists())   # hashed only when the checkpoint has no result of its own
     key = f"{hashlib.sha256(files).hexdigest()[:24]}-{'code' if use_code else 'text'}"
-    own, shared = [ckpt / n for n in names], [ckpt.parent.parent / "evals" / f"{key}-{n}" for n in names]
-    for path in own + shared:   # both settings hold either one
+    shared = [ckpt.parent.parent / "evals" / f"{key}-{n}" for n in names]
+    for path in shared:
         if path.exists():
             return json.loads(path.read_text())
     import torch

@@ -46,7 +46,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     to bf16 once: a bf16 GEMM's math (the products of bf16 values are exact in fp32, the sums are fp32),
     at fp32's speed. Only the summation order differs from torch's bf16 kernel (about 1 output in 5,000
     lands one bf16 step away)."""
-    if BF16_IN_FP32 and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+    if x.dtype == weight.dtype == torch.bfloat16 and BF16_IN_FP32 and x.device.type == "cpu":
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
     return F.linear(x, weight, bias)
 
