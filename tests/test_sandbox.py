@@ -151,6 +151,58 @@ def test_executions_are_stateless_and_differently_seeded(sb):
     draws = [sb.run("import numpy as np, random\nprint(np.random.rand(), random.random())").stdout
              for _ in range(3)]
     assert len(set(draws)) == 3  # forked children must not share the server's random state
+    draws = [sb.run("import random\nprint(random.random())").stdout for _ in range(3)]
+    assert len(set(draws)) == 3  # the same from the smaller image (below)
+
+
+# Which image an execution forked from: sympy is preloaded in the full one only (numpy.random for code
+# that imports sympy itself). The module names are built at run time, so the probe names neither.
+IN_FULL = "import sys\nprint(('sym' + 'py') in sys.modules)"
+IN_FULL_SYMPY = "import sys\nprint(('num' + 'py.random') in sys.modules)"
+
+
+@pytest.mark.parametrize("code, full", [
+    (IN_FULL, False),
+    ("from itertools import permutations\nimport math, os.path as p\n" + IN_FULL, False),  # what a from imports
+    ("from datetime import date\ntry:\n    from . import x\nexcept ImportError:\n    pass\n" + IN_FULL, False),
+    ("import numpy as np\n" + IN_FULL, True),
+    ("import json, numpy.linalg\n" + IN_FULL, True),
+    ("import json as j,\\\n    numpy\n" + IN_FULL, True),          # named: a continued line too
+    ("from sympy import Symbol\n" + IN_FULL_SYMPY, True),
+    ("# numpy would be faster\n" + IN_FULL, True),                   # comments count: errs towards the full one
+    ("try:\n    import pandas\nexcept ImportError:\n    pass\n" + IN_FULL, True),   # outside the stdlib
+    ("m = __import__('math')\n" + IN_FULL, True),                    # a dynamic import
+    ("import importlib\n" + IN_FULL, True),
+])
+def test_an_execution_forks_from_the_full_image_only_when_its_text_may_need_it(sb, code, full):
+    r = sb.run(code)
+    assert r.stdout == f"{full}\n", r
+
+
+def test_a_hidden_import_works_from_the_smaller_image_and_sessions_use_the_full_one(sb):
+    code = ("import sys\nbefore = ('num' + 'py') in sys.modules\nexec('imp' + 'ort num' + 'py as np')\n"
+            "print(before, np.arange(4).sum())")
+    assert sb.run(code).stdout == "False 6\n"
+    assert sb.run(IN_FULL, session_id="image").stdout == "True\n"   # replays seed numpy as before
+    sb.end_session("image")
+
+
+def test_one_execution_per_slot_uid_at_a_time_across_both_images():
+    # each records its uid and when it ran; the two images' inits of one slot share its uid
+    probe = ("import os, time\nt = time.time()\ntime.sleep(0.05)\nprint(os.getuid(), t, time.time())"
+             "{}")
+    codes = [probe.format("\nimport numpy" if i % 3 else "") for i in range(24)]
+    with Sandbox(Limits(timeout=5.0), workers=2, uid_base=UID_BASE + 30) as box:
+        if not box.isolation["uid"]:
+            pytest.skip("no uid per slot without root")
+        runs = [r.stdout.split() for r in box.run_many(codes)]
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for uid, start, end in runs:
+        spans.setdefault(uid, []).append((float(start), float(end)))
+    assert set(spans) == {str(UID_BASE + 30), str(UID_BASE + 31)}
+    for uid, ss in spans.items():
+        ss.sort()
+        assert all(a[1] <= b[0] for a, b in zip(ss, ss[1:])), uid
 
 
 LEAVE_TRACES = """

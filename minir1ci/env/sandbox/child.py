@@ -1,6 +1,7 @@
 """The processes below the sandbox's fork server (server.py), and the code run inside each execution.
 
-    server ─fork─> zygote: forked before the server reads any request; forks every slot init
+    server ─fork─> zygote (one per image, server.py): forked before the server reads any request; forks
+                   its image's slot inits
                    └─fork─> slot init: root, pid 1 of the slot's PID, network (no interface up) and mount
                             namespaces (its own /proc); reads no request or output; as a request arrives,
                             mounts new capped tmpfs on /tmp and /dev/shm (detached after the report)

@@ -2,8 +2,12 @@
 
 It preloads modules, sets up the shared isolation layers (isolation.py), forks a zygote and through it
 one init per slot (child.py), then serves length-prefixed JSON frames: requests on fd 3, results on
-fd 4. Each slot's stdout and stderr are read without pause; the deadline, the output count and the
-wait status are the server's alone. At the deadline or past the output ceiling it SIGKILLs the slot's
+fd 4. Two images: the preloaded standard-library modules, then with the others (numpy, sympy) too, each
+with its zygote and an init per slot. An execution forks from the smaller image unless its text imports
+a module from outside the standard library (`image_of`): a fork, its exit and its copy-on-write faults
+cost in proportion to the image (about half the CPU for a small program). A hidden import still works
+from there, at the cost of importing the module afresh. Each slot's stdout and stderr are read without
+pause; the deadline, the output count and the wait status are the server's alone. At the deadline or past the output ceiling it SIGKILLs the slot's
 init (the kernel kills the namespace) and the zygote forks a new one.
 Simplified: one uid per slot (`uid_base + slot`), so RLIMIT_NPROC bounds each execution alone.
 """
@@ -14,6 +18,7 @@ import importlib
 import json
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -63,28 +68,61 @@ class _Job:
         self.timed_out = self.flooded = False
 
 
+_STD = sys.stdlib_module_names | {""}   # "": a relative import
+_IMPORT = re.compile(r"\bfrom\s+([\w.]+)\s+import\b|\bimport\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)")
+
+
+def image_of(req: dict, names: re.Pattern) -> int:
+    """1 (the full image) for a session (its replay seeds numpy as before) and for code that imports a
+    module outside the standard library or names one of the full image's modules or a dynamic import
+    (`names`, words); else 0. Read from the text, comments and strings too: it errs towards the full image."""
+    if req["seed"] is not None or names.search(req["code"]):
+        return 1
+    for m in _IMPORT.finditer(req["code"]):
+        for name in [m[1]] if m[1] else [part.split()[0] for part in m[2].split(",")]:
+            if name.split(".")[0] not in _STD:
+                return 1
+    return 0
+
+
 class _Slot:
-    def __init__(self, index: int):
-        self.index, self.pid, self.req_w, self.fds, self.job = index, 0, -1, {}, None
+    def __init__(self, index: int, image: int):
+        self.index, self.image, self.pid, self.req_w, self.fds, self.job = index, image, 0, -1, {}, None
 
 
 class Server:
-    def __init__(self, cfg: dict, iso: dict):
+    def __init__(self, cfg: dict, iso: dict, images: list[list[str]]):
+        """`images`: the modules each image adds to the one before; a zygote per image, forked once the
+        server has imported them, before any request, so that no zygote holds anything of an execution."""
         self.cfg, self.lim = cfg, cfg["limits"]
         self.epoll, self.handlers = select.epoll(), {CTRL_IN: ("ctrl", None)}  # fd -> (kind, slot)
         self.epoll.register(CTRL_IN, select.EPOLLIN)
         self.inbuf, self.queue = bytearray(), deque()
-        self.zygote, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.zygotes = []
+        for modules in images:
+            preload(modules)
+            self.zygotes.append(self._fork_zygote(iso))
+        words = {name.split(".")[0] for name in images[-1]} if len(images) > 1 else set()
+        self.names = re.compile(r"\b(?:%s)\b" % "|".join(sorted(words | {"__import__", "importlib"})))
+        self.slots = [_Slot(i, image) for i in range(cfg["workers"]) for image in range(len(images))]
+        for slot in self.slots:
+            self._spawn(slot)
+
+    def _fork_zygote(self, iso: dict) -> socket.socket:
+        if len(os.listdir("/proc/self/task")) != 1:
+            raise RuntimeError("the fork server must be single-threaded (see `fork`)")
+        gc.collect()
+        gc.freeze()  # executions share the heap copy-on-write; a collection would touch every page
+        huge_pages()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         server = os.getpid()
-        if fork() == 0:  # before any request: the zygote holds nothing of an execution
+        if fork() == 0:
             try:
-                zygote_main(theirs.fileno(), server, cfg, iso)
+                zygote_main(theirs.fileno(), server, self.cfg, iso)
             finally:
                 os._exit(70)  # never back into the server's code
         theirs.close()
-        self.slots = [_Slot(i) for i in range(cfg["workers"])]
-        for slot in self.slots:
-            self._spawn(slot)
+        return ours
 
     def serve(self) -> None:
         while True:
@@ -104,23 +142,28 @@ class Server:
                 if slot.job and not slot.job.timed_out and now >= slot.job.deadline:
                     slot.job.timed_out = True
                     ignore(os.kill, slot.pid, signal.SIGKILL)  # the namespace goes with its init
-                elif self.queue and slot.job is None:
-                    self._dispatch(slot, self.queue.popleft())
+            busy = {slot.index for slot in self.slots if slot.job}   # one execution per slot (its uid) at a time
+            for index in [i for i in range(self.cfg["workers"]) if i not in busy][:len(self.queue)]:
+                req = self.queue.popleft()
+                self._dispatch(self.slots[index * len(self.zygotes) + req["image"]], req)
 
     def _read_requests(self) -> bool:
         data = os.read(CTRL_IN, 1 << 16)
         if not data:
             return False
         self.inbuf += data
-        self.queue.extend(pop_frames(self.inbuf))
+        for req in pop_frames(self.inbuf):
+            req["image"] = image_of(req, self.names) if len(self.zygotes) > 1 else 0
+            self.queue.append(req)
         return True
 
     def _spawn(self, slot: _Slot) -> None:
         """Have the zygote fork the slot's init, with four pipes: stdout, stderr, requests, status."""
         pipes = {k: os.pipe() for k in ("out", "err", "req", "status")}
         theirs = [pipes["out"][1], pipes["err"][1], pipes["req"][0], pipes["status"][1]]
-        socket.send_fds(self.zygote, [struct.pack("<I", slot.index)], theirs)
-        (slot.pid,) = struct.unpack("<i", self.zygote.recv(4))
+        zygote = self.zygotes[slot.image]
+        socket.send_fds(zygote, [struct.pack("<I", slot.index)], theirs)
+        (slot.pid,) = struct.unpack("<i", zygote.recv(4))
         for fd in theirs:
             os.close(fd)
         slot.req_w = pipes.pop("req")[1]
@@ -177,9 +220,16 @@ class Server:
     def _shutdown(self) -> None:
         for slot in self.slots:
             ignore(os.kill, slot.pid, signal.SIGKILL)
-        self.zygote.close()
+        for zygote in self.zygotes:
+            zygote.close()
         if self.cfg["scratch"]:
             shutil.rmtree(self.cfg["scratch"], ignore_errors=True)
+
+
+def preload(names: list[str]) -> None:
+    for name in names:
+        with suppress(Exception):  # a missing optional module is not fatal
+            importlib.import_module(name)
 
 
 def main() -> None:
@@ -191,14 +241,12 @@ def main() -> None:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
     sys.stdout.reconfigure(errors="backslashreplace")  # executions print through copies of these
-    for name in cfg["preload"]:
-        with suppress(Exception):  # a missing optional module is not fatal
-            importlib.import_module(name)
+    std = [name for name in cfg["preload"] if name.split(".")[0] in sys.stdlib_module_names]
+    rest = [name for name in cfg["preload"] if name not in std]
+    preload(std)   # before the isolation, as the client's environment has it; the others in Server
     os.environ.clear()  # the client passed USER_ENV (BLAS pools of one); executions inherit exactly it
     os.environ.update(USER_ENV)
     iso = setup_isolation(cfg)
-    if len(os.listdir("/proc/self/task")) != 1:
-        raise RuntimeError("the fork server must be single-threaded (see `fork`)")
     # Not dumpable (nor the zygote and inits, which inherit it): without a uid change or a PID
     # namespace, code of the same uid could otherwise open /proc/PID/fd or /proc/PID/mem of them.
     prctl(PR_SET_DUMPABLE, 0)
@@ -206,10 +254,7 @@ def main() -> None:
     if not iso["mount_ns"]:
         cfg["scratch"] = tempfile.mkdtemp(prefix="minir1ci-sandbox-")
         os.chmod(cfg["scratch"], 0o711)  # slot uids may enter their own workdir, not list others
-    gc.collect()
-    gc.freeze()  # executions share the heap copy-on-write; a collection would touch every page
-    huge_pages()
-    server = Server(cfg, iso)
+    server = Server(cfg, iso, [std, rest] if rest else [std])
     write_frame(CTRL_OUT, {"isolation": iso})
     server.serve()
 
