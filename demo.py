@@ -140,6 +140,20 @@ def second_calls(trajs) -> dict:
     return {"share": sum(kinds.values()) / max(len(trajs), 1), **kinds}
 
 
+def digest(ckpt: Path) -> str:
+    """What a checkpoint's evaluation depends on: the names and bytes of its files (not the evaluations kept
+    there, nor the optimizer's state), and for a LoRA adapter its base checkpoint's digest (the adapter
+    holds only its own tensors)."""
+    from minir1ci.inference import lora
+    h = hashlib.sha256()
+    for f in sorted(p for p in ckpt.iterdir() if p.is_file() and not p.name.startswith("demo-eval")
+                    and not p.name.startswith("trainer_state")):
+        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    if lora.is_adapter_dir(ckpt):
+        h.update(digest(lora.adapter_config(ckpt)[1]).encode())
+    return h.hexdigest()[:24]
+
+
 def evaluate(ckpt: Path, use_code: bool, limit: int, settings: str = "both") -> dict:
     """{"sampled": summary at EVAL_TEMPERATURE, EVAL_SAMPLES per question, with "second_calls";
     "greedy": summary} (`settings`: both, or one of them) on the first `limit` test questions per
@@ -152,9 +166,7 @@ def evaluate(ckpt: Path, use_code: bool, limit: int, settings: str = "both") -> 
     for path in own:
         if path.exists():
             return json.loads(path.read_text())
-    files = b"".join((ckpt / f).read_bytes() for f in ("config.json", "model.safetensors", "tokenizer.json")
-                     if (ckpt / f).exists())   # hashed only when the checkpoint has no result of its own
-    key = f"{hashlib.sha256(files).hexdigest()[:24]}-{'code' if use_code else 'text'}"
+    key = f"{digest(ckpt)}-{'code' if use_code else 'text'}"   # only when the checkpoint has no result of its own
     shared = [ckpt.parent.parent / "evals" / f"{key}-{n}" for n in names]
     for path in shared:
         if path.exists():

@@ -187,6 +187,13 @@ def test_a_hidden_import_works_from_the_smaller_image_and_sessions_use_the_full_
     sb.end_session("image")
 
 
+def test_code_that_is_not_text_is_its_executions_error_not_the_servers(sb):
+    pid = sb.server_pid
+    r = sb.run(None)  # the server routes it without reading it; the execution reports the TypeError
+    assert r.status == "error" and "TypeError" in r.stderr, r
+    _host_ok(sb, pid)
+
+
 def test_one_execution_per_slot_uid_at_a_time_across_both_images():
     # each records its uid and when it ran; the two images' inits of one slot share its uid
     probe = ("import os, time\nt = time.time()\ntime.sleep(0.05)\nprint(os.getuid(), t, time.time())"

@@ -178,4 +178,23 @@ def test_demo_evaluates_a_checkpoint_of_the_same_bytes_once(tiny_ckpt, tmp_path,
     assert demo.evaluate(c, True, 2, "sampled")["sampled"]["average"]["accuracy"] == 0.2   # other weights
     assert demo.evaluate(b, False, 2, "sampled")["sampled"]["average"]["accuracy"] == 0.3  # no code
     assert demo.evaluate(a, True, 2, "sampled") == first and len(calls) == 3
+    # LoRA checkpoints hold only their adapters (their other files would all hash alike): two seeds' adapters
+    # are two evaluations, and an adapter whose base changed is evaluated again
+    import torch
+
+    from minir1ci.inference import lora
+    base = tmp_path / "out" / "sft-teacher" / "step-000399"
+    shutil.copytree(tiny_ckpt, base)
+    adapters = [tmp_path / "out" / f"abl-lora-s{seed}" / "step-000029" for seed in (0, 1)]
+    for seed, path in enumerate(adapters):
+        torch.manual_seed(seed)
+        m = lora.apply_lora(checkpoint.init_from_config(tiny_dir(), seed=0)[0], 2, 4)
+        for layer in lora.lora_layers(m).values():
+            torch.nn.init.normal_(layer.lora_B.weight)
+        lora.save_adapter(m, path, base)
+    acc = [demo.evaluate(p, True, 2, "sampled")["sampled"]["average"]["accuracy"] for p in adapters]
+    assert acc == [0.4, 0.5] and len(calls) == 5
+    (adapters[0] / "demo-eval-2-sampled.json").unlink()
+    shutil.copy(c / "model.safetensors", base / "model.safetensors")
+    assert demo.evaluate(adapters[0], True, 2, "sampled")["sampled"]["average"]["accuracy"] == 0.6
     assert not list((tmp_path / "out" / "evals").glob("*.tmp*"))

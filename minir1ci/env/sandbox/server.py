@@ -76,9 +76,10 @@ def image_of(req: dict, names: re.Pattern) -> int:
     """1 (the full image) for a session (its replay seeds numpy as before) and for code that imports a
     module outside the standard library or names one of the full image's modules or a dynamic import
     (`names`, words); else 0. Read from the text, comments and strings too: it errs towards the full image."""
-    if req["seed"] is not None or names.search(req["code"]):
+    code = req["code"] if isinstance(req["code"], str) else ""   # not text: the execution reports it
+    if req["seed"] is not None or names.search(code):
         return 1
-    for m in _IMPORT.finditer(req["code"]):
+    for m in _IMPORT.finditer(code):
         for name in [m[1]] if m[1] else [part.split()[0] for part in m[2].split(",")]:
             if name.split(".")[0] not in _STD:
                 return 1
