@@ -7,9 +7,9 @@
 `Sandbox` spawns `server.py` (`python -I`, not a fork of the trainer), which preloads numpy, sympy and the
 like; each execution forks from it (a few ms of CPU instead of 0.8 s) and runs the code as `python -c`
 would, ending with `os._exit` once it returns. Code whose text imports only the standard library forks
-from an image without numpy and sympy (server.py), for about 30% less CPU per execution. Stateless by default, as in R1-Code-Interpreter;
-`session_id=` replays the session's earlier "ok"/"error" blocks silently before the new one, with a fixed
-per-session seed and one deadline of `timeout` per block.
+from an image without numpy and sympy (server.py), for about 30% less CPU per execution. Stateless by
+default, as in R1-Code-Interpreter; `session_id=` replays the session's earlier "ok"/"error" blocks
+silently before the new one, with a fixed per-session seed and one deadline of `timeout` per block.
 
 Threat model (as root on Linux; `Sandbox.isolation` lists the layers the kernel allowed). Per execution:
 processes all killed and reaped before the result, a deadline on the server's clock, RLIMIT_CPU, AS (per

@@ -7,8 +7,9 @@ with its zygote and an init per slot. An execution forks from the smaller image 
 a module from outside the standard library (`image_of`): a fork, its exit and its copy-on-write faults
 cost in proportion to the image (about half the CPU for a small program). A hidden import still works
 from there, at the cost of importing the module afresh. Each slot's stdout and stderr are read without
-pause; the deadline, the output count and the wait status are the server's alone. At the deadline or past the output ceiling it SIGKILLs the slot's
-init (the kernel kills the namespace) and the zygote forks a new one.
+pause; the deadline, the output count and the wait status are the server's alone. At the deadline or
+past the output ceiling it SIGKILLs the slot's init (the kernel kills the namespace) and its zygote
+forks a new one.
 Simplified: one uid per slot (`uid_base + slot`), so RLIMIT_NPROC bounds each execution alone.
 """
 from __future__ import annotations
@@ -68,8 +69,13 @@ class _Job:
         self.timed_out = self.flooded = False
 
 
-_STD = sys.stdlib_module_names | {""}   # "": a relative import
-_IMPORT = re.compile(r"\bfrom\s+([\w.]+)\s+import\b|\bimport\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)")
+_IMPORT = re.compile(r"\bfrom\s+([\w.]+)\s+import\b"                                  # from M import ...
+                     r"|\bimport\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)")   # import M [as x], ...
+
+
+def stdlib(module: str) -> bool:
+    top = module.split(".")[0]
+    return not top or top in sys.stdlib_module_names   # "": a relative import
 
 
 def image_of(req: dict, names: re.Pattern) -> int:
@@ -81,7 +87,7 @@ def image_of(req: dict, names: re.Pattern) -> int:
         return 1
     for m in _IMPORT.finditer(code):
         for name in [m[1]] if m[1] else [part.split()[0] for part in m[2].split(",")]:
-            if name.split(".")[0] not in _STD:
+            if not stdlib(name):
                 return 1
     return 0
 
@@ -92,20 +98,21 @@ class _Slot:
 
 
 class Server:
-    def __init__(self, cfg: dict, iso: dict, images: list[list[str]]):
-        """`images`: the modules each image adds to the one before; a zygote per image, forked once the
-        server has imported them, before any request, so that no zygote holds anything of an execution."""
+    def __init__(self, cfg: dict, iso: dict, extra: list[str]):
+        """A zygote of the modules imported so far, then, with `extra` (the preloaded modules outside the
+        standard library) imported, a second one; both before any request, so that no zygote holds
+        anything of an execution."""
         self.cfg, self.lim = cfg, cfg["limits"]
         self.epoll, self.handlers = select.epoll(), {CTRL_IN: ("ctrl", None)}  # fd -> (kind, slot)
         self.epoll.register(CTRL_IN, select.EPOLLIN)
         self.inbuf, self.queue = bytearray(), deque()
-        self.zygotes = []
-        for modules in images:
-            preload(modules)
+        self.zygotes = [self._fork_zygote(iso)]
+        if extra:
+            preload(extra)
             self.zygotes.append(self._fork_zygote(iso))
-        words = {name.split(".")[0] for name in images[-1]} if len(images) > 1 else set()
-        self.names = re.compile(r"\b(?:%s)\b" % "|".join(sorted(words | {"__import__", "importlib"})))
-        self.slots = [_Slot(i, image) for i in range(cfg["workers"]) for image in range(len(images))]
+        words = sorted({name.split(".")[0] for name in extra} | {"__import__", "importlib"})
+        self.names = re.compile(r"\b(?:%s)\b" % "|".join(words))   # in code: the full image
+        self.slots = [_Slot(i, image) for i in range(cfg["workers"]) for image in range(len(self.zygotes))]
         for slot in self.slots:
             self._spawn(slot)
 
@@ -146,7 +153,7 @@ class Server:
             busy = {slot.index for slot in self.slots if slot.job}   # one execution per slot (its uid) at a time
             for index in [i for i in range(self.cfg["workers"]) if i not in busy][:len(self.queue)]:
                 req = self.queue.popleft()
-                self._dispatch(self.slots[index * len(self.zygotes) + req["image"]], req)
+                self._dispatch(next(s for s in self.slots if (s.index, s.image) == (index, req["image"])), req)
 
     def _read_requests(self) -> bool:
         data = os.read(CTRL_IN, 1 << 16)
@@ -242,9 +249,7 @@ def main() -> None:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
     sys.stdout.reconfigure(errors="backslashreplace")  # executions print through copies of these
-    std = [name for name in cfg["preload"] if name.split(".")[0] in sys.stdlib_module_names]
-    rest = [name for name in cfg["preload"] if name not in std]
-    preload(std)   # before the isolation, as the client's environment has it; the others in Server
+    preload([name for name in cfg["preload"] if stdlib(name)])   # the others: in Server, for the second image
     os.environ.clear()  # the client passed USER_ENV (BLAS pools of one); executions inherit exactly it
     os.environ.update(USER_ENV)
     iso = setup_isolation(cfg)
@@ -255,7 +260,7 @@ def main() -> None:
     if not iso["mount_ns"]:
         cfg["scratch"] = tempfile.mkdtemp(prefix="minir1ci-sandbox-")
         os.chmod(cfg["scratch"], 0o711)  # slot uids may enter their own workdir, not list others
-    server = Server(cfg, iso, [std, rest] if rest else [std])
+    server = Server(cfg, iso, [name for name in cfg["preload"] if not stdlib(name)])
     write_frame(CTRL_OUT, {"isolation": iso})
     server.serve()
 
