@@ -3,7 +3,9 @@ against the demo's GRPO, each with two seeds, from the demo's run directory; the
 with each row's seed spread and the paper's finding, and the README's ablation section.
 
 Each row trains GRPO (or what the row names) for the demo's RL steps from its teacher SFT with seeds 0
-and 1 (the demo's GRPO and PPO are seed 0 of their rows); the SFT runs the rows start from (a 70%-text
+and 1 (the demo's GRPO and PPO are seed 0 of their rows), both on seed 0's training questions
+(`--data_seed=0`: a seed draws the order of questions and the samples, as seeds over one fixed dataset
+do, and a row's two seeds share one curriculum measurement); the SFT runs the rows start from (a 70%-text
 teacher) and the second SFT seeds (the `date` family's question) are trained first. Jobs run as the
 demo's do (demo.run_jobs), and every evaluation is the demo's, cached in the checkpoint directory.
 """
@@ -57,26 +59,28 @@ def ablation_runs(out: Path, rows: list) -> list[tuple[str, int, Path, list[str]
             start = next((c.removeprefix("start:") for c in change if c.startswith("start:")), "sft-teacher")
             stage = next((c for c in change if c.startswith("--stage=")), "--stage=grpo")
             extra = [c for c in change if not c.startswith(("start:", "--stage="))]
-            if "--curriculum=false" not in extra:   # rows from one start and seed share one measurement
+            if "--curriculum=false" not in extra:   # a row's seeds, and rows from one start, share one measurement
                 extra.append(f"--curriculum_cache={out / 'curriculum'}")
             run = out / f"abl-{key}-s{seed}"
-            runs.append((key, seed, run, [stage, "--preset=tiny", f"--seed={seed}", "--resume", f"--steps={RL_STEPS}",
-                                          f"--model={out / start}", f"--out={run}", *extra]))
+            runs.append((key, seed, run, [stage, "--preset=tiny", f"--seed={seed}", f"--data_seed={SEEDS[0]}",
+                                          "--resume", f"--steps={RL_STEPS}", f"--model={out / start}", f"--out={run}",
+                                          *extra]))
     return runs
 
 
 def job_order(runs: list, out: Path) -> list:
     """`runs` in the order their jobs start: seed 0's, then seed 1's; in each, first the runs that make a
-    curriculum measurement (the first from their start, seed, rollout dtype and sample count; the demo's
-    GRPO made the teacher SFT's for seed 0), which are also the long ones, then those that read it, so
-    a run rarely waits on the cache's lock while another measures."""
+    curriculum measurement (the first from their start, rollout dtype and sample count: both seeds train
+    on the questions of `--data_seed`; the demo's GRPO made the teacher SFT's), which are also the long
+    ones, then those that read it, so a run rarely waits on the cache's lock while another measures."""
     def measured(args):
         if "--curriculum=false" in args:
             return None
-        return frozenset(a for a in args if a.startswith(("--model=", "--seed=", "--rollout_dtype=",
+        return frozenset(a for a in args if a.startswith(("--model=", "--data_seed=", "--rollout_dtype=",
                                                           "--curriculum_samples=")))
 
-    seen, order = {None, frozenset(), measured([f"--model={out / 'sft-teacher'}", f"--seed={SEEDS[0]}"])}, []
+    demo = measured([f"--model={out / 'sft-teacher'}", f"--data_seed={SEEDS[0]}"])
+    seen, order = {None, frozenset(), demo}, []
     for seed in SEEDS:
         first, rest = [], []
         for r in (r for r in runs if r[1] == seed):

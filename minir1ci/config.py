@@ -41,6 +41,7 @@ RANGES = {
                      "tis_cap", "mis_low", "mis_high", "gspo_clip_low", "gspo_clip_high", "mini_batch_size",
                      "keep_checkpoints", "clip_low", "clip_high", "kl_coef", "entropy_coef",
                      "critic_warmup_steps", "threads", "lora_rank"), NONNEG),
+    "data_seed": (-1, INF, (True, False)),
     **dict.fromkeys(("text_fraction", "min_lr_ratio", "gamma", "lam"), UNIT),
     "top_p": (0, 1, (False, True)), "beta1": (0, 1, (True, False)), "beta2": (0, 1, (True, False)),
     "dual_clip": (1, INF, (False, False)), "sft_min_reward": (-INF, INF, (True, False)),
@@ -70,6 +71,7 @@ class TrainConfig:
     text_fraction: float = 0.0  # SFT with code on built-in oracles: this share of questions gets the text-only answer
     resume: bool = False       # continue from <out>/last if present
     seed: int = 0
+    data_seed: int = -1        # draws the training questions (and the curriculum's measurement); -1 = --seed
     # budget and batching
     steps: int = 300
     batch_size: int = 32       # sequences per optimizer step (RL: prompts_per_step * n_samples)
@@ -173,6 +175,12 @@ class TrainConfig:
         if self.old_logprobs == "sampler" and (self.ppo_epochs > 1 or self.mini_batch_size):
             raise ValueError("--old_logprobs=sampler is exact only with one update per step: "
                              "--ppo_epochs=1 --mini_batch_size=0")
+
+    def questions_seed(self) -> int:
+        """The seed that draws the training data: `data_seed`, or `seed` where it is -1. Runs that differ
+        only in `seed` and share a `data_seed` train on the same questions, in their own order and with
+        their own samples (as seeds over one fixed dataset do), and share one curriculum measurement."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     def lora_target_list(self) -> tuple[str, ...]:
         return TARGETS if self.lora_targets == "all" else tuple(self.lora_targets.split(","))

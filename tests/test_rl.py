@@ -259,12 +259,16 @@ def test_curriculum_cache_measures_once_per_start_questions_and_settings(monkeyp
     assert measure(copy) == want and len(calls) == 1
     # PPO from the same start, with the same rollout settings, reads it too
     assert measure(c=dataclasses.replace(cfg, stage="ppo")) == want and len(calls) == 1
+    # another seed over seed 0's questions (--data_seed=0, the ablations' second seed) reads it too
+    assert measure(c=dataclasses.replace(cfg, seed=1, data_seed=0)) == want and len(calls) == 1
     with torch.no_grad():
         copy.model.norm.weight[0] += 1e-3                          # other weights: measured again
     assert measure(copy) == want and len(calls) == 2
     for change in ({"seed": 1}, {"curriculum_samples": 2}, {"temperature": 0.5}, {"max_new_tokens": 64}):
         measure(c=dataclasses.replace(cfg, **change))
     assert len(calls) == 6 and calls[2][2] == 18 and calls[3][1] == 2
+    measure(c=dataclasses.replace(cfg, seed=0, data_seed=1))      # seed 0 over seed 1's: seed 1's, cached above
+    assert len(calls) == 6
     measure(exs=examples[:5])                                      # other questions
     assert len(calls) == 7 and len(list(tmp_path.glob("curriculum-*.json"))) == 7
     for path in tmp_path.glob("curriculum-*.json"):                # a damaged file is measured again and rewritten

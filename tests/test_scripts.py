@@ -198,3 +198,25 @@ def test_demo_evaluates_a_checkpoint_of_the_same_bytes_once(tiny_ckpt, tmp_path,
     shutil.copy(c / "model.safetensors", base / "model.safetensors")
     assert demo.evaluate(adapters[0], True, 2, "sampled")["sampled"]["average"]["accuracy"] == 0.6
     assert not list((tmp_path / "out" / "evals").glob("*.tmp*"))
+
+
+def test_ablation_runs_are_valid_commands_whose_seeds_share_questions_and_measurements(tmp_path):
+    """Every ablation run's arguments are a train.py command line; a row's two seeds train on seed 0's
+    questions (one curriculum measurement per start, dtype and sample count), and each measurement is
+    made by a seed-0 run that starts before every run reading it."""
+    import ablations
+    from minir1ci.config import resolve
+    runs = ablations.ablation_runs(tmp_path, ablations.ABLATIONS)
+    assert len(runs) == 2 * len(ablations.ABLATIONS)
+    order = ablations.job_order(runs, tmp_path)
+    assert sorted(map(str, order)) == sorted(map(str, runs))
+    first = {}   # a measurement's key -> the seed of the run that makes it
+    for key, seed, run, args in order:
+        if not args:   # the demo's GRPO and PPO, seed 0
+            assert key in ("grpo", "ppo") and seed == 0
+            continue
+        cfg = resolve(args)
+        assert (cfg.seed, cfg.questions_seed(), cfg.steps) == (seed, 0, 30) and cfg.out == str(run)
+        if cfg.curriculum:
+            first.setdefault((cfg.model, cfg.questions_seed(), cfg.rollout_dtype, cfg.curriculum_samples), seed)
+    assert len(first) == 6 and set(first.values()) == {0}   # no seed-1 run measures

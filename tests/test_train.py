@@ -263,3 +263,32 @@ def test_sft_on_rollouts_keeps_only_the_trajectories_at_the_reward_floor(tmp_pat
     assert capsys.readouterr().err.strip() == f"train.py: error: {data}: no training samples"
     with pytest.raises(ValueError, match="--sft_min_reward applies only to --stage sft with --sft_data"):
         resolve(["--stage=grpo", "--sft_min_reward=1"])
+
+
+def test_data_seed_draws_the_questions_and_seed_the_rest(monkeypatch, tmp_path):
+    """Seeds over one fixed dataset (the ablations' two seeds): `--data_seed` picks the training
+    questions (and for SFT which get the teacher's text answer), `--seed` everything else; -1 is --seed."""
+    from minir1ci.inference.tokenizer import Tokenizer
+    from minir1ci.presets import tiny_dir
+    tok = Tokenizer.from_pretrained(tiny_dir())
+    ids = lambda *argv: [s.ids for s in sft.build_samples(resolve(["--stage=sft", *TINY, "--text_fraction=0.5",
+                                                                    *argv]), tok)[0]]
+    assert ids("--seed=1", "--data_seed=0") == ids("--seed=0") == ids("--seed=5", "--data_seed=0")
+    assert ids("--seed=1") == ids("--seed=0", "--data_seed=1") != ids("--seed=0")
+    with pytest.raises(ValueError, match=r"data_seed must lie in \[-1, inf\)"):
+        resolve(["--stage=grpo", "--data_seed=-2"])
+
+    seen = []
+
+    def questions(*args, seed, **kw):   # the RL run asks for its training questions, then stops here
+        seen.append(seed)
+        raise KeyboardInterrupt
+
+    from minir1ci.inference.checkpoint import init_from_config, save_pretrained
+    save_pretrained(*init_from_config(tiny_dir(), seed=0), tmp_path / "start")
+    monkeypatch.setattr(rl, "load_tasks", questions)
+    for argv, want in ((["--seed=1", "--data_seed=0"], 0), (["--seed=1"], 1), (["--seed=0", "--data_seed=3"], 3)):
+        with pytest.raises(KeyboardInterrupt):
+            rl.train_rl(resolve(["--stage=grpo", "--preset=tiny", *RL, f"--model={tmp_path / 'start'}",
+                                 f"--out={tmp_path / str(len(seen))}", *argv]))
+    assert seen == [0, 1, 3]

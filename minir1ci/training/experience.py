@@ -135,8 +135,10 @@ def measure_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:
 
 
 def success_params(cfg):
-    """The rollout settings of the curriculum's measurement (its own seed, apart from the steps')."""
-    return rollout_params(cfg, seed=cfg.seed + 17)
+    """The rollout settings of the curriculum's measurement: a seed of its own, apart from the steps', drawn
+    from the questions' seed, so runs over the same questions from one start (seeds sharing a `data_seed`)
+    share the measurement."""
+    return rollout_params(cfg, seed=cfg.questions_seed() + 17)
 
 
 def cached_success(sampling, tokenizer, sandbox, examples, cfg) -> list[float]:

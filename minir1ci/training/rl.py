@@ -246,7 +246,7 @@ def train_rl(cfg) -> dict:
     model, tokenizer, source = load_start_model(cfg, device, resumed)
     model.gradient_checkpointing = cfg.grad_checkpointing
     examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train", limit=cfg.num_train_examples,
-                          seed=cfg.seed)
+                          seed=cfg.questions_seed())
     if dist.is_main():
         print(f"{cfg.stage}: {model.num_params() / 1e6:.2f}M params from {source}; {len(examples)} training "
               f"questions; {cfg.prompts_per_step} prompts x {cfg.n_samples} samples per step")

@@ -31,18 +31,18 @@ from minir1ci.training.runs import (load_start_model, open_run_dir, release_run_
 def build_samples(cfg, tokenizer, vocab_size: int | None = None):
     """(samples that fit max_seq_len, how many did not) from the stage's data source."""
     if cfg.stage == "pretrain":
-        samples = copy_corpus(tokenizer, cfg.num_train_examples, seed=cfg.seed)
+        samples = copy_corpus(tokenizer, cfg.num_train_examples, seed=cfg.questions_seed())
     elif cfg.sft_data:
         min_reward = None if cfg.sft_min_reward == -math.inf else cfg.sft_min_reward
         samples = load_jsonl(cfg.sft_data, tokenizer, min_reward=min_reward, vocab_size=vocab_size)
     else:
         examples = load_tasks(cfg.tasks, data_dir=cfg.data or None, split="train",
-                              limit=cfg.num_train_examples, seed=cfg.seed)
+                              limit=cfg.num_train_examples, seed=cfg.questions_seed())
         missing = sorted({ex.task for ex in examples if ex.oracle is None})
         if missing and cfg.use_code:
             raise ValueError(f"--tasks {cfg.tasks!r}: {', '.join(missing)} have no oracle code trajectories (only "
                              "the built-in families do); pass --sft_data FILE.jsonl for them")
-        samples = oracle_samples(examples, tokenizer, cfg.use_code, cfg.text_fraction, cfg.seed)
+        samples = oracle_samples(examples, tokenizer, cfg.use_code, cfg.text_fraction, cfg.questions_seed())
     # Too long: dropped, not truncated (a cut trajectory would teach the model to stop mid-answer).
     kept = [s for s in samples if len(s.ids) <= cfg.max_seq_len and any(s.mask)]
     if not kept:
