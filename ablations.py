@@ -148,9 +148,10 @@ def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
     if readme:
         update_readme(f"`make ablations` (`python demo.py --ablations`), after `make demo`: each row trains GRPO "
                       f"(or what the row names) for {RL_STEPS} steps from the demo's teacher SFT, changing one "
-                      f"thing, with seeds 0 and 1 (the demo's runs are seed 0), and is evaluated as the main table "
-                      f"({limit} held-out questions per family, T={EVAL_TEMPERATURE} x {EVAL_SAMPLES}). A difference "
-                      f"is beyond the spread when it exceeds the two rows' half-ranges added. Total "
+                      f"thing, with seeds 0 and 1 over seed 0's training questions (the demo's runs are seed 0), "
+                      f"and is evaluated as the main table ({limit} held-out questions per family, "
+                      f"T={EVAL_TEMPERATURE} x {EVAL_SAMPLES}). A difference is beyond the spread when it exceeds "
+                      f"the two rows' half-ranges added. Total "
                       f"{total / 60:.1f} min, {LANES} runs at a time ({fmt_times(times)}; {host_note()}).\n\n{tbl}"
                       f"\n\nSFT seeds, `date` accuracy (T={EVAL_TEMPERATURE}): {date}.", "ablations")
     return 0
