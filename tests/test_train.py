@@ -190,6 +190,13 @@ def test_rl_resume_regularises_towards_the_recorded_start_and_logs_every_nth_ste
     assert json.loads((grpo / "config.json").read_text())["model"] == str(start)
     with pytest.raises(ValueError, match="started from"):                # a resume cannot change its start
         rl.train_rl(resolve([*args, "--steps=6", "--resume", f"--model={runs.latest_checkpoint(sft)}"]))
+    # nor its seeds: the steps' seed, or the questions' (the same questions under another name resume)
+    with pytest.raises(ValueError, match="was trained with --seed=0"):
+        rl.train_rl(resolve([*args, "--steps=6", "--resume", "--seed=1"]))
+    with pytest.raises(ValueError, match="was trained on the questions of --data_seed=0"):
+        rl.train_rl(resolve([*args, "--steps=6", "--resume", "--data_seed=2"]))
+    rl.train_rl(resolve([*args, "--steps=6", "--resume", "--data_seed=0"]))
+    assert [r["step"] for r in metrics(grpo)] == [0, 2, 4, 5]
 
 
 def test_model_may_name_a_run_directory_whose_newest_checkpoint_starts_the_run(sft_run, tmp_path):

@@ -111,10 +111,15 @@ def start_source(cfg) -> tuple[str, Path | None]:
     if resumed is not None:
         config = read_json(run_dir / "config.json")
         recorded = config.get("model", "")
-        for key in ("lora_rank", "lora_alpha", "lora_targets"):   # what the saved adapters and optimizer hold
+        # what the saved adapters and optimizer hold, and the seed of the run's steps
+        for key in ("lora_rank", "lora_alpha", "lora_targets", "seed"):
             was = config.get(key, getattr(type(cfg), key))
             if was != getattr(cfg, key):
                 raise ValueError(f"{run_dir} was trained with --{key}={was}: resume it with the same")
+        was = config.get("data_seed", -1)
+        was = config.get("seed", type(cfg).seed) if was < 0 else was   # the questions it drew (and its curriculum)
+        if was != cfg.questions_seed():
+            raise ValueError(f"{run_dir} was trained on the questions of --data_seed={was}: resume it with the same")
         if model and (not recorded or Path(model).resolve() != Path(recorded).resolve()):
             raise ValueError(f"{run_dir} started from {recorded or 'scratch'}, not --model {model}: drop "
                              "--model to resume it, or pass a new --out")
