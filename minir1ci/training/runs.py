@@ -116,8 +116,8 @@ def start_source(cfg) -> tuple[str, Path | None]:
             was = config.get(key, getattr(type(cfg), key))
             if was != getattr(cfg, key):
                 raise ValueError(f"{run_dir} was trained with --{key}={was}: resume it with the same")
-        was = config.get("data_seed", -1)
-        was = config.get("seed", type(cfg).seed) if was < 0 else was   # the questions it drew (and its curriculum)
+        # the questions it drew (its curriculum's indices point into them), by TrainConfig's own rule
+        was = dataclasses.replace(cfg, data_seed=config.get("data_seed", -1)).questions_seed()
         if was != cfg.questions_seed():
             raise ValueError(f"{run_dir} was trained on the questions of --data_seed={was}: resume it with the same")
         if model and (not recorded or Path(model).resolve() != Path(recorded).resolve()):
