@@ -90,6 +90,31 @@ def job_order(runs: list, out: Path) -> list:
     return order
 
 
+def ablation_jobs(out: Path, rows: list, runs: list, limit: int) -> list:
+    """demo.run_jobs' (name, command, what it waits for) for `rows` and their `runs`: the SFT runs first
+    (the third teacher of the mix sweep, whose rows wait for it, and a second seed of the teacher and the
+    oracle, for the `date` family's question), then the RL runs in `job_order`, then every evaluation:
+    the long jobs first and the short ones last, so the two lanes end within about one evaluation of
+    each other (an evaluation started as soon as its run ended left a lane idle for minutes at the end)."""
+    sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}"]
+    trains, evals = [], []
+    if any(a[0] == "mix-0.7" for a in rows):
+        trains.append(("sft-teacher-0.7", train([*sft, "--seed=0", "--text_fraction=0.7",
+                                                 f"--out={out / 'sft-teacher-0.7'}"]), set()))
+    for name, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
+        trains.append((f"{name}-s1", train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / name}-s1"]),
+                       set()))
+        evals.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit, "sampled"), {f"{name}-s1"}))
+    sft_runs = {j[0] for j in trains}
+    for key, seed, run, args in job_order(runs, out):
+        # --model names the SFT run: train.py starts from its newest checkpoint when the job starts
+        if args:
+            after = {a.removeprefix(f"--model={out}/") for a in args if a.startswith("--model=")} & sft_runs
+            trains.append((run.name, train(args), after))
+        evals.append((f"eval-{run.name}", eval_job(run, True, limit, "sampled"), {run.name} if args else set()))
+    return trains + evals
+
+
 def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
     """Train every ablation run (and the SFT runs they start from), evaluate them, write the table; `keys`
     (comma list) limits it to those rows and GRPO's, the rest named as not run."""
@@ -99,22 +124,8 @@ def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
         if not (out / run / "latest").exists():
             sys.exit(f"demo.py: {out / run} has no checkpoint; run `make demo` first")
     t_start = time.time()
-    sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}"]
-    # SFT: the third teacher of the mix sweep, and a second seed of the teacher and the oracle (the date family)
-    mix = train([*sft, "--seed=0", "--text_fraction=0.7", f"--out={out / 'sft-teacher-0.7'}"])
-    sft_jobs = [("sft-teacher-0.7", mix, set())] if any(a[0] == "mix-0.7" for a in rows) else []
-    for name, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
-        sft_jobs.append((f"{name}-s1", train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / name}-s1"]),
-                         set()))
-        sft_jobs.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit, "sampled"), {f"{name}-s1"}))
-    jobs, runs = [], ablation_runs(out, rows)
-    for key, seed, run, args in job_order(runs, out):
-        # --model names the SFT run: train.py starts from its newest checkpoint when the job starts
-        after = {a.removeprefix(f"--model={out}/") for a in args if a.startswith("--model=")} & {j[0] for j in sft_jobs}
-        if args:
-            jobs.append((run.name, train(args), after))
-        jobs.append((f"eval-{run.name}", eval_job(run, True, limit, "sampled"), {run.name} if args else set()))
-    times = run_jobs(sft_jobs + jobs, out / "logs")   # the SFT first: the mix-0.7 rows wait for theirs
+    runs = ablation_runs(out, rows)
+    times = run_jobs(ablation_jobs(out, rows, runs, limit), out / "logs")
     acc = {(key, seed): evaluate(latest(run), True, limit, "sampled")["sampled"]["average"]
            for key, seed, run, _ in runs}
     sft_seeds = {f"{name} seed {s}": evaluate(latest(out / (name + ("-s1" if s else ""))), True, limit,

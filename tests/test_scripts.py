@@ -220,3 +220,14 @@ def test_ablation_runs_are_valid_commands_whose_seeds_share_questions_and_measur
         if cfg.curriculum:
             first.setdefault((cfg.model, cfg.questions_seed(), cfg.rollout_dtype, cfg.curriculum_samples), seed)
     assert len(first) == 6 and set(first.values()) == {0}   # no seed-1 run measures
+    # The jobs: each run trained once (but the demo's), evaluated once, every evaluation after every training
+    # job (the short jobs last), and each waiting only for jobs in the list.
+    jobs = ablations.ablation_jobs(tmp_path, ablations.ABLATIONS, runs, 100)
+    names = [name for name, _, _ in jobs]
+    trains = [n for n in names if not n.startswith("eval-")]
+    assert len(set(names)) == len(names) and names == trains + [n for n in names if n.startswith("eval-")]
+    assert set(trains) == {r.name for _, _, r, a in runs if a} | {"sft-teacher-0.7", "sft-teacher-s1", "sft-oracle-s1"}
+    evaluated = {r.name for *_, r, _ in runs} | set(trains) - {"sft-teacher-0.7"}
+    assert set(names) - set(trains) == {f"eval-{n}" for n in evaluated}
+    assert all(after <= set(trains) for _, _, after in jobs)
+    assert dict((n, a) for n, _, a in jobs)["abl-mix-0.7-s1"] == {"sft-teacher-0.7"}
