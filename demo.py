@@ -15,14 +15,15 @@
 Prints the table and each stage's time, writes `<out>/results.json`, PNG plots to docs/, and
 rewrites the README's results section. `--ablations` then trains the RL runs that change one thing
 against the demo's GRPO, each with two seeds (the demo's GRPO and PPO are seed 0), and writes
-`<out>/ablations.json` and the README table (ablations.py). Every stage is an ordinary `train.py`
-run (started in a fork of this process, which imports torch once for all of them), so each can be
-rerun or inspected on its own. Seeds are fixed. Evaluation samples at temperature 0.6, the paper's
+`<out>/ablations.json` and the README table (ablations.py); `--sft_seeds` trains the demo's SFT and
+RL from other SFT seeds (sft_seeds.py). Every stage is an ordinary `train.py` run (started in a fork
+of this process, which imports torch once for all of them), so each can be rerun or inspected on its
+own. Seeds are fixed. Evaluation samples at temperature 0.6, the paper's
 evaluation setting, 3 seeded samples per question; the greedy average is reported beside it.
 `evaluate.py --seed 1 --limit 100 --n 3 --temperature 0.6 --max_new_tokens 160 --max_code_calls 2
 --dtype float32` gives the same numbers.
 
-    python demo.py [--out runs/demo] [--eval_limit 100] [--ablations] [--no-readme]
+    python demo.py [--out runs/demo] [--eval_limit 100] [--ablations] [--sft_seeds 1,2] [--no-readme]
 
 Rerun, it resumes each stage from its run directory (a finished stage is kept; seeds and resumes
 are exact, so the result is the one an uninterrupted run gives); delete --out for a fresh start.
@@ -305,6 +306,7 @@ def main() -> int:
     ap.add_argument("--eval_limit", type=int, default=100, help="held-out questions per family")
     ap.add_argument("--ablations", action="store_true", help="the ablation table (after the demo)")
     ap.add_argument("--rows", default="", help="with --ablations: only these rows (comma list of keys)")
+    ap.add_argument("--sft_seeds", metavar="S,S", help="after the demo: its SFT and RL from these SFT seeds too")
     ap.add_argument("--no-readme", dest="readme", action="store_false")
     ap.add_argument("--evaluate", metavar="RUN", help="(a demo job) evaluate RUN's newest checkpoint into its cache")
     ap.add_argument("--curve", action="store_true", help="with --evaluate: every kept checkpoint, greedy")
@@ -319,6 +321,15 @@ def main() -> int:
         for ckpt in ([p for _, p in checkpoints(run)] if args.curve else [latest(run)]):
             evaluate(ckpt, args.use_code, args.eval_limit, args.settings)
         return 0
+    if args.sft_seeds:
+        from sft_seeds import sft_seeds
+        try:
+            seeds = sorted({0, *(int(x) for x in args.sft_seeds.split(","))})
+        except ValueError:
+            ap.error(f"--sft_seeds expects a comma list of seeds, got {args.sft_seeds!r}")
+        if min(seeds) < 0:
+            ap.error(f"--sft_seeds: seeds are >= 0, got {args.sft_seeds!r}")
+        return sft_seeds(out, seeds, args.eval_limit)
     if args.ablations:
         from ablations import ablations
         return ablations(out, args.eval_limit, args.readme, args.rows)

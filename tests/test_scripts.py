@@ -231,3 +231,32 @@ def test_ablation_runs_are_valid_commands_whose_seeds_share_questions_and_measur
     assert set(names) - set(trains) == {f"eval-{n}" for n in evaluated}
     assert all(after <= set(trains) for _, _, after in jobs)
     assert dict((n, a) for n, _, a in jobs)["abl-mix-0.7-s1"] == {"sft-teacher-0.7"}
+
+
+def test_sft_seed_jobs_vary_only_the_sft_seed(tmp_path):
+    """`demo.py --sft_seeds`: per seed, a teacher and an oracle SFT with that seed (the same commands as the
+    ablations' seed-1 SFT runs, so either reuses the other's), GRPO and PPO from that teacher with the
+    demo's RL seed and questions; seed 0 is the demo's runs, trained by nothing here; evaluations last."""
+    import ablations
+    import sft_seeds
+    from minir1ci.config import resolve
+    jobs = sft_seeds.seed_jobs(tmp_path, [0, 1, 2], 100)
+    names = [n for n, _, _ in jobs]
+    trains = [n for n in names if not n.startswith("eval-")]
+    assert names[:len(trains)] == trains and len(set(names)) == len(names)
+    assert set(trains) == {f"{r}-s{s}" for r in ("sft-teacher", "sft-oracle", "grpo-teacher", "ppo-teacher")
+                           for s in (1, 2)}
+    assert set(names) - set(trains) == {f"eval-{n}" for n in trains}
+    for name, cmd, after in jobs[:len(trains)]:
+        cfg = resolve(cmd[1:-1])   # train.py's arguments, without the script and --threads
+        seed = int(name[-1])
+        assert cfg.out == str(tmp_path / name) and cfg.steps in (400, 30)
+        if cfg.stage == "sft":
+            assert (cfg.seed, cfg.questions_seed()) == (seed, seed) and after == set()
+            assert cfg.text_fraction == (0.4 if "teacher" in name else 0.0)
+        else:
+            assert cfg.stage == name.split("-")[0] and (cfg.seed, cfg.questions_seed()) == (0, 0)
+            assert cfg.model == str(tmp_path / f"sft-teacher-s{seed}") and after == {f"sft-teacher-s{seed}"}
+    abl = {n: c for n, c, _ in ablations.ablation_jobs(tmp_path, ablations.ABLATIONS, [], 100)}
+    assert all(abl[n] == c for n, c, _ in jobs if n in ("sft-teacher-s1", "sft-oracle-s1"))
+    assert sft_seeds.seed_runs(tmp_path, 0) == {r: tmp_path / r for r in ("sft-teacher", "grpo", "ppo", "sft-oracle")}
