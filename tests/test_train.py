@@ -299,3 +299,14 @@ def test_data_seed_draws_the_questions_and_seed_the_rest(monkeypatch, tmp_path):
             rl.train_rl(resolve(["--stage=grpo", "--preset=tiny", *RL, f"--model={tmp_path / 'start'}",
                                  f"--out={tmp_path / str(len(seen))}", *argv]))
         assert seen[-1] == want
+
+
+def test_metrics_keep_six_significant_digits(tmp_path):
+    """metrics.jsonl keeps small values (a bf16 sampler's mismatch KL is ~1e-7 on a CPU with bf16 units), not
+    6 decimals that log them as 0."""
+    from minir1ci.training import progress
+    progress.RUN.last_step = -1
+    log = progress.MetricsLog(tmp_path, total_steps=1, resume=False)
+    log.log(0, {"mismatch_kl": 1.234567891e-7, "loss": 2.718281828, "count": 3})
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert rec == {"step": 0, "mismatch_kl": 1.23457e-7, "loss": 2.71828, "count": 3}
