@@ -10,12 +10,11 @@ teacher) and the second SFT seeds (the `date` family's question) are trained fir
 demo's do (demo.run_jobs), and every evaluation is the demo's, cached in the checkpoint directory.
 """
 import json
-import sys
 import time
 from pathlib import Path
 
-from demo import (EVAL_SAMPLES, EVAL_TEMPERATURE, LANES, RL_STEPS, SFT_STEPS, TEACHER_TEXT_SHARE, eval_job,
-                  evaluate, fmt_times, host_note, latest, run_jobs, train, update_readme)
+from demo import (EVAL_SAMPLES, EVAL_TEMPERATURE, LANES, RL_STEPS, TEACHER_TEXT_SHARE, eval_job, evaluate,
+                  fmt_times, host_note, latest, require_demo, run_jobs, sft_job, train, update_readme)
 
 
 # The ablations: (key, row, how it differs from the demo's GRPO, the paper's finding). Every row runs
@@ -96,14 +95,11 @@ def ablation_jobs(out: Path, rows: list, runs: list, limit: int) -> list:
     oracle, for the `date` family's question), then the RL runs in `job_order`, then every evaluation:
     the long jobs first and the short ones last, so the two lanes end within about one evaluation of
     each other (an evaluation started as soon as its run ended left a lane idle for minutes at the end)."""
-    sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}"]
     trains, evals = [], []
     if any(a[0] == "mix-0.7" for a in rows):
-        trains.append(("sft-teacher-0.7", train([*sft, "--seed=0", "--text_fraction=0.7",
-                                                 f"--out={out / 'sft-teacher-0.7'}"]), set()))
+        trains.append(("sft-teacher-0.7", sft_job(out, 0, 0.7, out / "sft-teacher-0.7"), set()))
     for name, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
-        trains.append((f"{name}-s1", train([*sft, "--seed=1", f"--text_fraction={share}", f"--out={out / name}-s1"]),
-                       set()))
+        trains.append((f"{name}-s1", sft_job(out, 1, share, out / f"{name}-s1"), set()))
         evals.append((f"eval-{name}-s1", eval_job(out / f"{name}-s1", True, limit, "sampled"), {f"{name}-s1"}))
     sft_runs = {j[0] for j in trains}
     for key, seed, run, args in job_order(runs, out):
@@ -120,9 +116,7 @@ def ablations(out: Path, limit: int, readme: bool, keys: str = "") -> int:
     (comma list) limits it to those rows and GRPO's, the rest named as not run."""
     rows = [a for a in ABLATIONS if not keys or a[0] in keys.split(",") + ["grpo"]]
     skipped = [a[0] for a in ABLATIONS if a not in rows]
-    for run in ("pretrain", "sft-teacher", "sft-oracle", "grpo", "ppo"):
-        if not (out / run / "latest").exists():
-            sys.exit(f"demo.py: {out / run} has no checkpoint; run `make demo` first")
+    require_demo(out)
     t_start = time.time()
     runs = ablation_runs(out, rows)
     times = run_jobs(ablation_jobs(out, rows, runs, limit), out / "logs")

@@ -119,6 +119,21 @@ def train(args: list[str], threads: int = 1) -> list[str]:
     return [str(ROOT / "train.py"), *args, f"--threads={threads}"]
 
 
+def sft_job(out: Path, seed: int, text_share: float, run: Path) -> list[str]:
+    """The command of an SFT run beside the demo's (the ablations' and sft_seeds.py's): from the demo's
+    pretrain checkpoint in `out`, SFT_STEPS steps, with `seed` and the teacher's `text_share`, into `run`."""
+    return train(["--stage=sft", "--preset=tiny", "--resume", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}",
+                  f"--seed={seed}", f"--text_fraction={text_share}", f"--out={run}"])
+
+
+def require_demo(out: Path) -> None:
+    """Exit, naming the run, unless `out` holds the demo's finished runs (what --ablations and --sft_seeds
+    start from)."""
+    for run in ("pretrain", "sft-teacher", "sft-oracle", "grpo", "ppo"):
+        if not (out / run / "latest").exists():
+            sys.exit(f"demo.py: {out / run} has no checkpoint; run `make demo` first")
+
+
 def eval_job(run: Path, use_code: bool, limit: int, settings: str = "both") -> list[str]:
     """The command that evaluates the newest checkpoint of `run` (see `evaluate`), one thread."""
     return [str(ROOT / "demo.py"), "--evaluate", str(run), f"--eval_limit={limit}", f"--settings={settings}",

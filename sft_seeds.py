@@ -12,8 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from demo import (EVAL_SAMPLES, EVAL_TEMPERATURE, RL_STEPS, SFT_STEPS, TEACHER_TEXT_SHARE, eval_job, evaluate,
-                  fmt_times, host_note, latest, run_jobs, train)
+from demo import (EVAL_SAMPLES, EVAL_TEMPERATURE, RL_STEPS, TEACHER_TEXT_SHARE, eval_job, evaluate, fmt_times,
+                  host_note, latest, require_demo, run_jobs, sft_job, train)
 
 
 def seed_runs(out: Path, seed: int) -> dict[str, Path]:
@@ -28,13 +28,11 @@ def seed_runs(out: Path, seed: int) -> dict[str, Path]:
 def seed_jobs(out: Path, seeds: list[int], limit: int) -> list:
     """demo.run_jobs' jobs for the seeds other than 0: the SFT runs, the RL runs from each teacher, then
     every evaluation (the short jobs last)."""
-    sft = ["--stage=sft", "--preset=tiny", "--resume", f"--model={out / 'pretrain'}", f"--steps={SFT_STEPS}"]
     trains, evals = [], []
     for seed in (s for s in seeds if s != 0):
         runs = seed_runs(out, seed)
         for role, share in (("sft-teacher", TEACHER_TEXT_SHARE), ("sft-oracle", 0.0)):
-            trains.append((runs[role].name, train([*sft, f"--seed={seed}", f"--text_fraction={share}",
-                                                   f"--out={runs[role]}"]), set()))
+            trains.append((runs[role].name, sft_job(out, seed, share, runs[role]), set()))
         for stage in ("grpo", "ppo"):   # the demo's RL seed and questions; one curriculum measurement per start
             trains.append((runs[stage].name, train([f"--stage={stage}", "--preset=tiny", "--seed=0", "--resume",
                                                     f"--steps={RL_STEPS}", f"--model={runs['sft-teacher']}",
@@ -45,9 +43,7 @@ def seed_jobs(out: Path, seeds: list[int], limit: int) -> list:
 
 
 def sft_seeds(out: Path, seeds: list[int], limit: int) -> int:
-    for run in ("pretrain", "sft-teacher", "sft-oracle", "grpo", "ppo"):
-        if not (out / run / "latest").exists():
-            raise SystemExit(f"demo.py: {out / run} has no checkpoint; run `make demo` first")
+    require_demo(out)
     t_start = time.time()
     times = run_jobs(seed_jobs(out, seeds, limit), out / "logs")
     res = {seed: {role: evaluate(latest(run), True, limit, "sampled")["sampled"]
